@@ -1,0 +1,111 @@
+"""What every backend is: a translation of jobs into an engine's submit, status and cancel."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks for. ``None`` means the backend's default.
+
+    Attributes:
+        cores: CPU cores.
+        memory_mb: memory in MiB.
+        gpus: GPU devices of its own.
+        walltime: seconds before the job is killed.
+    """
+
+    cores: int | None = None
+    memory_mb: int | None = None
+    gpus: int | None = None
+    walltime: float | None = None
+
+    def merged(self, override: Resources) -> Resources:
+        """Return these resources with every field that ``override`` sets replaced."""
+        return Resources(
+            *(
+                getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
+                for name in ("cores", "memory_mb", "gpus", "walltime")
+            )
+        )
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job for a backend to run: the wrapper with a spec, in a work dir.
+
+    Attributes:
+        job_id: unique in the workflow (``task_id/index``).
+        name: readable name for logs and messages (no secrets).
+        spec_location: path or URL of the job spec (the wrapper's ``--spec``).
+        workdir: the job's directory; its stdout and stderr go there.
+        resources: what it asks for.
+    """
+
+    job_id: str
+    name: str
+    spec_location: str
+    workdir: Path
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def stdout_path(self) -> Path:
+        """Where the job's stdout is kept."""
+        return self.workdir / "stdout.txt"
+
+    @property
+    def stderr_path(self) -> Path:
+        """Where the job's stderr is kept."""
+        return self.workdir / "stderr.txt"
+
+
+@dataclass(frozen=True)
+class JobExit:
+    """How a job's process ended, as a backend saw it.
+
+    Attributes:
+        returncode: the exit status (negative: killed by that signal); None if unknown.
+        reason: a short human-readable cause when it is not a plain exit.
+        cancelled: the job was cancelled on request.
+    """
+
+    returncode: int | None
+    reason: str = ""
+    cancelled: bool = False
+
+
+#: Called by a backend, from any thread, when a job has ended.
+ExitCallback = Callable[[JobRequest, JobExit], None]
+
+
+class Backend(abc.ABC):
+    """Runs jobs. Subclasses translate to one engine (local processes, Slurm, PanDA).
+
+    A backend knows nothing of results: it reports how each job ended through the
+    ``on_exit`` callback given at construction, and the workflow decides whether
+    a result arrived.
+    """
+
+    name: str = "?"
+    #: Workflow and work parameters this backend honours; others are warned about.
+    supported_parameters: frozenset[str] = frozenset()
+
+    @abc.abstractmethod
+    def check(self, resources: Resources) -> None:
+        """Raise ValueError if no job of this backend could get ``resources``."""
+
+    @abc.abstractmethod
+    def submit(self, jobs: Sequence[JobRequest]) -> None:
+        """Queue ``jobs``; return without waiting for them."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Cancel these jobs: drop them if queued, kill them if running."""
+
+    @abc.abstractmethod
+    def shutdown(self, cancel: bool = False) -> None:
+        """Wait for every job to end (or cancel them all first); free the backend's resources."""

@@ -1,0 +1,153 @@
+"""The ``local`` backend: each job is a real subprocess running the wrapper on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from idds_fat.backends.base import Backend, ExitCallback, JobExit, JobRequest, Resources
+
+logger = logging.getLogger(__name__)
+
+
+class LocalBackend(Backend):
+    """Runs up to ``max_workers`` jobs at once as subprocesses of the caller.
+
+    Each job runs ``PYTHON WRAPPER --spec SPEC`` in its own work dir and process
+    group, with stdout and stderr kept in ``stdout.txt`` and ``stderr.txt``
+    there. A job asking for ``gpus=N`` waits for N free devices of ``gpus`` and
+    sees only them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills it when
+    exceeded. ``cores`` and ``memory_mb`` are not enforced on this backend.
+    """
+
+    name = "local"
+    supported_parameters = frozenset({"gpus", "walltime"})
+
+    def __init__(
+        self,
+        *,
+        python: str,
+        wrapper_path: Path,
+        env: Mapping[str, str],
+        on_exit: ExitCallback,
+        max_workers: int,
+        gpus: Sequence[str] = (),
+    ) -> None:
+        self._python = python
+        self._wrapper = str(wrapper_path)
+        self._env = dict(env)
+        self._on_exit = on_exit
+        self._all_gpus = tuple(gpus)
+        self._free_gpus = list(gpus)
+        self._lock = threading.Lock()
+        self._gpu_freed = threading.Condition(self._lock)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancelled: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="idds-fat-local")
+
+    def check(self, resources: Resources) -> None:
+        """Raise ValueError if a job asks for more GPUs than this machine has."""
+        wanted = resources.gpus or 0
+        if wanted > len(self._all_gpus):
+            have = ", ".join(self._all_gpus) or "none"
+            raise ValueError(
+                f"a job asks for {wanted} GPU(s) but this machine has {len(self._all_gpus)} "
+                f"(devices: {have}; set the gpus setting to list them)"
+            )
+
+    def submit(self, jobs: Sequence[JobRequest]) -> None:
+        """Queue ``jobs``; they start as workers free up."""
+        for job in jobs:
+            self.check(job.resources)
+        for job in jobs:
+            self._pool.submit(self._run, job)
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Drop queued jobs among ``job_ids`` and kill running ones (whole process group)."""
+        with self._lock:
+            self._cancelled.update(job_ids)
+            procs = [self._procs[j] for j in job_ids if j in self._procs]
+            self._gpu_freed.notify_all()
+        for proc in procs:
+            _kill_group(proc)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers."""
+        if cancel:
+            with self._lock:
+                running = list(self._procs)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.cancel(running)
+        self._pool.shutdown(wait=True)
+
+    def _take_gpus(self, job: JobRequest) -> list[str] | None:
+        wanted = job.resources.gpus or 0
+        if not wanted:
+            return None
+        with self._gpu_freed:
+            while len(self._free_gpus) < wanted and job.job_id not in self._cancelled:
+                self._gpu_freed.wait()
+            if job.job_id in self._cancelled:
+                return []
+            taken, self._free_gpus = self._free_gpus[:wanted], self._free_gpus[wanted:]
+            return taken
+
+    def _give_gpus(self, devices: list[str] | None) -> None:
+        if devices:
+            with self._gpu_freed:
+                self._free_gpus.extend(devices)
+                self._gpu_freed.notify_all()
+
+    def _run(self, job: JobRequest) -> None:
+        devices = self._take_gpus(job)
+        try:
+            outcome = self._run_process(job, devices)
+        except Exception as exc:  # report, never lose the job silently
+            logger.exception("local job %s could not run", job.name)
+            outcome = JobExit(None, f"could not start: {exc}")
+        finally:
+            self._give_gpus(devices)
+            with self._lock:
+                self._procs.pop(job.job_id, None)
+        if job.job_id in self._cancelled:
+            outcome = JobExit(outcome.returncode, "cancelled", cancelled=True)
+        self._on_exit(job, outcome)
+
+    def _run_process(self, job: JobRequest, devices: list[str] | None) -> JobExit:
+        env = dict(self._env)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        with open(job.stdout_path, "wb") as out, open(job.stderr_path, "wb") as err:
+            with self._lock:
+                if job.job_id in self._cancelled:
+                    return JobExit(None, "cancelled", cancelled=True)
+                proc = subprocess.Popen(
+                    [self._python, self._wrapper, "--spec", job.spec_location],
+                    cwd=job.workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,  # its own process group, so cancel kills children too
+                )
+                self._procs[job.job_id] = proc
+            walltime = job.resources.walltime
+            try:
+                return JobExit(proc.wait(timeout=walltime))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return JobExit(proc.wait(), f"walltime of {walltime:g} s exceeded")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

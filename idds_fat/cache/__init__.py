@@ -1,0 +1,39 @@
+"""Content-addressed caches: a directory (``file://``) or the service's HTTP cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from idds_fat.cache.base import ContentStore, content_key
+from idds_fat.cache.directory import DirectoryStore
+from idds_fat.cache.http import HttpStore
+
+__all__ = ["ContentStore", "DirectoryStore", "HttpStore", "content_key", "open_store"]
+
+
+def open_store(location: str, token: str | None = None) -> ContentStore:
+    """Return the store at ``location``.
+
+    A plain path or a ``file://`` URL opens a :class:`DirectoryStore`; an
+    ``http://`` or ``https://`` URL opens an :class:`HttpStore` (with ``token``).
+
+    Raises:
+        ValueError: ``location`` is empty or uses another URL scheme.
+    """
+    if not location:
+        raise ValueError("empty cache location: give a directory, a file:// or an http(s):// URL")
+    if location.startswith(("http://", "https://")):
+        return HttpStore(location, token=token)
+    if location.startswith("file://"):
+        parsed = urlparse(location)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file:// cache location on another host is not supported: {location}")
+        return DirectoryStore(Path(unquote(parsed.path)))
+    scheme = urlparse(location).scheme
+    if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+        raise ValueError(
+            f"unsupported cache location {location!r}: "
+            "give a directory, a file:// or an http(s):// URL"
+        )
+    return DirectoryStore(Path(location).expanduser())

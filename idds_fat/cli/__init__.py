@@ -1,0 +1,69 @@
+"""The ``idds-fat`` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from idds_fat.config import load_config
+from idds_fat.errors import IddsFatError
+
+TOKEN_ENV = "IDDS_FAT_TOKEN"
+
+
+@click.group()
+def main() -> None:
+    """idds-fat: run Python functions as distributed tasks."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8470, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the cache and the results live.  [default: WORK_DIR/service from the config]",
+)
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    show_envvar=True,
+    default=None,
+    help=(
+        f"Bearer token clients must send. Set it in the environment ({TOKEN_ENV}) "
+        "rather than on the command line, where other users can see it. "
+        "Required unless listening on a loopback address."
+    ),
+)
+@click.option(
+    "--result-ttl-days",
+    type=float,
+    default=None,
+    help="Days to keep results.  [default: result_ttl_days from the config, 7]",
+)
+def serve(
+    host: str, port: int, data_dir: Path | None, token: str | None, result_ttl_days: float | None
+) -> None:
+    """Run the idds-fat service (content cache and result store) until interrupted."""
+    from idds_fat.service.server import serve as run_service
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config()
+        run_service(
+            host=host,
+            port=port,
+            data_dir=data_dir or config.work_dir / "service",
+            token=token or config.token,
+            result_ttl_seconds=(
+                result_ttl_days if result_ttl_days is not None else config.result_ttl_days
+            )
+            * 86400.0,
+        )
+    except IddsFatError as exc:
+        raise click.ClickException(str(exc)) from exc

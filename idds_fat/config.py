@@ -1,0 +1,156 @@
+"""Configuration: defaults < TOML file < ``IDDS_FAT_*`` environment < arguments.
+
+The TOML file is ``$IDDS_FAT_CONFIG`` if set, else ``config.toml`` in the user's
+config directory (``~/.config/idds-fat/config.toml`` on Linux). Its keys are the
+field names of :class:`Config`, at top level or under an ``[idds_fat]`` table.
+An environment variable is the field name in upper case behind ``IDDS_FAT_``
+(``IDDS_FAT_MAX_WORKERS=4``); a list is comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from idds_fat.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "IDDS_FAT_"
+MB = 1024 * 1024
+
+
+def _default_work_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("idds-fat"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the SDK, the embedded service and the local backend.
+
+    Attributes:
+        work_dir: where workflows keep their state, job logs and the local cache.
+        backend: ``"local"`` (the default); other backends come with their issues.
+        service_url: URL of a running ``idds-fat serve``; ``None`` starts one in-process.
+        token: bearer token for the service; generated per workflow when embedded.
+        cache: ``None`` (a directory under ``work_dir``), ``"service"`` (the HTTP
+            cache of the service), a directory path or ``file://`` URL, or an HTTP URL.
+        max_workers: jobs the local backend runs at once (default: the CPU count).
+        max_argument_bytes: cap on the pickled arguments of one call.
+        max_context_bytes: cap on the zipped code context.
+        result_ttl_days: how long the service keeps results.
+        gpus: device ids the local backend hands out; ``None`` asks ``nvidia-smi -L``.
+        on_exit: ``"wait"`` or ``"cancel"``: what leaving a workflow does with jobs
+            still running (an exception in the body always cancels).
+        publish_timeout: seconds a job keeps trying to deliver its result.
+        python: the interpreter that local jobs run.
+    """
+
+    work_dir: Path = field(default_factory=_default_work_dir)
+    backend: str = "local"
+    service_url: str | None = None
+    token: str | None = None
+    cache: str | None = None
+    max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_argument_bytes: int = 100 * MB
+    max_context_bytes: int = 100 * MB
+    result_ttl_days: float = 7.0
+    gpus: tuple[str, ...] | None = None
+    on_exit: str = "wait"
+    publish_timeout: float = 120.0
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.on_exit not in ("wait", "cancel"):
+            raise ConfigError(f"on_exit must be 'wait' or 'cancel', not {self.on_exit!r}")
+        if self.max_workers < 1:
+            raise ConfigError(f"max_workers must be at least 1, not {self.max_workers}")
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with ``changes`` applied (``None`` values are ignored)."""
+        return load_config(base=self, **changes)
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Coerce a TOML or environment value to the type of field ``name``."""
+    kind = _fields()[name].type
+    try:
+        if "Path" in kind:
+            return Path(value).expanduser()
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}={value!r}: {exc}") from None
+    return value
+
+
+def config_file_path() -> Path:
+    """Return the path of the TOML configuration file (it need not exist)."""
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(platformdirs.user_config_dir("idds-fat")) / "config.toml"
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    data = data.get("idds_fat", data)
+    unknown = set(data) - set(_fields())
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
+    return {k: _convert(k, v) for k, v in data.items()}
+
+
+def _from_env() -> dict[str, Any]:
+    values = {}
+    for name in _fields():
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _convert(name, raw)
+    return values
+
+
+def load_config(base: Config | None = None, **overrides: Any) -> Config:
+    """Build a :class:`Config` from defaults, the TOML file, the environment and ``overrides``.
+
+    With ``base``, only ``overrides`` are applied on top of it. ``None`` overrides
+    are ignored, so callers can pass their optional arguments straight through.
+
+    Raises:
+        ConfigError: an unknown setting, or a value of the wrong kind.
+    """
+    unknown = set(overrides) - set(_fields())
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)}")
+    given = {k: _convert(k, v) for k, v in overrides.items() if v is not None}
+    if base is not None:
+        return dataclasses.replace(base, **given)
+    values: dict[str, Any] = {}
+    values.update(_from_file(config_file_path()))
+    values.update(_from_env())
+    values.update(given)
+    return Config(**values)

@@ -1,0 +1,182 @@
+"""What a ``@work`` call returns: ``AsyncResult`` (a real Future) and ``MapResult``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any
+
+__all__ = ["AsyncResult", "MapResult"]
+
+
+class AsyncResult(concurrent.futures.Future):
+    """The result of one job: a :class:`concurrent.futures.Future`.
+
+    ``concurrent.futures.as_completed``, ``wait`` and ``asyncio.wrap_future``
+    work on it, and it can be awaited directly. ``result()`` returns the
+    function's return value or raises its exception (re-raised as its own type,
+    with the remote traceback as ``__cause__``), :class:`~idds_fat.errors.JobLostError`
+    when the job died without a result, or ``TimeoutError``.
+
+    Attributes:
+        task_id: the task the job belongs to.
+        job: the job's index in its task.
+        kwargs: the job's own keyword arguments (its entry of ``multi_jobs_kwargs_list``).
+        name: a readable job name for messages.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        job: int,
+        kwargs: Mapping[str, Any] | None = None,
+        name: str = "",
+        canceller: Callable[[AsyncResult], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.job = job
+        self.kwargs = dict(kwargs or {})
+        self.name = name or f"{task_id}/{job}"
+        self._canceller = canceller
+
+    def cancel(self) -> bool:
+        """Cancel the job (killing it if it runs); return False if it had already finished."""
+        if self.done():
+            return False
+        if self._canceller is not None:
+            self._canceller(self)
+        return super().cancel()
+
+    def get_result(self, timeout: float | None = None) -> Any:
+        """Alias of :meth:`result`, as iDDS names it."""
+        return self.result(timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        if self.cancelled():
+            state = "cancelled"
+        elif self.done() and self.exception() is not None:
+            state = f"failed: {type(self.exception()).__name__}"
+        return f"<AsyncResult {self.name} {state}>"
+
+
+def _canonical(kwargs: Mapping[str, Any]) -> str | None:
+    try:
+        return json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+
+
+class MapResult(Sequence):
+    """The results of a task's jobs, one per entry of ``multi_jobs_kwargs_list``.
+
+    Reads like a list in input order (``results[i]``, ``len``, iteration give
+    values, blocking as needed), and by arguments: ``get_result(args=kwargs)``.
+    ``as_completed()`` yields the jobs' :class:`AsyncResult` as they finish, and
+    ``futures`` gives them all for ``concurrent.futures.wait``.
+    """
+
+    def __init__(self, futures: Sequence[AsyncResult]) -> None:
+        self.futures: list[AsyncResult] = list(futures)
+        self._index: dict[str, int] = {}
+        for position, future in enumerate(self.futures):
+            key = _canonical(future.kwargs)
+            if key is not None:
+                self._index.setdefault(key, position)
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def __getitem__(self, position: int) -> Any:  # type: ignore[override]
+        """Return the value of job ``position`` (blocking); raise its exception if it failed."""
+        if isinstance(position, slice):
+            return [f.result() for f in self.futures[position]]
+        return self.futures[position].result()
+
+    def __iter__(self) -> Iterator[Any]:
+        for future in self.futures:
+            yield future.result()
+
+    def future_for(self, args: Mapping[str, Any]) -> AsyncResult:
+        """Return the job whose keyword arguments equal ``args``.
+
+        Raises:
+            KeyError: no job of this map was given these arguments.
+        """
+        key = _canonical(args)
+        if key is not None and key in self._index:
+            return self.futures[self._index[key]]
+        for future in self.futures:
+            if future.kwargs == args:
+                return future
+        raise KeyError(f"no job of this map was called with {args!r}")
+
+    def get_result(self, args: Mapping[str, Any], timeout: float | None = None) -> Any:
+        """Return the value of the job called with keyword arguments ``args``.
+
+        Raises:
+            KeyError: no job has these arguments.
+            TimeoutError: it is not done within ``timeout`` seconds.
+            Exception: the job's own exception, or JobLostError.
+        """
+        return self.future_for(args).result(timeout)
+
+    def items(self, timeout: float | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
+        """Yield ``(kwargs, value)`` in input order, blocking for each."""
+        for future in self.futures:
+            yield future.kwargs, future.result(timeout)
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Return all values in input order; raise the first failure in input order."""
+        self.wait(timeout)
+        return [f.result() for f in self.futures]
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[AsyncResult]:
+        """Yield each job's :class:`AsyncResult` as it finishes (done, failed or cancelled).
+
+        Raises:
+            TimeoutError: not all finished within ``timeout`` seconds.
+        """
+        return concurrent.futures.as_completed(self.futures, timeout)
+
+    def wait(self, timeout: float | None = None) -> MapResult:
+        """Block until every job has finished; return self.
+
+        Raises:
+            TimeoutError: some job is still unfinished after ``timeout`` seconds.
+        """
+        _, pending = concurrent.futures.wait(self.futures, timeout)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(self.futures)} jobs still unfinished")
+        return self
+
+    def done(self) -> bool:
+        """Return whether every job has finished."""
+        return all(f.done() for f in self.futures)
+
+    def cancel(self) -> int:
+        """Cancel every unfinished job; return how many were cancelled."""
+        return sum(f.cancel() for f in self.futures)
+
+    def failed(self) -> list[AsyncResult]:
+        """Return the finished jobs that raised (or were lost or cancelled)."""
+        return [f for f in self.futures if f.done() and (f.cancelled() or f.exception())]
+
+    def __await__(self) -> Generator[Any, None, MapResult]:
+        async def _all() -> MapResult:
+            await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in self.futures), return_exceptions=True
+            )
+            return self
+
+        return _all().__await__()
+
+    def __repr__(self) -> str:
+        finished = sum(f.done() for f in self.futures)
+        return f"<MapResult {finished}/{len(self.futures)} done, {len(self.failed())} failed>"

@@ -1,0 +1,122 @@
+"""The service's durable store of result envelopes, one SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from idds_fat.wrapper_source import wrapper_module
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    workflow TEXT NOT NULL,
+    task TEXT,
+    job INTEGER,
+    attempt INTEGER,
+    digest TEXT NOT NULL,
+    received REAL NOT NULL,
+    envelope BLOB NOT NULL,
+    UNIQUE (workflow, digest)
+);
+CREATE INDEX IF NOT EXISTS results_by_workflow ON results (workflow, seq);
+"""
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class ResultStore:
+    """Result envelopes by workflow, in arrival order, kept for ``ttl_seconds``.
+
+    The store does not verify envelopes (it has no key): it only reads their
+    header to index them. Identical bytes are stored once; two different
+    envelopes for the same (task, job, attempt) are both kept, so a forged
+    message can never block the real one: the caller verifies and dedupes.
+    Thread-safe: one connection guarded by a lock.
+    """
+
+    def __init__(self, db_path: Path, ttl_seconds: float) -> None:
+        self.db_path = Path(db_path)
+        self.ttl_seconds = ttl_seconds
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def add(self, workflow: str, envelope: bytes) -> int | None:
+        """Store ``envelope`` for ``workflow``; return its sequence number.
+
+        Posting the same bytes again returns the existing sequence number.
+        ``None`` is returned only if the row vanished between insert and lookup
+        (purged concurrently).
+
+        Raises:
+            ValueError: ``envelope`` is not an envelope, or its header names
+                another workflow.
+        """
+        header, _ = wrapper_module().peek(envelope)
+        if header.get("workflow") != workflow:
+            raise ValueError(
+                f"envelope is for workflow {header.get('workflow')!r}, not {workflow!r}"
+            )
+        task = header.get("task")
+        row = (
+            workflow,
+            task if isinstance(task, str) else None,
+            _int_or_none(header.get("job")),
+            _int_or_none(header.get("attempt")),
+            hashlib.sha256(envelope).hexdigest(),
+            time.time(),
+            sqlite3.Binary(envelope),
+        )
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO results"
+                " (workflow, task, job, attempt, digest, received, envelope)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            if cursor.rowcount == 1:
+                return cursor.lastrowid
+            found = self._db.execute(
+                "SELECT seq FROM results WHERE workflow = ? AND digest = ?", (workflow, row[4])
+            ).fetchone()
+        return found[0] if found else None
+
+    def since(self, workflow: str, cursor: int, limit: int) -> list[tuple[int, bytes]]:
+        """Return up to ``limit`` ``(seq, envelope)`` of ``workflow`` with seq > ``cursor``.
+
+        Rows come oldest first, so the last seq returned is the reader's next cursor.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, envelope FROM results WHERE workflow = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (workflow, cursor, limit),
+            ).fetchall()
+        return [(seq, bytes(envelope)) for seq, envelope in rows]
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete results received more than ``ttl_seconds`` before ``now``; return how many."""
+        cutoff = (time.time() if now is None else now) - self.ttl_seconds
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM results WHERE received < ?", (cutoff,)).rowcount
+        if deleted:
+            logger.info("purged %d expired results from %s", deleted, self.db_path)
+        return deleted
+
+    def close(self) -> None:
+        """Close the database; the store may not be used afterwards."""
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,186 @@
+"""Running the service: in a thread of the caller's process, or as ``idds-fat serve``."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import uvicorn
+
+from idds_fat.errors import ServiceError
+from idds_fat.service.app import create_app
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESULT_TTL_SECONDS = 7 * 86400.0
+_GRACEFUL_SHUTDOWN_SECONDS = 5
+_START_TIMEOUT_SECONDS = 30.0
+
+
+def _app_for(data_dir: Path, token: str | None, result_ttl_seconds: float):
+    data_dir = Path(data_dir)
+    return create_app(
+        cache_root=data_dir / "cache",
+        db_path=data_dir / "results.sqlite3",
+        token=token,
+        result_ttl_seconds=result_ttl_seconds,
+    )
+
+
+class EmbeddedService:
+    """The service on a free loopback port, served by uvicorn in a daemon thread.
+
+    The cache lives in ``data_dir/cache`` and the results in
+    ``data_dir/results.sqlite3``, so a new service on the same ``data_dir``
+    finds what an earlier one stored. Use as a context manager, or call
+    :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        token: str | None,
+        result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.token = token
+        self.result_ttl_seconds = result_ttl_seconds
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._url: str | None = None
+        self._app = None
+
+    @property
+    def url(self) -> str:
+        """Return the base URL (``http://127.0.0.1:PORT``). Raises ServiceError if not started."""
+        if self._url is None:
+            raise ServiceError("the embedded service is not running")
+        return self._url
+
+    def start(self) -> EmbeddedService:
+        """Start serving and return once the service accepts requests; return ``self``.
+
+        Raises:
+            ServiceError: already started, or the server failed to start in time.
+        """
+        if self._thread is not None:
+            raise ServiceError(f"the embedded service is already running at {self._url}")
+        app = _app_for(self.data_dir, self.token, self.result_ttl_seconds)
+        # Bind here (port 0) and hand the socket over: no window where another
+        # process could take the port between choosing and binding it.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(
+            target=server.run,
+            kwargs={"sockets": [sock]},
+            name=f"idds-fat-service-{port}",
+            daemon=True,
+        )
+        thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                thread.join(_GRACEFUL_SHUTDOWN_SECONDS)
+                sock.close()
+                raise ServiceError(
+                    f"the embedded service on port {port} did not start (data dir "
+                    f"{self.data_dir}); see the uvicorn errors logged above"
+                )
+            time.sleep(0.005)  # uvicorn offers a flag, not an event
+        self._server, self._thread, self._socket = server, thread, sock
+        self._url = f"http://127.0.0.1:{port}"
+        self._app = app
+        logger.debug("embedded service running at %s", self._url)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving: release long polls, let requests finish, join the thread.
+
+        Waits at most about ``timeout`` seconds; does nothing if not running.
+        """
+        server, thread, app = self._server, self._thread, self._app
+        if server is None or thread is None or app is None:
+            return
+        app.state.wakeups.close_threadsafe()
+        server.should_exit = True
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning(
+                "embedded service at %s did not stop in %ss; forcing", self._url, timeout
+            )
+            server.force_exit = True
+            thread.join(timeout)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = self._app = None
+        self._url = None
+
+    def __enter__(self) -> EmbeddedService:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` (an address or ``localhost``) only reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere
+
+
+def serve(
+    host: str, port: int, data_dir: Path, token: str | None, result_ttl_seconds: float
+) -> None:
+    """Run the service in the foreground until interrupted (Ctrl-C or SIGTERM).
+
+    Raises:
+        ServiceError: ``host`` is not a loopback address and no ``token`` is set:
+            anyone on the network could read the cache and forge results.
+    """
+    if not token and not is_loopback(host):
+        raise ServiceError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could "
+            "read the cache and post results. Set IDDS_FAT_TOKEN, or listen on 127.0.0.1."
+        )
+    if not is_loopback(host):
+        logger.warning(
+            "listening on %s over plain HTTP: the token travels in clear text; "
+            "put a TLS proxy in front for untrusted networks",
+            host,
+        )
+    app = _app_for(data_dir, token, result_ttl_seconds)
+    logger.info("idds-fat service on http://%s:%d, data in %s", host, port, data_dir)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
+    )

@@ -1,0 +1,592 @@
+"""A running workflow: its id, key, work dir, service, cache, backend and results."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from idds_fat.backends import BACKENDS, Backend, JobExit, JobRequest, Resources, detect_gpus
+from idds_fat.cache import ContentStore, DirectoryStore, HttpStore, open_store
+from idds_fat.config import Config, load_config
+from idds_fat.context import ContextArchive, build_context_archive
+from idds_fat.errors import (
+    ConfigError,
+    IddsFatError,
+    IgnoredParameterWarning,
+    JobLostError,
+    NoActiveWorkflowError,
+    ServiceError,
+)
+from idds_fat.results import AsyncResult, MapResult, RestResultSource, ResultCollector
+from idds_fat.results.outcome import decode_result
+from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules, seal
+from idds_fat.workflow.state import WorkflowState
+from idds_fat.wrapper_source import wrapper_bytes, wrapper_module
+
+logger = logging.getLogger(__name__)
+
+#: Pickled job arguments up to this size travel inside the job spec, larger ones by key.
+INLINE_KWARGS_BYTES = 32 * 1024
+
+# iDDS parameter names -> our resource names.
+_IDDS_RESOURCES = {"core_count": "cores", "total_memory": "memory_mb", "max_walltime": "walltime"}
+_RESOURCE_NAMES = ("cores", "memory_mb", "gpus", "walltime")
+# iDDS parameters that only some backends use.
+_PLACEMENT_PARAMETERS = ("queue", "site", "cloud", "init_env", "container_options")
+
+_active: list[Workflow] = []
+_active_lock = threading.Lock()
+_warned: set[tuple[str, str]] = set()
+
+
+def current_workflow() -> Workflow | None:
+    """Return the innermost workflow that is open in this process, or ``None``.
+
+    A process-wide stack rather than a context variable, so a workflow opened in
+    one notebook cell is still current in the next.
+    """
+    with _active_lock:
+        return _active[-1] if _active else None
+
+
+def warn_ignored(parameter: str, backend: str, what: str = "") -> None:
+    """Warn, once per process, that ``parameter`` has no effect on ``backend``."""
+    if (parameter, backend) in _warned:
+        return
+    _warned.add((parameter, backend))
+    warnings.warn(
+        f"{parameter} has no effect on the {backend} backend{what}; it is recorded but not used",
+        IgnoredParameterWarning,
+        stacklevel=4,
+    )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "workflow"
+
+
+def _exit_reason(outcome: JobExit) -> str:
+    if outcome.reason:
+        return outcome.reason
+    code = outcome.returncode
+    if code is None:
+        return "its process could not be followed"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    module = wrapper_module()
+    if code == module.EXIT_UNDELIVERED:
+        return "its result could not be delivered to the result store"
+    if code == module.EXIT_UNREPORTED:
+        return "the wrapper could not start the job"
+    if code == 0:
+        return "it exited cleanly but no valid result arrived"
+    return "its process exited"
+
+
+def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - max_bytes))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _settle(future: AsyncResult, ok: bool, value: Any) -> bool:
+    """Complete ``future`` unless something else already did; return whether this did."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except concurrent.futures.InvalidStateError:
+        return False
+    return True
+
+
+class Workflow:
+    """A workflow: the context in which ``@work`` calls run as jobs.
+
+    Use it as a context manager (``with Workflow(backend="local") as wf:``) or
+    through the ``@workflow`` decorator. While it is open, calling a ``@work``
+    function submits a task to its backend; ``submit`` and ``map`` do the same
+    for any function, like ``concurrent.futures.Executor``.
+
+    Leaving it waits for the jobs still running (``on_exit="wait"``, the default)
+    or cancels them (``on_exit="cancel"``); an exception leaving the body always
+    cancels. Then it stops what it started: the backend's workers, the result
+    collector and the embedded service. Its work dir (logs, state) stays.
+
+    Args:
+        name: a readable name (default ``"workflow"``); part of the id.
+        backend: ``"local"`` (default from configuration).
+        source_dir: directory zipped and shipped as the jobs' code context; its
+            modules are pickled by value. ``None`` ships no archive.
+        exclude_source_files: ``.gitignore``-style patterns left out of the context.
+        cores, memory_mb, gpus, walltime: default resources of every job.
+        on_exit: ``"wait"`` or ``"cancel"``.
+        timeout: default seconds a blocking ``@work`` call waits (``None``: no limit).
+        config: a :class:`~idds_fat.config.Config` to start from.
+        **options: iDDS parameters (``service``, ``local``, ``queue``, ``site``,
+            ``cloud``, ``core_count``, ``total_memory``, ``max_walltime``,
+            ``init_env``, ``container_options``) and any :class:`Config` setting
+            (``max_workers``, ``work_dir``, ``service_url``, ``cache``, ...).
+
+    Raises:
+        ConfigError: an unknown option or a bad value.
+        ContextError: ``source_dir`` is missing or too large (when the workflow starts).
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        backend: str | None = None,
+        source_dir: str | os.PathLike | None = None,
+        exclude_source_files: Sequence[str] = (),
+        cores: int | None = None,
+        memory_mb: int | None = None,
+        gpus: int | None = None,
+        walltime: float | None = None,
+        on_exit: str | None = None,
+        timeout: float | None = None,
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        resources = {"cores": cores, "memory_mb": memory_mb, "gpus": gpus, "walltime": walltime}
+        placement: dict[str, Any] = {}
+        settings: dict[str, Any] = {"backend": backend, "on_exit": on_exit}
+        config_fields = set(Config.__dataclass_fields__)
+        for key, value in options.items():
+            if key in _IDDS_RESOURCES:
+                resources[_IDDS_RESOURCES[key]] = resources[_IDDS_RESOURCES[key]] or value
+            elif key in _PLACEMENT_PARAMETERS or key in ("service", "local"):
+                placement[key] = value
+            elif key in config_fields:
+                settings[key] = value
+            else:
+                raise ConfigError(f"Workflow got an unknown option {key!r}")
+        self.config = load_config(base=config, **settings) if config else load_config(**settings)
+        if self.config.backend not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {self.config.backend!r}; available: {sorted(BACKENDS)}"
+            )
+        self.name = name or "workflow"
+        self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
+        self.exclude_source_files = tuple(exclude_source_files)
+        self.resources = Resources(**resources)
+        self.placement = placement
+        self.timeout = timeout
+        self.id = ""
+        self.work_dir: Path | None = None
+        self.body: Callable[..., Any] | None = None
+        self._key = secrets.token_bytes(32)
+        self._token: str | None = None
+        self._started = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._futures: dict[tuple[str, int], AsyncResult] = {}
+        self._jobs: dict[str, JobRequest] = {}
+        self._task_count = 0
+        self._service: Any = None
+        self._cache: ContentStore | None = None
+        self._backend: Backend | None = None
+        self._collector: ResultCollector | None = None
+        self._state: WorkflowState | None = None
+        self._archive: ContextArchive | None = None
+        self._warn_placement(self.config.backend, placement, self.resources)
+
+    # --- life cycle ------------------------------------------------------------------
+
+    def _warn_placement(self, backend: str, placement: dict, resources: Resources) -> None:
+        supported = BACKENDS[backend].supported_parameters
+        for key, value in placement.items():
+            if key == "local":
+                if not value:
+                    warn_ignored("local=False", backend, " (the workflow body runs in this process)")
+            elif value is not None and key not in supported:
+                warn_ignored(key, backend)
+        for key in _RESOURCE_NAMES:
+            if getattr(resources, key) is not None and key not in supported:
+                warn_ignored(key, backend)
+
+    def start(self) -> Workflow:
+        """Start the workflow (done by ``with`` and by the first task); return self.
+
+        Raises:
+            ContextError: the code context cannot be packed.
+            ServiceError: the result service cannot be reached or started.
+        """
+        with self._lock:
+            if self._started:
+                return self
+            if self._closed:
+                raise IddsFatError("this workflow is closed; create a new one")
+            try:
+                self._start()
+            except BaseException:
+                self._stop_parts()
+                raise
+            self._started = True
+        return self
+
+    def _start(self) -> None:
+        config = self.config
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        self.id = f"{_slug(self.name)}-{stamp}-{secrets.token_hex(3)}"
+        self.work_dir = config.work_dir / "workflows" / self.id
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.work_dir / "hmac.key"
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(self._key)
+        if self.source_dir is not None:
+            self._archive = build_context_archive(
+                self.source_dir, self.exclude_source_files, config.max_context_bytes
+            )
+        if config.service_url:
+            service_url, self._token = config.service_url.rstrip("/"), config.token
+        else:
+            from idds_fat.service import EmbeddedService
+
+            self._token = secrets.token_urlsafe(24)
+            self._service = EmbeddedService(
+                config.work_dir, self._token, config.result_ttl_days * 86400
+            )
+            self._service.start()
+            service_url = self._service.url
+        self.service_url = service_url
+        if config.cache is None:
+            self._cache = DirectoryStore(config.work_dir / "cache")
+        elif config.cache == "service":
+            self._cache = HttpStore(service_url + "/cache", self._token)
+        else:
+            self._cache = open_store(config.cache, self._token)
+        if self._archive is not None:
+            self._cache.put(self._archive.data)
+        wrapper_key = self._cache.put(wrapper_bytes())
+        wrapper_file = self.work_dir / f"wrapper-{wrapper_key[:16]}.py"
+        wrapper_file.write_bytes(self._cache.get(wrapper_key))
+        self._state = WorkflowState(self.work_dir / "state.sqlite3")
+        self._state.record_workflow(
+            self.id,
+            self.name,
+            {
+                "backend": config.backend,
+                "source_dir": str(self.source_dir) if self.source_dir else None,
+                "context_sha256": self._archive.sha256 if self._archive else None,
+                "service_url": service_url,
+                "cache": self._cache.location,
+                "resources": self.resources.__dict__,
+                "placement": self.placement,
+            },
+        )
+        source = RestResultSource(service_url, self.id, self._token)
+        self._collector = ResultCollector(source, self.id, self._key, self._dispatch)
+        self._collector.start()
+        env = dict(os.environ)
+        env[wrapper_module().SECRETS_ENV] = json.dumps(
+            {"hmac_key": self._key.hex(), "token": self._token}
+        )
+        gpus = config.gpus if config.gpus is not None else detect_gpus()
+        self._backend = BACKENDS[config.backend](
+            python=config.python,
+            wrapper_path=wrapper_file,
+            env=env,
+            on_exit=self._job_ended,
+            max_workers=config.max_workers,
+            gpus=gpus,
+        )
+        logger.info("workflow %s started in %s", self.id, self.work_dir)
+
+    def close(self, cancel: bool | None = None) -> None:
+        """Finish the workflow: wait for (or cancel) running jobs, then stop its parts.
+
+        ``cancel`` defaults to the ``on_exit`` setting. Safe to call twice.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if cancel is None:
+            cancel = self.config.on_exit == "cancel"
+        try:
+            if self._backend is not None:
+                self._backend.shutdown(cancel=cancel)
+        finally:
+            status = "cancelled" if cancel else "finished"
+            if self._state is not None and any(
+                f.done() and not f.cancelled() and f.exception() for f in self._futures.values()
+            ):
+                status = "failed" if not cancel else status
+            if self._state is not None:
+                self._state.set_workflow_status(status)
+            self._stop_parts()
+            with _active_lock:
+                if self in _active:
+                    _active.remove(self)
+
+    def _stop_parts(self) -> None:
+        if self._collector is not None:
+            self._collector.stop(timeout=0.0)
+        if self._service is not None:
+            self._service.stop()
+        if self._collector is not None:
+            self._collector.stop()
+        if self._cache is not None:
+            self._cache.close()
+        if self._state is not None:
+            self._state.close()
+
+    def __enter__(self) -> Workflow:
+        self.start()
+        with _active_lock:
+            _active.append(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(cancel=True if exc_type is not None else None)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the workflow's body (set by ``@workflow(return_workflow=True)``) inside it.
+
+        Raises:
+            IddsFatError: the workflow has no body.
+        """
+        if self.body is None:
+            raise IddsFatError("this workflow has no body to run; use it as a context manager")
+        with self:
+            return self.body(*args, **kwargs)
+
+    # --- tasks -----------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Run ``fn(*args, **kwargs)`` as one job; return its :class:`AsyncResult` at once.
+
+        Raises:
+            ArgumentError: an argument does not pickle or is too large.
+        """
+        return self.submit_task(fn, args, kwargs)[0]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        kwargs_list: Iterable[Mapping[str, Any]],
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> MapResult:
+        """Run ``fn(*args, **kwargs, **k)`` as one job per ``k`` in ``kwargs_list``.
+
+        Returns a :class:`MapResult` at once, in the order of ``kwargs_list``.
+
+        Raises:
+            ArgumentError: an argument does not pickle or is too large.
+        """
+        return MapResult(self.submit_task(fn, args, kwargs, list(kwargs_list)))
+
+    def submit_task(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        kwargs_list: list[Mapping[str, Any]] | None = None,
+        resources: Resources | None = None,
+        name: str | None = None,
+    ) -> list[AsyncResult]:
+        """Submit one task: one job, or one per entry of ``kwargs_list``.
+
+        Everything is checked (arguments pickle and fit, resources can be had)
+        before anything is stored or submitted, so a bad call leaves no trace.
+
+        Raises:
+            ArgumentError: an argument does not pickle or is too large.
+            ValueError: the backend cannot give the jobs ``resources``.
+        """
+        self.start()
+        assert self._cache is not None and self._backend is not None and self._state is not None
+        config = self.config
+        fn_name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function")
+        task_name = name or fn_name
+        job_resources = self.resources.merged(resources or Resources())
+        self._backend.check(job_resources)
+        register_user_modules(self.source_dir)
+        call = dumps_call(fn, args, kwargs, config.max_argument_bytes)
+        entries = [None] if kwargs_list is None else list(kwargs_list)
+        if not entries:
+            return []
+        job_kwargs = [
+            None if entry is None else dumps_job_kwargs(entry, i, config.max_argument_bytes)
+            for i, entry in enumerate(entries)
+        ]
+        with self._lock:
+            if self._closed:
+                raise IddsFatError("this workflow is closed; create a new one")
+            self._task_count += 1
+            task_id = f"t{self._task_count:04d}"
+        payload_key = self._cache.put(
+            seal({"kind": "call", "workflow": self.id, "task": task_id}, call, self._key)
+        )
+        location = wrapper_module().cache_object_location
+        futures, requests, rows = [], [], []
+        for index, (entry, body) in enumerate(zip(entries, job_kwargs, strict=True)):
+            spec: dict[str, Any] = {
+                "version": wrapper_module().WRAPPER_VERSION,
+                "workflow": self.id,
+                "task": task_id,
+                "job": index,
+                "attempt": 0,
+                "name": f"{task_name}[{index}]",
+                "cache": self._cache.location,
+                "archive": None
+                if self._archive is None
+                else {"key": self._archive.sha256, "max_bytes": config.max_context_bytes},
+                "payload": {"key": payload_key},
+                "kwargs": None,
+                "result_url": f"{self.service_url}/results/{self.id}",
+                "publish_timeout": config.publish_timeout,
+                "environment": {"kind": "current"},
+            }
+            if body is not None:
+                sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, self._key)
+                spec["kwargs"] = (
+                    {"inline": base64.b64encode(sealed).decode()}
+                    if len(sealed) <= INLINE_KWARGS_BYTES
+                    else {"key": self._cache.put(sealed)}
+                )
+            spec_key = self._cache.put(json.dumps(spec, sort_keys=True).encode())
+            job_id = f"{task_id}/{index}"
+            request = JobRequest(
+                job_id=job_id,
+                name=f"{self.id}/{task_id}/{task_name}[{index}]",
+                spec_location=location(self._cache.location, spec_key),
+                workdir=self.work_dir / "jobs" / task_id / str(index),
+                resources=job_resources,
+            )
+            future = AsyncResult(
+                task_id, index, entry, name=request.name, canceller=self._cancel_future
+            )
+            futures.append(future)
+            requests.append(request)
+            rows.append((index, spec["name"], spec_key))
+        with self._lock:
+            for future, request in zip(futures, requests, strict=True):
+                self._futures[(task_id, future.job)] = future
+                self._jobs[request.job_id] = request
+        self._state.record_task(task_id, task_name, fn_name, rows)
+        self._backend.submit(requests)
+        return futures
+
+    def wait(self, futures: Sequence[AsyncResult], timeout: float | None = None) -> None:
+        """Block until ``futures`` are all done; cancel them on Ctrl-C or timeout.
+
+        Raises:
+            TimeoutError: not all done within ``timeout`` (default: the workflow's).
+            KeyboardInterrupt: after cancelling the outstanding jobs.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            _, pending = concurrent.futures.wait(futures, timeout)
+        except KeyboardInterrupt:
+            self._cancel(f for f in futures if not f.done())
+            raise
+        if pending:
+            self._cancel(pending)
+            raise TimeoutError(
+                f"{len(pending)} of {len(futures)} jobs not done after {timeout} s; cancelled"
+            )
+
+    # --- results and job ends (called from other threads) ----------------------------
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts of results ``received``, ``duplicates`` dropped and forged ``rejected``."""
+        c = self._collector
+        if c is None:
+            return {"received": 0, "duplicates": 0, "rejected": 0}
+        return {"received": c.received, "duplicates": c.duplicates, "rejected": c.rejected}
+
+    def _dispatch(self, header: dict[str, Any], body: bytes) -> bool:
+        future = self._futures.get((str(header.get("task")), int(header.get("job", -1))))
+        if future is None or future.done():
+            return False
+        try:
+            ok, value = decode_result(header, body)
+        except Exception as exc:  # e.g. the value needs a module the caller lacks
+            ok, value = False, IddsFatError(f"result of {future.name} could not be unpickled: {exc}")
+        settled = _settle(future, ok, value)
+        if settled and self._state is not None:
+            self._state.set_job_status(future.task_id, future.job, "done" if ok else "failed")
+        return settled
+
+    def _job_ended(self, job: JobRequest, outcome: JobExit) -> None:
+        task_id, index = job.job_id.rsplit("/", 1)
+        future = self._futures.get((task_id, int(index)))
+        if future is None:
+            return
+        if outcome.cancelled:
+            concurrent.futures.Future.cancel(future)
+            if self._state is not None:
+                self._state.set_job_status(task_id, int(index), "cancelled", outcome.returncode)
+            return
+        if not future.done() and self._collector is not None:
+            # The wrapper exits only after the store acknowledged its result, so one
+            # non-waiting read now settles the question "was a result delivered?".
+            try:
+                self._collector.drain()
+            except ServiceError as exc:
+                logger.warning("could not check for the result of %s: %s", job.name, exc)
+        if future.done():
+            return
+        lost = JobLostError(
+            job.name,
+            outcome.returncode,
+            _exit_reason(outcome),
+            _tail(job.stderr_path),
+            str(job.stderr_path),
+        )
+        if _settle(future, False, lost) and self._state is not None:
+            self._state.set_job_status(task_id, int(index), "lost", outcome.returncode)
+
+    def _cancel(self, futures: Iterable[AsyncResult]) -> None:
+        futures = list(futures)
+        if self._backend is not None and futures:
+            self._backend.cancel([f"{f.task_id}/{f.job}" for f in futures])
+        for future in futures:
+            concurrent.futures.Future.cancel(future)
+
+    def _cancel_future(self, future: AsyncResult) -> None:
+        if self._backend is not None:
+            self._backend.cancel([f"{future.task_id}/{future.job}"])
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._started else "not started"
+        return f"<Workflow {self.id or self.name} {state}, {len(self._futures)} jobs>"
+
+
+def require_workflow() -> Workflow:
+    """Return the current workflow.
+
+    Raises:
+        NoActiveWorkflowError: no workflow is open.
+    """
+    workflow = current_workflow()
+    if workflow is None:
+        raise NoActiveWorkflowError("no workflow is open: use @workflow or `with Workflow():`")
+    return workflow

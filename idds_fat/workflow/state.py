@@ -1,0 +1,94 @@
+"""A workflow's local record: its settings, tasks and jobs, in SQLite under its work dir."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workflow (
+    id TEXT PRIMARY KEY, name TEXT, status TEXT, created REAL, updated REAL, settings TEXT
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, name TEXT, function TEXT, jobs INTEGER, created REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    task TEXT, job INTEGER, name TEXT, spec TEXT, status TEXT, returncode INTEGER,
+    updated REAL, PRIMARY KEY (task, job)
+);
+"""
+
+
+class WorkflowState:
+    """The SQLite record of one workflow (``state.sqlite3`` in its work dir).
+
+    It holds no secret: the HMAC key lives beside it in a file only the user can read.
+    Thread-safe: backends report job ends from their own threads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> None:
+        with self._lock:
+            if isinstance(rows, tuple):
+                self._db.execute(sql, rows)
+            else:
+                self._db.execute("BEGIN")
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+
+    def record_workflow(self, workflow_id: str, name: str, settings: dict[str, Any]) -> None:
+        """Record the workflow as running with ``settings`` (JSON-able, no secrets)."""
+        now = time.time()
+        self._run(
+            "INSERT OR REPLACE INTO workflow VALUES (?, ?, 'running', ?, ?, ?)",
+            (workflow_id, name, now, now, json.dumps(settings, default=str)),
+        )
+
+    def set_workflow_status(self, status: str) -> None:
+        """Record the workflow's status (``running``, ``finished``, ``cancelled``, ``failed``)."""
+        self._run("UPDATE workflow SET status = ?, updated = ?", (status, time.time()))
+
+    def record_task(
+        self, task_id: str, name: str, function: str, jobs: Iterable[tuple[int, str, str]]
+    ) -> None:
+        """Record a task and its jobs ``(index, name, spec_key)`` as queued."""
+        jobs = list(jobs)
+        now = time.time()
+        self._run("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now))
+        self._run(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, 'queued', NULL, ?)",
+            [(task_id, index, job_name, spec, now) for index, job_name, spec in jobs],
+        )
+
+    def set_job_status(
+        self, task_id: str, job: int, status: str, returncode: int | None = None
+    ) -> None:
+        """Record a job's status (``done``, ``failed``, ``lost``, ``cancelled``)."""
+        self._run(
+            "UPDATE jobs SET status = ?, returncode = COALESCE(?, returncode), updated = ? "
+            "WHERE task = ? AND job = ?",
+            (status, returncode, time.time(), task_id, job),
+        )
+
+    def job_counts(self) -> dict[str, int]:
+        """Return the number of jobs in each status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return dict(rows)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
