@@ -36,6 +36,7 @@ It takes a few minutes on 2 cores with the defaults (200 evaluations).
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from bayes_opt import BayesianOptimization, acquisition
@@ -44,7 +45,9 @@ from idds_fat import work, workflow
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 
-# The search space. A third element `int` makes bayes_opt suggest integers.
+# The search space. A third element `int` makes bayes_opt suggest integers
+# (bayes_opt 3.4 warns that such parameters are experimental; they work here).
+warnings.filterwarnings("ignore", message="Non-float parameters are experimental")
 PBOUNDS = {
     "n_estimators": (20, 150, int),
     "max_depth": (1, 5, int),
@@ -81,10 +84,12 @@ def suggest_batch(optimizer, liar, n_points):
     # registered, which never happens for points with int parameters, so we
     # forget the pending points ourselves once the batch has been registered.
     liar.dummies.clear()
-    return [
-        {k: round(float(v), 4) if isinstance(v, float) else v for k, v in optimizer.suggest().items()}
-        for _ in range(n_points)
-    ]
+    points = []
+    for _ in range(n_points):
+        point = optimizer.suggest()  # ints for int parameters, numpy floats for the others
+        point = {k: round(float(v), 4) if isinstance(v, float) else v for k, v in point.items()}
+        points.append(point)
+    return points
 
 
 def optimize(n_iterations=10, n_points=20, seed=1):
@@ -106,7 +111,7 @@ def optimize(n_iterations=10, n_points=20, seed=1):
         points = suggest_batch(optimizer, liar, n_points)
         results = objective(multi_jobs_kwargs_list=points)  # one task, n_points jobs
         scores = [results.get_result(args=p) for p in points]
-        for point, score in zip(points, scores):
+        for point, score in zip(points, scores, strict=True):
             optimizer.register(params=point, target=score)
         best_so_far = optimizer.max["target"]
         elapsed = time.monotonic() - start
@@ -117,8 +122,8 @@ def optimize(n_iterations=10, n_points=20, seed=1):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=10, help="optimisation rounds (default 10)")
-    parser.add_argument("--points", type=int, default=20, help="points evaluated per round (default 20)")
+    parser.add_argument("--iterations", type=int, default=10, help="rounds (default 10)")
+    parser.add_argument("--points", type=int, default=20, help="points per round (default 20)")
     parser.add_argument("--backend", default="local", help="idds-fat backend (default local)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the optimiser (default 1)")
     args = parser.parse_args()

@@ -9,6 +9,8 @@ from idds_fat.api import WorkFunction, work, workflow
 from idds_fat.config import Config, load_config
 from idds_fat.errors import (
     ArgumentError,
+    CacheError,
+    ConfigError,
     ContextError,
     ContextTooLargeError,
     IddsFatError,
@@ -18,6 +20,7 @@ from idds_fat.errors import (
     NoActiveWorkflowError,
     RemoteError,
     RemoteTraceback,
+    ServiceError,
     UnsafeArchiveError,
 )
 from idds_fat.results import AsyncResult, MapResult
@@ -28,7 +31,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError",
     "AsyncResult",
+    "CacheError",
     "Config",
+    "ConfigError",
     "ContextError",
     "ContextTooLargeError",
     "IddsFatError",
@@ -39,6 +44,7 @@ __all__ = [
     "NoActiveWorkflowError",
     "RemoteError",
     "RemoteTraceback",
+    "ServiceError",
     "UnsafeArchiveError",
     "WorkFunction",
     "Workflow",

@@ -48,7 +48,7 @@ class Config:
         max_argument_bytes: cap on the pickled arguments of one call.
         max_context_bytes: cap on the zipped code context.
         result_ttl_days: how long the service keeps results.
-        gpus: device ids the local backend hands out; ``None`` asks ``nvidia-smi -L``.
+        gpu_devices: GPU ids the local backend hands out; ``None`` asks ``nvidia-smi -L``.
         on_exit: ``"wait"`` or ``"cancel"``: what leaving a workflow does with jobs
             still running (an exception in the body always cancels).
         publish_timeout: seconds a job keeps trying to deliver its result.
@@ -64,7 +64,7 @@ class Config:
     max_argument_bytes: int = 100 * MB
     max_context_bytes: int = 100 * MB
     result_ttl_days: float = 7.0
-    gpus: tuple[str, ...] | None = None
+    gpu_devices: tuple[str, ...] | None = None
     on_exit: str = "wait"
     publish_timeout: float = 120.0
     python: str = sys.executable

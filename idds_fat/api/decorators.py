@@ -122,9 +122,7 @@ class WorkFunction:
             return self._run_here(args, kwargs, None)
         return self._submit(workflow, args, kwargs, None)[0]
 
-    def map(
-        self, kwargs_list: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any
-    ) -> MapResult:
+    def map(self, kwargs_list: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any) -> MapResult:
         """Run one job per entry of ``kwargs_list``; return a :class:`MapResult` without blocking.
 
         Raises:

@@ -28,7 +28,9 @@ class Resources:
         """Return these resources with every field that ``override`` sets replaced."""
         return Resources(
             *(
-                getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
+                getattr(override, name)
+                if getattr(override, name) is not None
+                else getattr(self, name)
                 for name in ("cores", "memory_mb", "gpus", "walltime")
             )
         )

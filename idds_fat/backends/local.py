@@ -48,6 +48,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._gpu_freed = threading.Condition(self._lock)
         self._procs: dict[str, subprocess.Popen] = {}
+        self._live: set[str] = set()  # submitted and not yet ended
         self._cancelled: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="idds-fat-local")
 
@@ -58,13 +59,15 @@ class LocalBackend(Backend):
             have = ", ".join(self._all_gpus) or "none"
             raise ValueError(
                 f"a job asks for {wanted} GPU(s) but this machine has {len(self._all_gpus)} "
-                f"(devices: {have}; set the gpus setting to list them)"
+                f"(devices: {have}; set the gpu_devices setting to list them)"
             )
 
     def submit(self, jobs: Sequence[JobRequest]) -> None:
         """Queue ``jobs``; they start as workers free up."""
         for job in jobs:
             self.check(job.resources)
+        with self._lock:
+            self._live.update(job.job_id for job in jobs)
         for job in jobs:
             self._pool.submit(self._run, job)
 
@@ -81,9 +84,9 @@ class LocalBackend(Backend):
         """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers."""
         if cancel:
             with self._lock:
-                running = list(self._procs)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self.cancel(running)
+                live = list(self._live)
+            # Queued jobs still pass through _run, which reports them as cancelled.
+            self.cancel(live)
         self._pool.shutdown(wait=True)
 
     def _take_gpus(self, job: JobRequest) -> list[str] | None:
@@ -105,6 +108,11 @@ class LocalBackend(Backend):
                 self._gpu_freed.notify_all()
 
     def _run(self, job: JobRequest) -> None:
+        if job.job_id in self._cancelled:
+            with self._lock:
+                self._live.discard(job.job_id)
+            self._on_exit(job, JobExit(None, "cancelled", cancelled=True))
+            return
         devices = self._take_gpus(job)
         try:
             outcome = self._run_process(job, devices)
@@ -115,6 +123,7 @@ class LocalBackend(Backend):
             self._give_gpus(devices)
             with self._lock:
                 self._procs.pop(job.job_id, None)
+                self._live.discard(job.job_id)
         if job.job_id in self._cancelled:
             outcome = JobExit(outcome.returncode, "cancelled", cancelled=True)
         self._on_exit(job, outcome)

@@ -37,8 +37,7 @@ class RestResultSource:
             raise ServiceError(f"result store at {self.url} unreachable: {exc}") from exc
         if response.status_code != 200:
             raise ServiceError(
-                f"result store at {self.url} answered {response.status_code}: "
-                f"{response.text[:200]}"
+                f"result store at {self.url} answered {response.status_code}: {response.text[:200]}"
             )
         document = response.json()
         envelopes = [base64.b64decode(item["envelope"]) for item in document["results"]]

@@ -15,7 +15,7 @@ ENVELOPE_VERSION: int = wrapper_module().WRAPPER_VERSION
 
 
 def seal(header: dict[str, Any], body: bytes, key: bytes) -> bytes:
-    """Return ``body`` in an envelope with ``header``, its sha256 and an HMAC-SHA256 under ``key``."""
+    """Return ``body`` sealed with ``header``, its sha256 and an HMAC-SHA256 under ``key``."""
     return wrapper_module().seal(header, body, key)
 
 

@@ -104,9 +104,7 @@ def _named_arguments(
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         params = []
-    positional = [
-        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for i, value in enumerate(args):
         names.append((positional[i] if i < len(positional) else f"args[{i}]", value))
     names.extend(kwargs.items())

@@ -196,6 +196,7 @@ class Workflow:
         self.timeout = timeout
         self.id = ""
         self.work_dir: Path | None = None
+        self.service_url = ""
         self.body: Callable[..., Any] | None = None
         self._key = secrets.token_bytes(32)
         self._token: str | None = None
@@ -220,7 +221,9 @@ class Workflow:
         for key, value in placement.items():
             if key == "local":
                 if not value:
-                    warn_ignored("local=False", backend, " (the workflow body runs in this process)")
+                    warn_ignored(
+                        "local=False", backend, " (the workflow body runs in this process)"
+                    )
             elif value is not None and key not in supported:
                 warn_ignored(key, backend)
         for key in _RESOURCE_NAMES:
@@ -304,7 +307,7 @@ class Workflow:
         env[wrapper_module().SECRETS_ENV] = json.dumps(
             {"hmac_key": self._key.hex(), "token": self._token}
         )
-        gpus = config.gpus if config.gpus is not None else detect_gpus()
+        gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
         self._backend = BACKENDS[config.backend](
             python=config.python,
             wrapper_path=wrapper_file,
@@ -529,7 +532,10 @@ class Workflow:
         try:
             ok, value = decode_result(header, body)
         except Exception as exc:  # e.g. the value needs a module the caller lacks
-            ok, value = False, IddsFatError(f"result of {future.name} could not be unpickled: {exc}")
+            ok, value = (
+                False,
+                IddsFatError(f"result of {future.name} could not be unpickled: {exc}"),
+            )
         settled = _settle(future, ok, value)
         if settled and self._state is not None:
             self._state.set_job_status(future.task_id, future.job, "done" if ok else "failed")

@@ -66,7 +66,9 @@ class WorkflowState:
         """Record a task and its jobs ``(index, name, spec_key)`` as queued."""
         jobs = list(jobs)
         now = time.time()
-        self._run("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now))
+        self._run(
+            "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
+        )
         self._run(
             "INSERT INTO jobs VALUES (?, ?, ?, ?, 'queued', NULL, ?)",
             [(task_id, index, job_name, spec, now) for index, job_name, spec in jobs],
