@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any
 
 from idds_fat.backends import Resources
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.workflow import Workflow, current_workflow
 from idds_fat.workflow.runtime import warn_ignored
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _done(ok: bool, value: Any, kwargs: Mapping[str, Any] | None, name: str) -> AsyncResult:
@@ -138,24 +136,6 @@ class WorkFunction:
         return f"<work {self.name}>"
 
 
-@overload
-def work(fn: F) -> WorkFunction: ...
-@overload
-def work(
-    fn: None = None,
-    *,
-    map_results: bool = False,
-    name: str | None = None,
-    init_env: str | None = None,
-    container_options: Mapping[str, Any] | None = None,
-    return_work: bool = False,
-    cores: int | None = None,
-    memory_mb: int | None = None,
-    gpus: int | None = None,
-    walltime: float | None = None,
-) -> Callable[[F], WorkFunction]: ...
-
-
 def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     """Decorate a function so that, inside a workflow, each call runs as a distributed task.
 
@@ -163,8 +143,8 @@ def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     ``map_results``, ``name``, ``return_work``, the resources ``cores``,
     ``memory_mb``, ``gpus`` and ``walltime`` (seconds), which override the
     workflow's, and the iDDS options ``init_env`` and ``container_options``.
-    Outside a workflow the function runs in-process, unchanged. See
-    :class:`WorkFunction` for what calls return.
+    Outside a workflow the function runs in-process, unchanged. The options
+    are the keyword arguments of :class:`WorkFunction`, which says what calls return.
 
     Raises:
         TypeError: an unknown option.
