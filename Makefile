@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean services
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/hpo_bayes.py
 
-test: $(STAMP) lint
+test: $(STAMP) lint services
 	$(VENV)/bin/pytest
+
+# Real servers the tests talk to (ActiveMQ); installed with apt-get when missing (as root).
+services:
+	bash .ci/install-services
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

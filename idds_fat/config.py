@@ -53,12 +53,26 @@ class Config:
             still running (an exception in the body always cancels).
         publish_timeout: seconds a job keeps trying to deliver its result.
         python: the interpreter that local jobs run.
+        broker: STOMP brokers, ``stomp://host1:61613,host2:61613``; ``None``
+            (the default) delivers results over REST only.
+        broker_user, broker_password: broker credentials (given to jobs with
+            their secrets, never on a command line or in logs).
+        broker_queue_prefix: results go to ``/queue/PREFIX.WORKFLOW_ID`` and a
+            copy to ``/queue/PREFIX.mirror.WORKFLOW_ID`` for the service's mirror.
+        broker_heartbeat_ms: STOMP heart-beat interval of the caller's subscription.
+        broker_timeout: seconds a job waits for the broker's connection and receipt.
+        result_inline_bytes: results whose envelope is larger travel by
+            reference through the cache (default 1 MiB).
+        result_grace_seconds: how long the caller waits for the result of a job
+            that exited cleanly (a channel took its result) before acting.
+        max_resubmits: times a job whose accepted result never arrived (a broker
+            lost it) is run again before it is reported lost.
     """
 
     work_dir: Path = field(default_factory=_default_work_dir)
     backend: str = "local"
     service_url: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     cache: str | None = None
     max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_argument_bytes: int = 100 * MB
@@ -68,16 +82,49 @@ class Config:
     on_exit: str = "wait"
     publish_timeout: float = 120.0
     python: str = sys.executable
+    broker: str | None = None
+    broker_user: str | None = None
+    broker_password: str | None = field(default=None, repr=False)
+    broker_queue_prefix: str = "idds-fat"
+    broker_heartbeat_ms: int = 2000
+    broker_timeout: float = 10.0
+    result_inline_bytes: int = 1 * MB
+    result_grace_seconds: float = 30.0
+    max_resubmits: int = 1
 
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):
             raise ConfigError(f"on_exit must be 'wait' or 'cancel', not {self.on_exit!r}")
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be at least 1, not {self.max_workers}")
+        if self.broker is not None:
+            broker_addresses(self.broker)  # fail early on a malformed broker list
+
+    @property
+    def brokers(self) -> list[tuple[str, int]]:
+        """The ``(host, port)`` pairs of ``broker`` (empty when none is configured)."""
+        return broker_addresses(self.broker) if self.broker else []
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (``None`` values are ignored)."""
         return load_config(base=self, **changes)
+
+
+def broker_addresses(broker: str) -> list[tuple[str, int]]:
+    """Parse ``stomp://host1:61613,host2:61613`` into ``[(host, port), ...]``.
+
+    Raises:
+        ConfigError: not a ``stomp://`` list of ``host:port``.
+    """
+    if not broker.startswith("stomp://"):
+        raise ConfigError(f"broker must look like stomp://host:port[,host:port], not {broker!r}")
+    addresses = []
+    for item in broker[len("stomp://") :].split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"broker address {item!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 def _fields() -> dict[str, dataclasses.Field]:

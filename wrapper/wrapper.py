@@ -17,6 +17,12 @@ service token come from the environment variable ``IDDS_FAT_JOB_SECRETS`` (a
 JSON object) or from the file named by ``IDDS_FAT_JOB_SECRETS_FILE``, and are
 removed from the environment before the user's function runs.
 
+Delivery: STOMP 1.2 to the workflow's queue (and its mirror) with a broker
+receipt awaited, when the spec names brokers; else, or when that fails, POST
+to the REST result store; both retried with backoff. A result larger than the
+spec's ``result_inline_bytes`` is put into the cache and the channels carry a
+signed reference to it.
+
 Exit status: 0 when the result (a value or the function's exception) was
 delivered; 3 when it could not be delivered within the spec's publish timeout;
 2 when the job could not even report its failure. A result is never silently
@@ -260,7 +266,12 @@ def read_secrets() -> dict:
     if raw is None:
         raise WrapperError(f"no job secrets: set {SECRETS_ENV} or {SECRETS_FILE_ENV}")
     secrets = json.loads(raw)
-    return {"key": bytes.fromhex(secrets["hmac_key"]), "token": secrets.get("token")}
+    return {
+        "key": bytes.fromhex(secrets["hmac_key"]),
+        "token": secrets.get("token"),
+        "broker_user": secrets.get("broker_user"),
+        "broker_password": secrets.get("broker_password"),
+    }
 
 
 def _error_body(exc: BaseException, tb_text: str) -> dict:
@@ -358,16 +369,154 @@ def run_job(spec: dict, secrets: dict, workdir: Path) -> bytes:
     return seal(header, body, secrets["key"])
 
 
-def publish(url: str, envelope: bytes, token: str | None, timeout: float) -> None:
-    """POST ``envelope`` to the REST result store, retrying until ``timeout`` seconds pass.
+def put_object(cache: str, data: bytes, token: str | None, deadline: float) -> str:
+    """Store ``data`` in ``cache`` under its sha256 (skipped if present); return the key."""
+    key = sha256_hex(data)
+    if cache.startswith(("http://", "https://")):
+        url = cache_object_location(cache, key)
+        _with_retries(lambda: _http("PUT", url, token, data, 60.0), deadline, "storing " + url)
+        return key
+    path = Path(cache_object_location(cache, key))
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    return key
 
-    Raises DeliveryError when the store never acknowledged it.
+
+def by_reference(envelope: bytes, spec: dict, secrets: dict, deadline: float) -> bytes:
+    """Put a large result envelope into the cache; return the small signed message naming it."""
+    header, _ = peek(envelope)
+    key = put_object(spec["cache"], envelope, secrets["token"], deadline)
+    ref = {k: header[k] for k in ("workflow", "task", "job", "attempt", "status")}
+    ref.update(kind="result-ref", ref=key, ref_size=len(envelope))
+    return seal(ref, b"", secrets["key"])
+
+
+class _StompEvents:
+    """A stomp.py listener (duck-typed) recording connection state, receipts and errors."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.changed = threading.Condition()
+        self.connected = False
+        self.closed = False
+        self.error = ""
+        self.receipts: set[str] = set()
+
+    def _note(self, **changes) -> None:
+        with self.changed:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            self.changed.notify_all()
+
+    def on_connected(self, frame) -> None:
+        self._note(connected=True)
+
+    def on_disconnected(self) -> None:
+        self._note(closed=True)
+
+    def on_error(self, frame) -> None:
+        body = frame.body
+        if isinstance(body, bytes):
+            body = body.decode("utf-8", "replace")
+        self._note(error=frame.headers.get("message") or str(body)[:200])
+
+    def on_receipt(self, frame) -> None:
+        with self.changed:
+            self.receipts.add(frame.headers.get("receipt-id", ""))
+            self.changed.notify_all()
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: predicate() or self.error or self.closed, timeout)
+            if self.error:
+                raise WrapperError(f"broker refused {what}: {self.error}")
+            if not ok or not predicate():
+                raise WrapperError(f"no {what} from the broker within {timeout:g} s")
+
+
+def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
+    """Send ``message`` as a persistent STOMP 1.2 message to the workflow's queue and mirror.
+
+    Returns only after the broker sent a receipt for both sends. Raises
+    WrapperError (or a stomp.py exception) when it did not.
     """
-    deadline = time.monotonic() + timeout
+    import stomp  # only jobs of workflows with a broker need stomp.py
+
+    timeout = float(stomp_spec.get("timeout", 10.0))
+    conn = stomp.Connection12(
+        host_and_ports=[tuple(b) for b in stomp_spec["brokers"]],
+        reconnect_attempts_max=1,
+        reconnect_sleep_initial=0.0,  # one pass over the brokers; deliver() does the retrying
+        reconnect_sleep_increase=0.0,
+        reconnect_sleep_jitter=0.0,
+        timeout=timeout,
+        auto_decode=False,
+    )
+    events = _StompEvents()
+    conn.set_listener("idds-fat", events)
     try:
-        _with_retries(lambda: _http("POST", url, token, envelope, 30.0), deadline, "posting")
+        conn.connect(secrets.get("broker_user"), secrets.get("broker_password"), wait=False)
+        events.wait_for(lambda: events.connected, timeout, "connection")
+        sends = [(stomp_spec["destination"], {})]
+        if stomp_spec.get("mirror"):
+            expires = int((time.time() + float(stomp_spec.get("mirror_ttl", 86400))) * 1000)
+            sends.append((stomp_spec["mirror"], {"expires": str(expires)}))
+        wanted = set()
+        for destination, extra in sends:
+            receipt = f"r-{os.getpid()}-{len(wanted)}-{time.monotonic_ns()}"
+            wanted.add(receipt)
+            headers = {"persistent": "true", "receipt": receipt, **extra}
+            conn.send(destination, body=message, headers=headers)
+        events.wait_for(lambda: wanted <= events.receipts, timeout, "receipt")
+    finally:
+        try:
+            conn.disconnect()
+        except Exception:
+            pass
+
+
+def deliver(envelope: bytes, spec: dict, secrets: dict) -> str:
+    """Hand the result to a channel: STOMP first (when configured), then REST; return which.
+
+    Large envelopes (over the spec's ``result_inline_bytes``) go into the cache
+    and the channels carry a signed reference. Both channels are retried with
+    backoff until the spec's ``publish_timeout``; raises DeliveryError when
+    neither took the result.
+    """
+    deadline = time.monotonic() + float(spec["publish_timeout"])
+    errors: list[str] = []
+    message = envelope
+    try:
+        if len(envelope) > int(spec.get("result_inline_bytes") or len(envelope)):
+            message = by_reference(envelope, spec, secrets, deadline)
     except WrapperError as exc:
-        raise DeliveryError(f"result not delivered to {url}: {exc}") from None
+        errors.append(f"cache: {exc}")
+    channels = []
+    if spec.get("stomp"):
+        channels.append(("stomp", lambda: publish_stomp(message, spec["stomp"], secrets)))
+    url, token = spec["result_url"], secrets["token"]
+    channels.append(("rest", lambda: _http("POST", url, token, message, 30.0)))
+    delay = 0.05
+    while channels:
+        for name, send in list(channels):
+            try:
+                send()
+                return name
+            except Exception as exc:
+                errors.append(f"{name}: {exc}")
+                print(f"idds-fat wrapper: {name} delivery failed: {exc}", file=sys.stderr)
+                if name == "rest" and not _transient(exc):  # e.g. 401: retrying cannot help
+                    channels.remove((name, send))
+        if not channels or time.monotonic() + delay > deadline:
+            raise DeliveryError("result not delivered; " + "; ".join(errors[-4:]))
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    raise DeliveryError("result not delivered; " + "; ".join(errors[-4:]))
 
 
 def _load_spec(location: str, token: str | None) -> dict:
@@ -390,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path.cwd()
     envelope = run_job(spec, secrets, workdir)
     try:
-        publish(spec["result_url"], envelope, secrets["token"], float(spec["publish_timeout"]))
+        deliver(envelope, spec, secrets)
     except DeliveryError as exc:
         print(f"idds-fat wrapper: {exc}", file=sys.stderr)
         return EXIT_UNDELIVERED

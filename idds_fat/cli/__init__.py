@@ -44,8 +44,27 @@ def main() -> None:
     default=None,
     help="Days to keep results.  [default: result_ttl_days from the config, 7]",
 )
+@click.option(
+    "--broker",
+    envvar="IDDS_FAT_BROKER",
+    show_envvar=True,
+    default=None,
+    help="Mirror results from these STOMP brokers (stomp://host:port[,host:port]). "
+    "Credentials come from IDDS_FAT_BROKER_USER and IDDS_FAT_BROKER_PASSWORD.",
+)
+@click.option(
+    "--mirror-queue",
+    default=None,
+    help="Destination to mirror.  [default: /queue/PREFIX.mirror.> for every workflow]",
+)
 def serve(
-    host: str, port: int, data_dir: Path | None, token: str | None, result_ttl_days: float | None
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    token: str | None,
+    result_ttl_days: float | None,
+    broker: str | None,
+    mirror_queue: str | None,
 ) -> None:
     """Run the idds-fat service (content cache and result store) until interrupted."""
     from idds_fat.service.server import serve as run_service
@@ -54,7 +73,15 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = load_config()
+        config = load_config(broker=broker)
+        mirror = None
+        if config.broker:
+            mirror = {
+                "brokers": config.brokers,
+                "destination": mirror_queue or f"/queue/{config.broker_queue_prefix}.mirror.>",
+                "user": config.broker_user,
+                "password": config.broker_password,
+            }
         run_service(
             host=host,
             port=port,
@@ -64,6 +91,7 @@ def serve(
                 result_ttl_days if result_ttl_days is not None else config.result_ttl_days
             )
             * 86400.0,
+            mirror=mirror,
         )
     except IddsFatError as exc:
         raise click.ClickException(str(exc)) from exc

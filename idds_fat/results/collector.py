@@ -18,23 +18,34 @@ Dispatch = Callable[[dict[str, Any], bytes], bool]
 
 
 class ResultCollector:
-    """A background thread that long-polls the result store for one workflow.
+    """Receives one workflow's results from every channel, exactly once each.
 
-    Every envelope is HMAC-verified with the workflow's key before anything in
-    it is used; forged or corrupted ones are dropped and counted in
-    ``rejected``. A result is handed to ``dispatch`` once per (task, job,
-    attempt); repeats are counted in ``duplicates``. ``drain()`` fetches what is
-    already stored without waiting, for a caller that must know now (a job just
-    exited).
+    Messages come from a STOMP subscription (``accept``, called by its thread)
+    and from a background thread that long-polls the REST store whenever STOMP
+    is not up (``stomp_state``). Every message is HMAC-verified with the
+    workflow's key before anything in it is used; forged or corrupted ones are
+    dropped and counted in ``rejected``. A reference to a large result is
+    resolved through ``fetch_ref`` and verified the same way. A result is handed
+    to ``dispatch`` once per (task, job, attempt); repeats are counted in
+    ``duplicates``. ``drain()`` reads the REST store without waiting, for a
+    caller that must know now (a job just exited).
     """
 
     def __init__(
-        self, source: RestResultSource, workflow_id: str, key: bytes, dispatch: Dispatch
+        self,
+        source: RestResultSource,
+        workflow_id: str,
+        key: bytes,
+        dispatch: Dispatch,
+        fetch_ref: Callable[[str], bytes] | None = None,
     ) -> None:
         self._source = source
         self._workflow_id = workflow_id
         self._key = key
         self._dispatch = dispatch
+        self._fetch_ref = fetch_ref
+        self._stomp_up = False
+        self._wake = threading.Event()
         self._cursor = 0
         self._seen: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
@@ -43,6 +54,7 @@ class ResultCollector:
         self.received = 0
         self.duplicates = 0
         self.rejected = 0
+        self.by_channel: dict[str, int] = {"stomp": 0, "rest": 0}
         self.wait_seconds = 20.0
 
     def start(self) -> None:
@@ -55,6 +67,7 @@ class ResultCollector:
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the thread to stop and wait up to ``timeout`` seconds for it."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -66,9 +79,19 @@ class ResultCollector:
         """
         self._fetch(wait=0.0)
 
+    def stomp_state(self, up: bool) -> None:
+        """Tell the collector whether STOMP delivers; REST polling pauses while it does."""
+        self._stomp_up = up
+        if not up:
+            self._wake.set()
+
     def _run(self) -> None:
         delay = 0.1
         while not self._stop.is_set():
+            if self._stomp_up:
+                self._wake.wait()
+                self._wake.clear()
+                continue
             try:
                 self._fetch(self.wait_seconds)
                 delay = 0.1
@@ -84,27 +107,65 @@ class ResultCollector:
 
     def _fetch(self, wait: float) -> None:
         cursor, envelopes = self._source.fetch(self._cursor, wait)
+        for data in envelopes:
+            self.accept(data, "rest")
         with self._lock:
-            for data in envelopes:
-                self._accept(data)
             self._cursor = max(self._cursor, cursor)
 
-    def _accept(self, data: bytes) -> None:
+    def _resolve(self, ref_header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Fetch and verify the large result a verified reference names. Raises IntegrityError."""
+        try:
+            inner = self._fetch_ref(str(ref_header["ref"]))  # type: ignore[misc]
+        except Exception as exc:
+            raise IntegrityError(f"large result {ref_header.get('ref')} unreadable: {exc}") from exc
+        header, body = open_envelope(inner, self._key)
+        if any(header.get(k) != ref_header.get(k) for k in ("workflow", "task", "job", "attempt")):
+            raise IntegrityError("a result reference names another job's result")
+        return header, body
+
+    def _reject(self, reason: object) -> None:
+        with self._lock:
+            self.rejected += 1
+        logger.warning("rejected a result for workflow %s: %s", self._workflow_id, reason)
+
+    def accept(self, data: bytes, channel: str = "stomp") -> None:
+        """Verify one message from ``channel`` and dispatch it unless seen before.
+
+        Thread-safe; never raises for a bad message (it is counted in ``rejected``).
+        ``by_channel`` counts the new results each channel brought first.
+        """
         try:
             header, body = open_envelope(data, self._key)
         except IntegrityError as exc:
-            self.rejected += 1
-            logger.warning("rejected a result for workflow %s: %s", self._workflow_id, exc)
+            self._reject(exc)
             return
-        if header.get("kind") != "result" or header.get("workflow") != self._workflow_id:
-            self.rejected += 1
-            logger.warning("rejected a signed message that is not a result of this workflow")
+        kind = header.get("kind")
+        if kind not in ("result", "result-ref") or header.get("workflow") != self._workflow_id:
+            self._reject("a signed message that is not a result of this workflow")
             return
         ident = (str(header.get("task")), int(header.get("job", -1)), int(header.get("attempt", 0)))
-        if ident in self._seen:
-            self.duplicates += 1
+        with self._lock:
+            seen = ident in self._seen
+            if seen:
+                self.duplicates += 1
+        if seen:
             return
-        self._seen.add(ident)
-        self.received += 1
+        if kind == "result-ref":
+            if self._fetch_ref is None:
+                self._reject("a result by reference, and no cache to fetch it from")
+                return
+            try:
+                header, body = self._resolve(header)
+            except IntegrityError as exc:
+                self._reject(exc)
+                return
+        with self._lock:
+            if ident in self._seen:
+                self.duplicates += 1
+                return
+            self._seen.add(ident)
+            self.received += 1
+            self.by_channel[channel] = self.by_channel.get(channel, 0) + 1
         if not self._dispatch(header, body):
-            self.duplicates += 1
+            with self._lock:
+                self.duplicates += 1

@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +33,7 @@ from starlette.routing import Route
 
 from idds_fat.cache.base import check_key, content_key
 from idds_fat.cache.directory import DirectoryStore
+from idds_fat.service.mirror import BrokerMirror
 from idds_fat.service.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -118,7 +120,11 @@ def _query_number(request: Request, name: str, default: float, kind: type) -> fl
 
 
 def create_app(
-    cache_root: Path, db_path: Path, token: str | None, result_ttl_seconds: float
+    cache_root: Path,
+    db_path: Path,
+    token: str | None,
+    result_ttl_seconds: float,
+    mirror: dict[str, Any] | None = None,
 ) -> Starlette:
     """Return the service as an ASGI application.
 
@@ -126,7 +132,10 @@ def create_app(
     ``db_path`` is the SQLite file of results, opened when the app starts and
     closed when it stops. With ``token`` set, every endpoint but ``/healthz``
     answers 401 unless the request carries ``Authorization: Bearer <token>``.
-    Expired results are purged at startup and then every hour.
+    Expired results are purged at startup and then every hour. With ``mirror``
+    (the keyword arguments of :class:`~idds_fat.service.mirror.BrokerMirror`
+    but the store: ``brokers``, ``destination``, ``user``, ``password``), the
+    app also keeps a copy of every result sent to that broker destination.
 
     ``app.state.wakeups`` (a :class:`ResultWakeups`) lets an embedding server
     release long-polling readers before shutting down.
@@ -245,10 +254,22 @@ def create_app(
         wakeups.bind(asyncio.get_running_loop())
         await run_in_threadpool(store.purge)
         purger = asyncio.create_task(purge_periodically(store))
+        mirrored = None
+        if mirror:
+            loop = asyncio.get_running_loop()
+            mirrored = BrokerMirror(
+                store,
+                **mirror,
+                on_stored=lambda wf: loop.call_soon_threadsafe(wakeups.notify, wf),
+            )
+            mirrored.start()
+        app.state.mirror = mirrored
         logger.info("idds-fat service ready (cache %s, results %s)", cache_root, db_path)
         try:
             yield
         finally:
+            if mirrored is not None:
+                await run_in_threadpool(mirrored.stop)
             wakeups.close()
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):

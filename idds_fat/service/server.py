@@ -22,23 +22,29 @@ _GRACEFUL_SHUTDOWN_SECONDS = 5
 _START_TIMEOUT_SECONDS = 30.0
 
 
-def _app_for(data_dir: Path, token: str | None, result_ttl_seconds: float):
+def _app_for(
+    data_dir: Path, token: str | None, result_ttl_seconds: float, mirror: dict | None = None
+):
     data_dir = Path(data_dir)
     return create_app(
         cache_root=data_dir / "cache",
         db_path=data_dir / "results.sqlite3",
         token=token,
         result_ttl_seconds=result_ttl_seconds,
+        mirror=mirror,
     )
 
 
 class EmbeddedService:
-    """The service on a free loopback port, served by uvicorn in a daemon thread.
+    """The service on a loopback port, served by uvicorn in a daemon thread.
 
     The cache lives in ``data_dir/cache`` and the results in
     ``data_dir/results.sqlite3``, so a new service on the same ``data_dir``
-    finds what an earlier one stored. Use as a context manager, or call
-    :meth:`start` and :meth:`stop`.
+    finds what an earlier one stored. ``port`` 0 (the default) takes a free
+    port; a given port lets a restarted service come back at the same URL.
+    ``mirror`` (``brokers``, ``destination``, ``user``, ``password``) keeps a
+    copy of the results sent to that broker destination. Use as a context
+    manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -46,10 +52,14 @@ class EmbeddedService:
         data_dir: Path,
         token: str | None,
         result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS,
+        mirror: dict | None = None,
+        port: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.port = port
         self.token = token
         self.result_ttl_seconds = result_ttl_seconds
+        self.mirror = mirror
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -71,11 +81,13 @@ class EmbeddedService:
         """
         if self._thread is not None:
             raise ServiceError(f"the embedded service is already running at {self._url}")
-        app = _app_for(self.data_dir, self.token, self.result_ttl_seconds)
+        app = _app_for(self.data_dir, self.token, self.result_ttl_seconds, self.mirror)
         # Bind here (port 0) and hand the socket over: no window where another
         # process could take the port between choosing and binding it.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        # Reuse lets a restarted service take its old port back at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
         port = sock.getsockname()[1]
         config = uvicorn.Config(
             app,
@@ -154,9 +166,17 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    host: str, port: int, data_dir: Path, token: str | None, result_ttl_seconds: float
+    host: str,
+    port: int,
+    data_dir: Path,
+    token: str | None,
+    result_ttl_seconds: float,
+    mirror: dict | None = None,
 ) -> None:
     """Run the service in the foreground until interrupted (Ctrl-C or SIGTERM).
+
+    With ``mirror`` (``brokers``, ``destination``, ``user``, ``password``) it
+    also keeps a copy of every result sent to that broker destination.
 
     Raises:
         ServiceError: ``host`` is not a loopback address and no ``token`` is set:
@@ -173,7 +193,7 @@ def serve(
             "put a TLS proxy in front for untrusted networks",
             host,
         )
-    app = _app_for(data_dir, token, result_ttl_seconds)
+    app = _app_for(data_dir, token, result_ttl_seconds, mirror)
     logger.info("idds-fat service on http://%s:%d, data in %s", host, port, data_dir)
     uvicorn.run(
         app,

@@ -31,7 +31,9 @@ from idds_fat.errors import (
 )
 from idds_fat.results import AsyncResult, MapResult, RestResultSource, ResultCollector
 from idds_fat.results.outcome import decode_result
+from idds_fat.results.stomp import StompResultSubscriber
 from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules, seal
+from idds_fat.workflow.deadlines import Deadlines
 from idds_fat.workflow.state import WorkflowState
 from idds_fat.wrapper_source import wrapper_bytes, wrapper_module
 
@@ -210,6 +212,9 @@ class Workflow:
         self._cache: ContentStore | None = None
         self._backend: Backend | None = None
         self._collector: ResultCollector | None = None
+        self._subscriber: StompResultSubscriber | None = None
+        self._deadlines: Deadlines | None = None
+        self._attempts: dict[str, int] = {}
         self._state: WorkflowState | None = None
         self._archive: ContextArchive | None = None
         self._warn_placement(self.config.backend, placement, self.resources)
@@ -229,6 +234,39 @@ class Workflow:
         for key in _RESOURCE_NAMES:
             if getattr(resources, key) is not None and key not in supported:
                 warn_ignored(key, backend)
+
+    @property
+    def result_queue(self) -> str:
+        """The STOMP destination of this workflow's results."""
+        return f"/queue/{self.config.broker_queue_prefix}.{self.id}"
+
+    @property
+    def mirror_queue(self) -> str:
+        """The STOMP destination of the copy of its results that the service mirrors."""
+        return f"/queue/{self.config.broker_queue_prefix}.mirror.{self.id}"
+
+    def _mirror_settings(self) -> dict[str, Any] | None:
+        config = self.config
+        if not config.broker:
+            return None
+        return {
+            "brokers": config.brokers,
+            "destination": self.mirror_queue,
+            "user": config.broker_user,
+            "password": config.broker_password,
+        }
+
+    def _stomp_spec(self) -> dict[str, Any] | None:
+        config = self.config
+        if not config.broker:
+            return None
+        return {
+            "brokers": config.brokers,
+            "destination": self.result_queue,
+            "mirror": self.mirror_queue,
+            "mirror_ttl": config.result_ttl_days * 86400,
+            "timeout": config.broker_timeout,
+        }
 
     def start(self) -> Workflow:
         """Start the workflow (done by ``with`` and by the first task); return self.
@@ -270,7 +308,10 @@ class Workflow:
 
             self._token = secrets.token_urlsafe(24)
             self._service = EmbeddedService(
-                config.work_dir, self._token, config.result_ttl_days * 86400
+                config.work_dir,
+                self._token,
+                config.result_ttl_days * 86400,
+                mirror=self._mirror_settings(),
             )
             self._service.start()
             service_url = self._service.url
@@ -301,11 +342,30 @@ class Workflow:
             },
         )
         source = RestResultSource(service_url, self.id, self._token)
-        self._collector = ResultCollector(source, self.id, self._key, self._dispatch)
+        self._collector = ResultCollector(
+            source, self.id, self._key, self._dispatch, fetch_ref=self._cache.get
+        )
         self._collector.start()
+        self._deadlines = Deadlines(f"idds-fat-deadlines-{self.id}")
+        if config.broker:
+            self._subscriber = StompResultSubscriber(
+                config.brokers,
+                self.result_queue,
+                on_message=self._collector.accept,
+                on_state=self._collector.stomp_state,
+                user=config.broker_user,
+                password=config.broker_password,
+                heartbeat_ms=config.broker_heartbeat_ms,
+            )
+            self._subscriber.start()
         env = dict(os.environ)
         env[wrapper_module().SECRETS_ENV] = json.dumps(
-            {"hmac_key": self._key.hex(), "token": self._token}
+            {
+                "hmac_key": self._key.hex(),
+                "token": self._token,
+                "broker_user": config.broker_user,
+                "broker_password": config.broker_password,
+            }
         )
         gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
         self._backend = BACKENDS[config.backend](
@@ -346,6 +406,10 @@ class Workflow:
                     _active.remove(self)
 
     def _stop_parts(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.stop()
+        if self._subscriber is not None:
+            self._subscriber.stop()
         if self._collector is not None:
             self._collector.stop(timeout=0.0)
         if self._service is not None:
@@ -447,6 +511,7 @@ class Workflow:
             seal({"kind": "call", "workflow": self.id, "task": task_id}, call, self._key)
         )
         location = wrapper_module().cache_object_location
+        stomp_spec = self._stomp_spec()
         futures, requests, rows = [], [], []
         for index, (entry, body) in enumerate(zip(entries, job_kwargs, strict=True)):
             spec: dict[str, Any] = {
@@ -463,6 +528,8 @@ class Workflow:
                 "payload": {"key": payload_key},
                 "kwargs": None,
                 "result_url": f"{self.service_url}/results/{self.id}",
+                "stomp": stomp_spec,
+                "result_inline_bytes": config.result_inline_bytes,
                 "publish_timeout": config.publish_timeout,
                 "environment": {"kind": "current"},
             }
@@ -519,11 +586,18 @@ class Workflow:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counts of results ``received``, ``duplicates`` dropped and forged ``rejected``."""
+        """Counts of results: ``received`` (new), ``duplicates`` dropped, forged or
+        corrupted ``rejected``, and how many new ones each channel (``stomp``,
+        ``rest``) brought first."""
         c = self._collector
         if c is None:
-            return {"received": 0, "duplicates": 0, "rejected": 0}
-        return {"received": c.received, "duplicates": c.duplicates, "rejected": c.rejected}
+            return {"received": 0, "duplicates": 0, "rejected": 0, "stomp": 0, "rest": 0}
+        return {
+            "received": c.received,
+            "duplicates": c.duplicates,
+            "rejected": c.rejected,
+            **c.by_channel,
+        }
 
     def _dispatch(self, header: dict[str, Any], body: bytes) -> bool:
         future = self._futures.get((str(header.get("task")), int(header.get("job", -1))))
@@ -551,15 +625,65 @@ class Workflow:
             if self._state is not None:
                 self._state.set_job_status(task_id, int(index), "cancelled", outcome.returncode)
             return
+        self._check_result(job, outcome)
+        if future.done():
+            return
+        if outcome.returncode == 0 and self._subscriber is not None and self._deadlines:
+            # A clean exit means a channel took the result. Over STOMP it may still
+            # be on its way (or the broker lost it): look again after a grace period.
+            grace = self.config.result_grace_seconds
+            self._deadlines.at(grace, lambda: self._result_overdue(job, outcome))
+            return
+        self._lose(job, outcome)
+
+    def _check_result(self, job: JobRequest, outcome: JobExit) -> None:
+        task_id, index = job.job_id.rsplit("/", 1)
+        future = self._futures[(task_id, int(index))]
         if not future.done() and self._collector is not None:
-            # The wrapper exits only after the store acknowledged its result, so one
-            # non-waiting read now settles the question "was a result delivered?".
+            # The wrapper exits only after a channel acknowledged its result, and the
+            # REST store (directly or through the mirror) keeps a copy: read it now.
             try:
                 self._collector.drain()
             except ServiceError as exc:
                 logger.warning("could not check for the result of %s: %s", job.name, exc)
-        if future.done():
+
+    def _result_overdue(self, job: JobRequest, outcome: JobExit) -> None:
+        task_id, index = job.job_id.rsplit("/", 1)
+        future = self._futures[(task_id, int(index))]
+        self._check_result(job, outcome)
+        if future.done() or self._closed:
             return
+        attempt = self._attempts.get(job.job_id, 0)
+        if attempt < self.config.max_resubmits:
+            logger.warning(
+                "the result of %s was accepted but never arrived; running it again", job.name
+            )
+            self._resubmit(job, attempt + 1)
+            return
+        reason = "it exited cleanly and a channel accepted its result, but it never arrived"
+        self._lose(job, JobExit(outcome.returncode, reason))
+
+    def _resubmit(self, job: JobRequest, attempt: int) -> None:
+        """Run ``job`` again as ``attempt``, from its own spec (in a work dir of its own)."""
+        assert self._cache is not None and self._backend is not None
+        spec_key = job.spec_location.rstrip("/").rsplit("/", 1)[-1]
+        spec = json.loads(self._cache.get(spec_key))
+        spec["attempt"] = attempt
+        new_key = self._cache.put(json.dumps(spec, sort_keys=True).encode())
+        again = JobRequest(
+            job_id=job.job_id,
+            name=f"{job.name}#{attempt}",
+            spec_location=wrapper_module().cache_object_location(self._cache.location, new_key),
+            workdir=job.workdir.with_name(f"{job.workdir.name}.{attempt}"),
+            resources=job.resources,
+        )
+        self._attempts[job.job_id] = attempt
+        self._jobs[job.job_id] = again
+        self._backend.submit([again])
+
+    def _lose(self, job: JobRequest, outcome: JobExit) -> None:
+        task_id, index = job.job_id.rsplit("/", 1)
+        future = self._futures[(task_id, int(index))]
         lost = JobLostError(
             job.name,
             outcome.returncode,

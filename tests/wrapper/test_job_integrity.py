@@ -88,8 +88,8 @@ def test_results_delivered_twice_reach_the_user_once():
             timeout=10,
         ).json()["results"][0]["envelope"]
         envelope = base64.b64decode(stored)
-        wf._collector._accept(envelope)
-        assert wf.stats == {"received": 1, "duplicates": 1, "rejected": 0}
+        wf._collector.accept(envelope)
+        assert wf.stats == {"received": 1, "duplicates": 1, "rejected": 0, "stomp": 0, "rest": 1}
 
 
 def test_job_whose_result_cannot_be_delivered_is_lost_not_silent(tmp_path, monkeypatch):

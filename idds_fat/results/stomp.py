@@ -1,0 +1,157 @@
+"""The caller's STOMP subscription to its workflow's result queue (stomp.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class _Listener:
+    """stomp.py listener (duck-typed): connection state and messages of one connection."""
+
+    def __init__(self, subscriber: StompResultSubscriber) -> None:
+        self._subscriber = subscriber
+        self.changed = threading.Condition()
+        self.connected = False
+        self.closed = False
+        self.error = ""
+        self.conn = None
+
+    def _note(self, **changes: object) -> None:
+        with self.changed:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            self.changed.notify_all()
+
+    def on_connected(self, frame) -> None:
+        self._note(connected=True)
+
+    def on_disconnected(self) -> None:
+        self._note(closed=True)
+
+    def on_heartbeat_timeout(self) -> None:
+        logger.warning("STOMP heart-beat timed out; the broker connection is dead")
+        self._note(closed=True)
+
+    def on_error(self, frame) -> None:
+        self._note(error=frame.headers.get("message", "error frame"))
+
+    def on_message(self, frame) -> None:
+        body = frame.body if isinstance(frame.body, bytes) else frame.body.encode()
+        try:
+            self._subscriber.on_message(body)
+        except Exception:  # a bad message must not kill the receiver thread
+            logger.exception("handling a STOMP result failed")
+        # Acknowledge after handling: a caller that dies mid-way gets it again.
+        try:
+            self.conn.ack(frame.headers["ack"])
+        except Exception as exc:
+            logger.debug("could not ack a STOMP message: %s", exc)
+
+
+class StompResultSubscriber:
+    """Keeps a subscription to ``destination`` alive across broker failures.
+
+    A background thread connects to the first reachable broker of
+    ``brokers`` (failover), subscribes with client-individual acks and
+    heart-beats, hands every message body to ``on_message``, and reports the
+    channel's state to ``on_state(True/False)``. When the connection drops it
+    reports ``False`` at once and retries every ``retry_seconds``.
+    """
+
+    def __init__(
+        self,
+        brokers: Sequence[tuple[str, int]],
+        destination: str,
+        on_message: Callable[[bytes], None],
+        on_state: Callable[[bool], None],
+        user: str | None = None,
+        password: str | None = None,
+        heartbeat_ms: int = 2000,
+        retry_seconds: float = 1.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.brokers = list(brokers)
+        self.destination = destination
+        self.on_message = on_message
+        self._on_state = on_state
+        self._user, self._password = user, password
+        self._heartbeat_ms = heartbeat_ms
+        self._retry_seconds = retry_seconds
+        self._connect_timeout = connect_timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: _Listener | None = None
+        self.up = False
+
+    def start(self) -> None:
+        """Start connecting in the background."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"idds-fat-stomp-{self.destination}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect and stop retrying."""
+        self._stop.set()
+        listener = self._listener
+        if listener is not None:
+            listener._note(closed=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            logger.info("STOMP result channel %s", "up" if up else "down")
+            self._on_state(up)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._session()
+            except Exception as exc:
+                logger.debug("STOMP connection to %s failed: %s", self.brokers, exc)
+            self._set_up(False)
+            self._stop.wait(self._retry_seconds)
+
+    def _session(self) -> None:
+        import stomp  # only workflows with a broker load stomp.py
+
+        conn = stomp.Connection12(
+            host_and_ports=self.brokers,
+            heartbeats=(self._heartbeat_ms, self._heartbeat_ms),
+            reconnect_attempts_max=1,
+            timeout=self._connect_timeout,
+            auto_decode=False,
+        )
+        listener = _Listener(self)
+        listener.conn = conn
+        self._listener = listener
+        conn.set_listener("idds-fat", listener)
+        try:
+            conn.connect(self._user, self._password, wait=False)
+            with listener.changed:
+                listener.changed.wait_for(
+                    lambda: listener.connected or listener.closed or listener.error,
+                    self._connect_timeout,
+                )
+            if not listener.connected or listener.closed:
+                raise ConnectionError(listener.error or "no CONNECTED frame")
+            conn.subscribe(
+                self.destination,
+                id="idds-fat-results",
+                ack="client-individual",
+                headers={"activemq.prefetchSize": "1000"},
+            )
+            self._set_up(True)
+            with listener.changed:
+                listener.changed.wait_for(lambda: listener.closed or self._stop.is_set())
+        finally:
+            try:
+                conn.disconnect()
+            except Exception:
+                pass

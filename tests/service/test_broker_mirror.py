@@ -1,0 +1,54 @@
+"""The service's broker mirror keeps a REST copy of every result sent over STOMP."""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+from idds_fat import Workflow, work
+from idds_fat.service import EmbeddedService
+
+USER, PASSWORD = "idds", "fat-secret"
+
+
+@work
+def square(x):
+    return x * x
+
+
+def test_standalone_service_mirrors_every_workflow_through_a_wildcard(activemq, tmp_path):
+    mirror = {
+        "brokers": activemq.host_and_ports,
+        "destination": "/queue/idds-fat.mirror.>",
+        "user": USER,
+        "password": PASSWORD,
+    }
+    with EmbeddedService(tmp_path / "service", token="tok", mirror=mirror) as service:
+        mirrored = service._app.state.mirror
+        deadline = time.monotonic() + 30
+        while not mirrored.up:
+            assert time.monotonic() < deadline, "mirror never subscribed"
+            time.sleep(0.01)
+        settings = dict(service_url=service.url, token="tok", broker=activemq.url)
+        settings.update(broker_user=USER, broker_password=PASSWORD)
+        with Workflow(**settings) as wf:
+            deadline = time.monotonic() + 30
+            while not wf._subscriber.up:
+                assert time.monotonic() < deadline, "caller never subscribed"
+                time.sleep(0.01)
+            assert square.map([{"x": i} for i in range(10)]).results(timeout=60) == [
+                i * i for i in range(10)
+            ]
+        assert wf.stats["received"] == 10 and wf.stats["stomp"] >= 1
+        deadline = time.monotonic() + 30
+        while mirrored.stored < 10:
+            assert time.monotonic() < deadline, f"mirror stored {mirrored.stored} of 10"
+            time.sleep(0.01)
+        stored = requests.get(
+            f"{service.url}/results/{wf.id}",
+            headers={"Authorization": "Bearer tok"},
+            timeout=10,
+        ).json()["results"]
+    assert len(stored) == 10
+    assert mirrored.dropped == 0
