@@ -106,7 +106,7 @@ class StompResultSubscriber:
     def _set_up(self, up: bool) -> None:
         if up != self.up:
             self.up = up
-            logger.info("STOMP result channel %s", "up" if up else "down")
+            logger.info("STOMP subscription to %s %s", self.destination, "up" if up else "down")
             self._on_state(up)
 
     def _run(self) -> None:

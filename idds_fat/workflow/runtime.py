@@ -415,7 +415,9 @@ class Workflow:
         if self._service is not None:
             self._service.stop()
         if self._collector is not None:
-            self._collector.stop()
+            # The embedded service woke the long poll as it stopped; a remote one
+            # answers within the poll's wait, and the daemon thread then ends alone.
+            self._collector.stop(timeout=0.5)
         if self._cache is not None:
             self._cache.close()
         if self._state is not None:
