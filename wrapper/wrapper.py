@@ -395,8 +395,11 @@ def by_reference(envelope: bytes, spec: dict, secrets: dict, deadline: float) ->
     return seal(ref, b"", secrets["key"])
 
 
-class _StompEvents:
-    """A stomp.py listener (duck-typed) recording connection state, receipts and errors."""
+class StompEvents:
+    """A stomp.py listener (duck-typed) recording connection state, receipts and errors.
+
+    The caller's subscription (``idds_fat.results.stomp``) builds on it too.
+    """
 
     def __init__(self) -> None:
         import threading
@@ -417,6 +420,9 @@ class _StompEvents:
         self._note(connected=True)
 
     def on_disconnected(self) -> None:
+        self._note(closed=True)
+
+    def on_heartbeat_timeout(self) -> None:
         self._note(closed=True)
 
     def on_error(self, frame) -> None:
@@ -457,7 +463,7 @@ def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
         timeout=timeout,
         auto_decode=False,
     )
-    events = _StompEvents()
+    events = StompEvents()
     conn.set_listener("idds-fat", events)
     try:
         conn.connect(secrets.get("broker_user"), secrets.get("broker_password"), wait=False)

@@ -6,38 +6,22 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from idds_fat.wrapper_source import wrapper_module
+
 logger = logging.getLogger(__name__)
 
 
-class _Listener:
-    """stomp.py listener (duck-typed): connection state and messages of one connection."""
+class _Listener(wrapper_module().StompEvents):
+    """The wrapper's STOMP event listener, plus message handling for one connection."""
 
-    def __init__(self, subscriber: StompResultSubscriber) -> None:
+    def __init__(self, subscriber: StompResultSubscriber, conn: object) -> None:
+        super().__init__()
         self._subscriber = subscriber
-        self.changed = threading.Condition()
-        self.connected = False
-        self.closed = False
-        self.error = ""
-        self.conn = None
-
-    def _note(self, **changes: object) -> None:
-        with self.changed:
-            for name, value in changes.items():
-                setattr(self, name, value)
-            self.changed.notify_all()
-
-    def on_connected(self, frame) -> None:
-        self._note(connected=True)
-
-    def on_disconnected(self) -> None:
-        self._note(closed=True)
+        self.conn = conn
 
     def on_heartbeat_timeout(self) -> None:
         logger.warning("STOMP heart-beat timed out; the broker connection is dead")
-        self._note(closed=True)
-
-    def on_error(self, frame) -> None:
-        self._note(error=frame.headers.get("message", "error frame"))
+        super().on_heartbeat_timeout()
 
     def on_message(self, frame) -> None:
         body = frame.body if isinstance(frame.body, bytes) else frame.body.encode()
@@ -128,8 +112,7 @@ class StompResultSubscriber:
             timeout=self._connect_timeout,
             auto_decode=False,
         )
-        listener = _Listener(self)
-        listener.conn = conn
+        listener = _Listener(self, conn)
         self._listener = listener
         conn.set_listener("idds-fat", listener)
         try:
