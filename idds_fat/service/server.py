@@ -84,7 +84,9 @@ class EmbeddedService:
         app = _app_for(self.data_dir, self.token, self.result_ttl_seconds, self.mirror)
         # Bind here (port 0) and hand the socket over: no window where another
         # process could take the port between choosing and binding it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP, and without it Nagle plus delayed ACKs stall each response by ~40 ms.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         # Reuse lets a restarted service take its old port back at once.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
