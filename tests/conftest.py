@@ -87,3 +87,59 @@ def activemq_factory(tmp_path):
     # Killing is enough: the data dirs are thrown away with tmp_path.
     for broker in brokers:
         broker.stop(kill=True)
+
+
+# --- Real Slurm clusters (idds_fat.testing.slurm) ----------------------------------
+
+_SLURM_MISSING = (
+    "Slurm not installed: run `make services` (apt-get install slurm-wlm munge) to run Slurm tests"
+)
+
+
+def _require_service(available: bool, skip_reason: str, ci_failure: str) -> None:
+    """Skip the test when a service cannot run here, but fail it under CI."""
+    import os
+
+    if available:
+        return
+    # Same rule as _require_activemq: a skip in CI is a hole in the suite, not a pass.
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(ci_failure, pytrace=False)
+    pytest.skip(skip_reason)
+
+
+def _require_slurm() -> None:
+    """Skip Slurm tests without the packages (or without root), fail them under CI."""
+    import os
+
+    from idds_fat.testing import SlurmCluster
+
+    _require_service(
+        SlurmCluster.available(),
+        _SLURM_MISSING,
+        "Slurm not installed and CI is set: Slurm tests must not skip in CI; "
+        "run `.ci/install-services` as root (apt-get install slurm-wlm munge) before the tests",
+    )
+    # slurmd runs the jobs as root: the packages alone are not enough.
+    _require_service(
+        os.geteuid() == 0,
+        "Slurm tests need root (the private slurmd runs jobs as root)",
+        "Slurm tests need root and CI is set: they must not skip in CI; run them as root",
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One private single-node Slurm cluster shared by the session.
+
+    Partitions ``debug`` (default) and ``other``; pass ``slurm_cluster.env`` to
+    sbatch/squeue/scancel/scontrol. Tests must not stop it, and should wait for
+    (or cancel) their own jobs so the node is free for the next test.
+    """
+    from idds_fat.testing import SlurmCluster
+
+    _require_slurm()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -1,6 +1,13 @@
 """Backends: where jobs run. ``local`` now; ``slurm`` and ``panda`` join later."""
 
-from idds_fat.backends.base import Backend, ExitCallback, JobExit, JobRequest, Resources
+from idds_fat.backends.base import (
+    Backend,
+    BackendSetup,
+    ExitCallback,
+    JobExit,
+    JobRequest,
+    Resources,
+)
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.backends.local import LocalBackend
 
@@ -10,6 +17,7 @@ BACKENDS = {"local": LocalBackend}
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BackendSetup",
     "ExitCallback",
     "JobExit",
     "JobRequest",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from idds_fat.config import Config
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,26 @@ class JobExit:
 ExitCallback = Callable[[JobRequest, JobExit], None]
 
 
+@dataclass(frozen=True)
+class BackendSetup:
+    """What a workflow hands the backend it starts.
+
+    Attributes:
+        work_dir: the workflow's work dir (job dirs live below it).
+        wrapper_path: the wrapper file on this machine.
+        secrets: the job secrets (HMAC key, tokens); the backend must get them to
+            jobs without putting them on a command line, in a job name or a log.
+        on_exit: called when a job has ended.
+        wrapper_url: where the wrapper can be fetched over HTTP, if it can.
+    """
+
+    work_dir: Path
+    wrapper_path: Path
+    secrets: Mapping[str, Any]
+    on_exit: ExitCallback
+    wrapper_url: str | None = None
+
+
 class Backend(abc.ABC):
     """Runs jobs. Subclasses translate to one engine (local processes, Slurm, PanDA).
 
@@ -95,6 +119,11 @@ class Backend(abc.ABC):
     name: str = "?"
     #: Workflow and work parameters this backend honours; others are warned about.
     supported_parameters: frozenset[str] = frozenset()
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, config: Config, setup: BackendSetup) -> Backend:
+        """Build the backend from the workflow's configuration."""
 
     @abc.abstractmethod
     def check(self, resources: Resources) -> None:

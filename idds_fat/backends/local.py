@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,7 +12,17 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from idds_fat.backends.base import Backend, ExitCallback, JobExit, JobRequest, Resources
+from idds_fat.backends.base import (
+    Backend,
+    BackendSetup,
+    ExitCallback,
+    JobExit,
+    JobRequest,
+    Resources,
+)
+from idds_fat.backends.gpus import detect_gpus
+from idds_fat.config import Config
+from idds_fat.wrapper_source import wrapper_module
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,25 @@ class LocalBackend(Backend):
         self._live: set[str] = set()  # submitted and not yet ended
         self._cancelled: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="idds-fat-local")
+
+    @classmethod
+    def create(cls, config: Config, setup: BackendSetup) -> LocalBackend:
+        """Run ``config.max_workers`` jobs at once with ``config.python``.
+
+        Jobs get their secrets in their environment (``IDDS_FAT_JOB_SECRETS``),
+        and the GPUs of ``config.gpu_devices`` (else those ``nvidia-smi -L`` lists).
+        """
+        env = dict(os.environ)
+        env[wrapper_module().SECRETS_ENV] = json.dumps(dict(setup.secrets))
+        gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
+        return cls(
+            python=config.python,
+            wrapper_path=setup.wrapper_path,
+            env=env,
+            on_exit=setup.on_exit,
+            max_workers=config.max_workers,
+            gpus=gpus,
+        )
 
     def check(self, resources: Resources) -> None:
         """Raise ValueError if a job asks for more GPUs than this machine has."""
@@ -111,7 +141,7 @@ class LocalBackend(Backend):
         if job.job_id in self._cancelled:
             with self._lock:
                 self._live.discard(job.job_id)
-            self._on_exit(job, JobExit(None, "cancelled", cancelled=True))
+            self._report(job, JobExit(None, "cancelled", cancelled=True))
             return
         devices = self._take_gpus(job)
         try:
@@ -126,7 +156,13 @@ class LocalBackend(Backend):
                 self._live.discard(job.job_id)
         if job.job_id in self._cancelled:
             outcome = JobExit(outcome.returncode, "cancelled", cancelled=True)
-        self._on_exit(job, outcome)
+        self._report(job, outcome)
+
+    def _report(self, job: JobRequest, outcome: JobExit) -> None:
+        try:
+            self._on_exit(job, outcome)
+        except Exception:  # the pool would swallow it silently
+            logger.exception("handling the end of job %s failed", job.name)
 
     def _run_process(self, job: JobRequest, devices: list[str] | None) -> JobExit:
         env = dict(self._env)

@@ -48,7 +48,24 @@ class AsyncResult(concurrent.futures.Future):
             return False
         if self._canceller is not None:
             self._canceller(self)
-        return super().cancel()
+        return self.mark_cancelled()
+
+    def mark_cancelled(self) -> bool:
+        """Move to the cancelled state and wake ``wait``/``as_completed``; don't touch the job.
+
+        Returns False if the future had already finished.
+        """
+        if self.cancelled():
+            return True
+        if not super().cancel():
+            return False
+        # Future.cancel alone leaves CANCELLED, which concurrent.futures.wait and
+        # as_completed do not count as done; this moves it to CANCELLED_AND_NOTIFIED.
+        try:
+            self.set_running_or_notify_cancel()
+        except RuntimeError:  # another thread cancelled it at the same moment
+            pass
+        return True
 
     def get_result(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`, as iDDS names it."""

@@ -2,8 +2,13 @@
 
 :class:`ActiveMQBroker` starts a private ActiveMQ broker with a STOMP connector on
 loopback (Debian ``activemq`` package required; see :meth:`ActiveMQBroker.available`).
+
+:class:`SlurmCluster` starts a private single-node Slurm cluster reached through
+``SLURM_CONF`` (Debian ``slurm-wlm`` and ``munge`` packages and root required; see
+:meth:`SlurmCluster.available`).
 """
 
 from idds_fat.testing.activemq import ActiveMQBroker, BrokerError
+from idds_fat.testing.slurm import SlurmCluster, SlurmError
 
-__all__ = ["ActiveMQBroker", "BrokerError"]
+__all__ = ["ActiveMQBroker", "BrokerError", "SlurmCluster", "SlurmError"]

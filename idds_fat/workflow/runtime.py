@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from idds_fat.backends import BACKENDS, Backend, JobExit, JobRequest, Resources, detect_gpus
+from idds_fat.backends import BACKENDS, Backend, BackendSetup, JobExit, JobRequest, Resources
 from idds_fat.cache import ContentStore, DirectoryStore, HttpStore, open_store
 from idds_fat.config import Config, load_config
 from idds_fat.context import ContextArchive, build_context_archive
@@ -358,24 +358,23 @@ class Workflow:
                 heartbeat_ms=config.broker_heartbeat_ms,
             )
             self._subscriber.start()
-        env = dict(os.environ)
-        env[wrapper_module().SECRETS_ENV] = json.dumps(
-            {
-                "hmac_key": self._key.hex(),
-                "token": self._token,
-                "broker_user": config.broker_user,
-                "broker_password": config.broker_password,
-            }
-        )
-        gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
-        self._backend = BACKENDS[config.backend](
-            python=config.python,
+        job_secrets = {
+            "hmac_key": self._key.hex(),
+            "token": self._token,
+            "broker_user": config.broker_user,
+            "broker_password": config.broker_password,
+        }
+        wrapper_url = None
+        if self._cache.location.startswith(("http://", "https://")):
+            wrapper_url = wrapper_module().cache_object_location(self._cache.location, wrapper_key)
+        setup = BackendSetup(
+            work_dir=self.work_dir,
             wrapper_path=wrapper_file,
-            env=env,
+            secrets=job_secrets,
             on_exit=self._job_ended,
-            max_workers=config.max_workers,
-            gpus=gpus,
+            wrapper_url=wrapper_url,
         )
+        self._backend = BACKENDS[config.backend].create(config, setup)
         logger.info("workflow %s started in %s", self.id, self.work_dir)
 
     def close(self, cancel: bool | None = None) -> None:
@@ -390,6 +389,9 @@ class Workflow:
         if cancel is None:
             cancel = self.config.on_exit == "cancel"
         try:
+            if not cancel:
+                # Results decide when a job is done; the backend's own view may lag.
+                concurrent.futures.wait(list(self._futures.values()))
             if self._backend is not None:
                 self._backend.shutdown(cancel=cancel)
         finally:
@@ -623,7 +625,7 @@ class Workflow:
         if future is None:
             return
         if outcome.cancelled:
-            concurrent.futures.Future.cancel(future)
+            future.mark_cancelled()
             if self._state is not None:
                 self._state.set_job_status(task_id, int(index), "cancelled", outcome.returncode)
             return
@@ -701,7 +703,7 @@ class Workflow:
         if self._backend is not None and futures:
             self._backend.cancel([f"{f.task_id}/{f.job}" for f in futures])
         for future in futures:
-            concurrent.futures.Future.cancel(future)
+            future.mark_cancelled()
 
     def _cancel_future(self, future: AsyncResult) -> None:
         if self._backend is not None:
