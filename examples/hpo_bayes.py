@@ -94,9 +94,7 @@ def suggest_batch(optimizer, liar, n_points):
 
 def optimize(n_iterations=10, n_points=20, seed=1):
     """The workflow: n_iterations rounds of n_points parallel evaluations."""
-    liar = acquisition.ConstantLiar(
-        acquisition.UpperConfidenceBound(kappa=2.576), strategy="min", random_state=seed
-    )
+    liar = acquisition.ConstantLiar(acquisition.UpperConfidenceBound(kappa=2.576), strategy="min")
     optimizer = BayesianOptimization(
         f=None,  # we evaluate the points ourselves, as idds-fat jobs
         pbounds=PBOUNDS,

@@ -67,6 +67,11 @@ class Config:
             that exited cleanly (a channel took its result) before acting.
         max_resubmits: times a job whose accepted result never arrived (a broker
             lost it) is run again before it is reported lost.
+        slurm_partition, slurm_account: ``--partition`` and ``--account`` of
+            Slurm jobs (the iDDS ``queue`` option overrides the partition).
+        slurm_options: further ``sbatch`` options, as they are.
+        slurm_poll_min, slurm_poll_max: the Slurm watcher's ``squeue`` interval
+            starts at the first and doubles up to the second (seconds).
     """
 
     work_dir: Path = field(default_factory=_default_work_dir)
@@ -91,6 +96,11 @@ class Config:
     result_inline_bytes: int = 1 * MB
     result_grace_seconds: float = 30.0
     max_resubmits: int = 1
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_options: tuple[str, ...] = ()
+    slurm_poll_min: float = 2.0
+    slurm_poll_max: float = 30.0
 
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):

@@ -10,9 +10,15 @@ from idds_fat.backends.base import (
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.backends.local import LocalBackend
+from idds_fat.backends.panda import PandaBackend, PandaError
+from idds_fat.backends.slurm import SlurmBackend, SlurmError
 
 #: The backends this installation can run, by the name ``@workflow(backend=...)`` takes.
-BACKENDS = {"local": LocalBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    "local": LocalBackend,
+    "slurm": SlurmBackend,
+    "panda": PandaBackend,
+}
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +28,10 @@ __all__ = [
     "JobExit",
     "JobRequest",
     "LocalBackend",
+    "PandaBackend",
+    "PandaError",
     "Resources",
+    "SlurmBackend",
+    "SlurmError",
     "detect_gpus",
 ]

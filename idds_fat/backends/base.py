@@ -99,6 +99,8 @@ class BackendSetup:
             jobs without putting them on a command line, in a job name or a log.
         on_exit: called when a job has ended.
         wrapper_url: where the wrapper can be fetched over HTTP, if it can.
+        placement: the workflow's placement options (iDDS ``queue``, ``site``,
+            ``cloud``, ...), for backends that use them.
     """
 
     work_dir: Path
@@ -106,6 +108,7 @@ class BackendSetup:
     secrets: Mapping[str, Any]
     on_exit: ExitCallback
     wrapper_url: str | None = None
+    placement: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

@@ -77,7 +77,7 @@ PANDA_SECRETS_FILE = "panda_secrets.json"
 # Runs on the node as ``python3 - SECRET_NAME WRAPPER_URL ENTRY`` (the code comes in
 # on stdin). Standard library only; exit status 2 is the wrapper's "could not start".
 _BOOTSTRAP = r"""
-import base64, hashlib, json, os, sys, time, urllib.request
+import base64, hashlib, json, os, sys, time, urllib.error, urllib.request
 name, wrapper_url, entry = sys.argv[1:4]
 def fail(message):
     sys.stderr.write("idds-fat bootstrap: %s\n" % message)
@@ -101,7 +101,8 @@ for attempt in range(6):
         data = urllib.request.urlopen(request, timeout=120).read()
         break
     except Exception as exc:
-        if attempt == 5:
+        code = getattr(exc, "code", 500) if isinstance(exc, urllib.error.HTTPError) else 500
+        if attempt == 5 or (code < 500 and code not in (408, 429)):
             fail("cannot fetch the wrapper %s: %s" % (wrapper_url, exc))
         time.sleep(2 ** attempt)
 key = wrapper_url.rstrip("/").rsplit("/", 1)[-1]
@@ -743,9 +744,11 @@ class PandaBackend(Backend):
     def create(cls, config: Config, setup: Any) -> PandaBackend:
         """Build the backend for a workflow: server and credentials from the environment.
 
-        Uses ``setup.on_exit``, ``setup.wrapper_url`` and ``setup.secrets``
-        (a :class:`~idds_fat.backends.base.BackendSetup`); ``PANDA_URL_SSL``,
-        ``PANDACACHE_URL`` and the auth variables as panda-client reads them.
+        Uses ``setup.on_exit``, ``setup.wrapper_url``, ``setup.secrets`` and the
+        ``queue``, ``site``, ``cloud`` and ``container_options["container_image"]``
+        of ``setup.placement`` (a :class:`~idds_fat.backends.base.BackendSetup`);
+        ``PANDA_URL_SSL``, ``PANDACACHE_URL`` and the auth variables as
+        panda-client reads them.
 
         Raises:
             ConfigError: the workflow's cache is not an HTTP cache grid nodes can reach.
@@ -756,7 +759,17 @@ class PandaBackend(Backend):
                 "the panda backend needs an HTTP cache that grid nodes can reach: run "
                 "`idds-fat serve` on a public host and set service_url and cache='service'"
             )
-        return cls(on_exit=setup.on_exit, wrapper_url=setup.wrapper_url, job_secrets=setup.secrets)
+        placement = dict(getattr(setup, "placement", None) or {})
+        container = placement.get("container_options") or {}
+        return cls(
+            on_exit=setup.on_exit,
+            wrapper_url=setup.wrapper_url,
+            job_secrets=setup.secrets,
+            queue=placement.get("queue"),
+            site=placement.get("site"),
+            cloud=placement.get("cloud"),
+            container_image=container.get("container_image"),
+        )
 
     @property
     def client(self) -> PandaClient:
@@ -798,6 +811,10 @@ class PandaBackend(Backend):
     def submit(self, jobs: Sequence[JobRequest]) -> None:
         """Insert one PanDA task per group of ``jobs`` (same workflow task and resources).
 
+        When PanDA refuses, every job of this call not yet in a task is also
+        reported through ``on_exit`` (with PanDA's message), so no job is left
+        waiting for an end that cannot come.
+
         Raises:
             ValueError: a job's resources cannot be had, or its spec is not an HTTP URL.
             PandaError: PanDA refused the secret or the task, or could not be reached.
@@ -810,18 +827,28 @@ class PandaBackend(Backend):
         groups: dict[tuple[str, Resources], list[JobRequest]] = {}
         for job in jobs:
             groups.setdefault((job.job_id.rsplit("/", 1)[0], job.resources), []).append(job)
-        if groups:
-            self._store_secret()
-        for group in groups.values():
-            params = self.task_parameters(group)
-            panda_id = self._client.submit_task(params)
-            task = _Task(panda_id, params["taskName"], {job.job_id: job for job in group})
-            with self._lock:
-                self._tasks[panda_id] = task
-            logger.info(
-                "submitted PanDA task %d (%s) with %d job(s)", panda_id, task.name, len(group)
-            )
-        self._start_poller()
+        pending = list(groups.values())
+        try:
+            if pending:
+                self._store_secret()
+            while pending:
+                group = pending[0]
+                params = self.task_parameters(group)
+                panda_id = self._client.submit_task(params)
+                task = _Task(panda_id, params["taskName"], {job.job_id: job for job in group})
+                with self._lock:
+                    self._tasks[panda_id] = task
+                pending.pop(0)
+                logger.info(
+                    "submitted PanDA task %d (%s) with %d job(s)", panda_id, task.name, len(group)
+                )
+        except PandaError as exc:
+            reason = f"not submitted to PanDA: {exc}"
+            self._report([(job, JobExit(None, reason)) for group in pending for job in group])
+            raise
+        finally:
+            if self._tasks:
+                self._start_poller()
 
     def task_parameters(self, jobs: Sequence[JobRequest]) -> dict[str, Any]:
         """Return the task parameter map for ``jobs`` (one PanDA task, one input each).

@@ -8,9 +8,11 @@ returns once the node reports ``idle``. Client commands reach it through
 ``SLURM_CONF``: pass :attr:`SlurmCluster.env` to ``sbatch``, ``squeue``,
 ``scancel`` and ``scontrol``.
 
-Authentication uses the machine's ``munged`` (default socket): one already
-running is reused and left alone; otherwise one is started and shared by every
-cluster of this process, and stopped with the last of them.
+Authentication uses a private ``munged`` per cluster, on its own socket
+(``AuthInfo=socket=...``), with the machine's key ``/etc/munge/munge.key``: a
+``munged`` another process runs on the default socket is never used, stopped or
+depended on, so clusters of parallel test runs cannot pull each other's
+authentication away.
 
 Only the Debian/Ubuntu ``slurm-wlm`` and ``munge`` packages are supported
 (``apt-get install slurm-wlm munge``), and the daemons need root;
@@ -21,7 +23,6 @@ no ``slurmdbd``, so no ``sacct``: job states come from ``squeue`` and
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
@@ -52,7 +53,7 @@ DEFAULT_PARTITION = "debug"
 OTHER_PARTITION = "other"
 
 _SBIN = Path("/usr/sbin")
-_MUNGE_DIR = Path("/run/munge")
+_MUNGE_KEY = Path("/etc/munge/munge.key")
 _COMMAND_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.05
 _LOG_TAIL_LINES = 30
@@ -65,6 +66,9 @@ _CANCEL_GRACE = 2.0
 _MARKER_VAR = "IDDS_FAT_SLURM_CLUSTER"
 # Variables that change what client commands do or print (SQUEUE_FORMAT,
 # SBATCH_PARTITION, SLURM_JOB_ID inside a real allocation...): never pass them on.
+# Process names (comm) of Slurm's own daemons, as opposed to job processes
+# (the batch shell is "slurm_script").
+_DAEMON_NAMES = frozenset({"slurmctld", "slurmd", "slurmstepd", "slurmscriptd"})
 _CLIENT_VAR_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SCANCEL_")
 
 _CONF_TEMPLATE = """\
@@ -77,6 +81,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket={munge_socket}
 StateSaveLocation={base}/state
 SlurmdSpoolDir={spool_dir}
 SlurmctldPidFile={base}/slurmctld.pid
@@ -133,7 +138,9 @@ class SlurmCluster:
     Usable as a context manager: ``with SlurmCluster(tmp) as cluster: ...``.
     """
 
-    def __init__(self, base_dir: Path, cpus: int | None = None, memory_mb: int | None = None):
+    def __init__(
+        self, base_dir: Path, cpus: int | None = None, memory_mb: int | None = None
+    ) -> None:
         self.base_dir = Path(base_dir).resolve()
         if cpus is None or memory_mb is None:
             detected_cpus, detected_memory = _detect_node()
@@ -184,7 +191,7 @@ class SlurmCluster:
 
     @property
     def running(self) -> bool:
-        """Whether both daemons have been started and neither has exited."""
+        """Whether munged, slurmctld and slurmd have been started and none has exited."""
         return self._daemons.alive()
 
     @property
@@ -201,13 +208,14 @@ class SlurmCluster:
         )
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Ensure munge works, write the config, start both daemons and wait
-        until ``sinfo`` reports the node ``idle`` (~1.5 s on our machines).
+        """Start a private munged, write the config, start both daemons and wait
+        until ``sinfo`` reports the node ``idle`` (~1 s on our machines).
 
         A no-op when already running.
 
         Raises:
-            SlurmError: not root, Slurm or munge not installed, munge not working,
+            SlurmError: not root, Slurm or munge not installed (or no munge key),
+                munged not answering,
                 a daemon exited, or the node was not idle within ``timeout``
                 seconds; the message carries the tails of the daemons' logs.
         """
@@ -215,6 +223,9 @@ class SlurmCluster:
             return
         # A daemon died on its own since the last start: clear up the rest first.
         self._daemons.kill_all()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if not self.available():
             raise SlurmError(
                 "Slurm is not installed: need slurmctld, slurmd, sbatch and munged "
@@ -226,10 +237,9 @@ class SlurmCluster:
         deadline = began + timeout
         for path in (self.base_dir / "state", self.spool_dir, self.log_dir):
             path.mkdir(parents=True, exist_ok=True)
-        _MUNGE.acquire(self.log_dir, deadline)
-        self._daemons.holds_munge = True
         self._finalizer = weakref.finalize(self, self._daemons.kill_all)
         try:
+            self._daemons.start_munged(self.log_dir / "munged.out", deadline)
             self.write_config()
             daemon_env = {**self.env, _MARKER_VAR: self._marker}
             self._daemons.ctld = self._spawn(["slurmctld", "-D", "-i"], "slurmctld", daemon_env)
@@ -251,13 +261,13 @@ class SlurmCluster:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Cancel every job, stop ``slurmd`` then ``slurmctld``, and kill any job
-        process still left; munge is released (stopped only if this process
-        started it and no other cluster uses it).
+        process still left; then stop the cluster's munged.
 
         Each daemon gets SIGTERM and ``timeout`` seconds before SIGKILL. A no-op
         when not started.
         """
-        if self._daemons.ctld is None and self._daemons.slurmd is None:
+        daemons = self._daemons
+        if daemons.ctld is None and daemons.slurmd is None and daemons.munged is None:
             return
         began = time.monotonic()
         if self.running:
@@ -296,6 +306,7 @@ class SlurmCluster:
             memory_mb=self.memory_mb,
             min_job_age=MIN_JOB_AGE,
             kill_wait=KILL_WAIT,
+            munge_socket=self._daemons.munge_socket,
             default_partition=DEFAULT_PARTITION,
             other_partition=OTHER_PARTITION,
         )
@@ -303,10 +314,10 @@ class SlurmCluster:
         return self.conf_path
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """Return the last ``lines`` lines of each daemon's log, each under a
+        """Return the last ``lines`` lines of each daemon's output, each under a
         header naming the file ("" when there are no logs yet)."""
         parts = []
-        for name in ("slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
+        for name in ("munged.out", "slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
             tail = _tail(self.log_dir / name, lines)
             if tail:
                 parts.append(f"--- {self.log_dir / name}:\n{tail}")
@@ -375,17 +386,19 @@ class SlurmCluster:
             )
             job_ids = sorted(set(listed.stdout.split())) if listed.returncode == 0 else []
             if job_ids:
+                # Recorded as CANCELLED; the processes are killed just below.
                 subprocess.run(
-                    [_find_command("scancel") or "scancel", "--full", "--signal=KILL", *job_ids],
+                    [_find_command("scancel") or "scancel", *job_ids],
                     env=env,
                     capture_output=True,
                     timeout=_COMMAND_TIMEOUT,
                 )
         except (OSError, subprocess.TimeoutExpired) as error:
             logger.warning("could not cancel the jobs of %s: %s", self.conf_path, error)
-            return
-        # Give the steps a moment to end by themselves; what is left is killed
-        # after the daemons are stopped.
+        # Do not wait out KillWait (or a signal slurmstepd defers while a task is
+        # still launching): kill the jobs' processes now, then give the steps a
+        # moment to report and exit. Whatever is left dies after the daemons stop.
+        _kill_pids(_leftover_pids(self._marker, self.conf_path, jobs_only=True))
         deadline = time.monotonic() + _CANCEL_GRACE
         while time.monotonic() < deadline and _stepd_pids(self._marker):
             time.sleep(_POLL_INTERVAL)
@@ -400,14 +413,65 @@ class _Daemons:
         self.marker = marker
         self.ctld: subprocess.Popen[bytes] | None = None
         self.slurmd: subprocess.Popen[bytes] | None = None
-        self.holds_munge = False
+        self.munged: subprocess.Popen[bytes] | None = None
+        self.munge_dir: Path | None = None
+
+    @property
+    def munge_socket(self) -> Path | None:
+        return self.munge_dir / "munge.socket" if self.munge_dir is not None else None
 
     def alive(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.ctld, self.slurmd))
+        return all(
+            p is not None and p.poll() is None for p in (self.ctld, self.slurmd, self.munged)
+        )
+
+    def start_munged(self, log_path: Path, deadline: float) -> None:
+        munged = _find_command("munged")
+        if munged is None:
+            raise SlurmError("munged is not installed (apt-get install munge)")
+        if not os.access(_MUNGE_KEY, os.R_OK):
+            raise SlurmError(f"no munge key {_MUNGE_KEY} (apt-get install munge creates it)")
+        # Not under base_dir: munged runs as user munge, which must traverse every
+        # parent (pytest's /tmp/pytest-of-root is 0700), and the socket path must
+        # stay short.
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="idds-fat-munge-", dir="/tmp"))
+        self.munge_dir.chmod(0o755)
+        shutil.chown(self.munge_dir, "munge", "munge")
+        socket_path = self.munge_socket
+        with open(log_path, "ab") as out:
+            # As `runuser -u munge -- munged -F`, but munged is our own child: one
+            # SIGTERM and a reap stop it. It logs to stderr in the foreground.
+            self.munged = subprocess.Popen(
+                [
+                    munged,
+                    "-F",
+                    f"--socket={socket_path}",
+                    f"--pid-file={self.munge_dir / 'munged.pid'}",
+                    f"--seed-file={self.munge_dir / 'munged.seed'}",
+                ],
+                user="munge",
+                group="munge",
+                extra_groups=[],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while not _munge_works(socket_path):
+            code = self.munged.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = f"exited with code {code}" if code is not None else "did not answer in time"
+                raise SlurmError(
+                    f"munged on {socket_path} {why}; "
+                    f"log {log_path}:\n{_tail(log_path, _LOG_TAIL_LINES)}"
+                )
+            time.sleep(_POLL_INTERVAL)
+        logger.debug("started munged pid %d on %s", self.munged.pid, socket_path)
 
     def terminate(self, timeout: float) -> None:
-        # slurmd first: the controller then sees no node vanish under running jobs.
-        for attr in ("slurmd", "ctld"):
+        # slurmd first: the controller then sees no node vanish under running jobs;
+        # munged last: both daemons authenticate their goodbyes.
+        for attr in ("slurmd", "ctld", "munged"):
             process = getattr(self, attr)
             setattr(self, attr, None)
             if process is not None:
@@ -416,7 +480,7 @@ class _Daemons:
 
     def kill_all(self) -> None:
         # Crash path (finalizer, atexit, failed start): no courtesy, no waiting.
-        for attr in ("slurmd", "ctld"):
+        for attr in ("slurmd", "ctld", "munged"):
             process = getattr(self, attr)
             setattr(self, attr, None)
             if process is not None and process.poll() is None:
@@ -426,107 +490,27 @@ class _Daemons:
 
     def _finish(self) -> None:
         _kill_pids(_leftover_pids(self.marker, self.conf_path))
-        if self.holds_munge:
-            self.holds_munge = False
-            _MUNGE.release()
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
 
 
-class _SharedMunge:
-    """The ``munged`` this process started, shared by all clusters it runs."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._users = 0
-        self._atexit_registered = False
-
-    def acquire(self, log_dir: Path, deadline: float) -> None:
-        with self._lock:
-            self._users += 1
-            try:
-                self._ensure_running(log_dir, deadline)
-            except BaseException:
-                self._users -= 1
-                raise
-
-    def release(self) -> None:
-        with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._users == 0 and self._process is not None:
-                process, self._process = self._process, None
-                _terminate(process, STOP_TIMEOUT)
-                logger.info("stopped munged (pid %d)", process.pid)
-
-    def _ensure_running(self, log_dir: Path, deadline: float) -> None:
-        if self._process is not None and self._process.poll() is None and _munge_works():
-            return
-        if self._process is None and _munge_works():
-            # Someone else's munged (systemd, another test run): use it, never stop it.
-            return
-        if self._process is not None:
-            _terminate(self._process, 1.0)
-            self._process = None
-        munged = _find_command("munged")
-        if munged is None:
-            raise SlurmError("munged is not installed (apt-get install munge)")
-        _MUNGE_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.chown(_MUNGE_DIR, "munge", "munge")
-        _MUNGE_DIR.chmod(0o755)
-        log_path = log_dir / "munged.out"
-        with open(log_path, "ab") as out:
-            # As `runuser -u munge -- munged -F`, but munged is then our own child,
-            # so stopping it is one SIGTERM and a reap (no runuser in between).
-            self._process = subprocess.Popen(
-                [munged, "-F"],
-                user="munge",
-                group="munge",
-                extra_groups=[],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if not self._atexit_registered:
-            atexit.register(self._kill_at_exit)
-            self._atexit_registered = True
-        began = time.monotonic()
-        while not _munge_works():
-            code = self._process.poll()
-            if code is not None or time.monotonic() > deadline:
-                process, self._process = self._process, None
-                _terminate(process, 1.0)
-                why = f"exited with code {code}" if code is not None else "did not answer in time"
-                raise SlurmError(
-                    f"munged {why} (`munge -n | unmunge` fails); "
-                    f"log {log_path}:\n{_tail(log_path, _LOG_TAIL_LINES)}"
-                )
-            time.sleep(_POLL_INTERVAL)
-        logger.info(
-            "started munged (pid %d) in %.2f s", self._process.pid, time.monotonic() - began
-        )
-
-    def _kill_at_exit(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            _terminate(process, 1.0)
-
-
-_MUNGE = _SharedMunge()
-
-
-def _munge_works() -> bool:
-    """Whether ``munge -n | unmunge`` succeeds: a munged answers on the socket."""
+def _munge_works(socket_path: Path) -> bool:
+    """Whether ``munge -n | unmunge`` succeeds on ``socket_path``."""
     munge, unmunge = _find_command("munge"), _find_command("unmunge")
     if munge is None or unmunge is None:
         return False
     try:
         credential = subprocess.run(
-            [munge, "-n"], capture_output=True, timeout=_COMMAND_TIMEOUT, check=False
+            [munge, "-n", "-S", str(socket_path)],
+            capture_output=True,
+            timeout=_COMMAND_TIMEOUT,
+            check=False,
         )
         if credential.returncode != 0:
             return False
         decoded = subprocess.run(
-            [unmunge],
+            [unmunge, "-S", str(socket_path)],
             input=credential.stdout,
             capture_output=True,
             timeout=_COMMAND_TIMEOUT,
@@ -633,21 +617,16 @@ def _stepd_pids(marker: str) -> list[int]:
     found = []
     assignment = f"{_MARKER_VAR}={marker}".encode()
     for pid, _, environ in _processes():
-        if not _has_var(environ, assignment):
-            continue
-        try:
-            name = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            continue
-        if name.startswith("slurmstepd"):
+        if _has_var(environ, assignment) and _command_name(pid).startswith("slurmstepd"):
             found.append(pid)
     return found
 
 
-def _leftover_pids(marker: str, conf_path: Path) -> list[int]:
+def _leftover_pids(marker: str, conf_path: Path, jobs_only: bool = False) -> list[int]:
     """Processes of the cluster still alive: anything carrying its marker (the
     daemons, every slurmstepd), their descendants (the jobs), and processes whose
-    ``SLURM_CONF`` names its config (jobs orphaned when their slurmstepd died)."""
+    ``SLURM_CONF`` names its config and that run a job (orphaned when their
+    slurmstepd died). With ``jobs_only``, the Slurm daemons themselves are left out."""
     marker_var = f"{_MARKER_VAR}={marker}".encode()
     conf_var = f"SLURM_CONF={conf_path}".encode()
     table = list(_processes())
@@ -655,7 +634,10 @@ def _leftover_pids(marker: str, conf_path: Path) -> list[int]:
     roots: list[int] = []
     for pid, ppid, environ in table:
         children.setdefault(ppid, []).append(pid)
-        if _has_var(environ, marker_var) or _has_var(environ, conf_var):
+        # SLURM_JOB_ID, set in every job's environment, spares client commands
+        # (squeue...) that merely run with this cluster's env.
+        is_job = _has_var(environ, conf_var) and b"SLURM_JOB_ID=" in environ
+        if is_job or _has_var(environ, marker_var):
             roots.append(pid)
     # Never ourselves or our ancestors, whatever their environment says.
     spared = set(_ancestors(os.getpid()))
@@ -667,7 +649,16 @@ def _leftover_pids(marker: str, conf_path: Path) -> list[int]:
             continue
         found.add(pid)
         stack.extend(children.get(pid, ()))
+    if jobs_only:
+        found = {pid for pid in found if _command_name(pid) not in _DAEMON_NAMES}
     return sorted(found)
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _ancestors(pid: int) -> Iterable[int]:

@@ -373,6 +373,7 @@ class Workflow:
             secrets=job_secrets,
             on_exit=self._job_ended,
             wrapper_url=wrapper_url,
+            placement=self.placement,
         )
         self._backend = BACKENDS[config.backend].create(config, setup)
         logger.info("workflow %s started in %s", self.id, self.work_dir)
@@ -564,7 +565,17 @@ class Workflow:
                 self._futures[(task_id, future.job)] = future
                 self._jobs[request.job_id] = request
         self._state.record_task(task_id, task_name, fn_name, rows)
-        self._backend.submit(requests)
+        try:
+            self._backend.submit(requests)
+        except BaseException:
+            # The call raises, so nobody holds these futures: forget them.
+            with self._lock:
+                for future in futures:
+                    self._futures.pop((task_id, future.job), None)
+                    future.mark_cancelled()
+            for future in futures:
+                self._state.set_job_status(task_id, future.job, "failed")
+            raise
         return futures
 
     def wait(self, futures: Sequence[AsyncResult], timeout: float | None = None) -> None:

@@ -1,0 +1,348 @@
+"""The ``slurm`` backend: one task becomes one ``sbatch`` job array."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import subprocess
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from idds_fat.backends.base import Backend, BackendSetup, JobExit, JobRequest, Resources
+from idds_fat.config import Config
+from idds_fat.errors import IddsFatError
+from idds_fat.wrapper_source import wrapper_module
+
+logger = logging.getLogger(__name__)
+
+# Messages of sbatch/squeue/scancel that mean "try again", not "you asked wrong".
+_TRANSIENT = re.compile(
+    r"Socket timed out|Unable to contact slurm controller|Resource temporarily unavailable|"
+    r"Connection refused|Slurm temporarily unable|Zero Bytes were transmitted",
+    re.IGNORECASE,
+)
+_SCRIPT = """#!/bin/bash
+{directives}
+# idds-fat job array: each element runs the wrapper on its own job spec.
+line=$(awk -F'\\t' -v i="$SLURM_ARRAY_TASK_ID" '$1 == i {{print; exit}}' {jobs_file})
+workdir=$(printf '%s' "$line" | cut -f2)
+spec=$(printf '%s' "$line" | cut -f3)
+cd "$workdir" || exit 97
+export {secrets_env}={secrets_file}
+{python} {wrapper} --spec "$spec" > stdout.txt 2> stderr.txt
+status=$?
+echo "$status" > exit_status
+exit "$status"
+"""
+
+
+class SlurmError(IddsFatError):
+    """A Slurm command failed; the message has the command's own words."""
+
+
+class _Transient(SlurmError):
+    """A Slurm command failed in a way that is worth retrying."""
+
+
+def _time_option(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def _array_spec(indices: Sequence[int]) -> str:
+    return ",".join(str(i) for i in sorted(indices))
+
+
+class SlurmBackend(Backend):
+    """Submits each task as one ``sbatch`` job array and watches it with batched ``squeue``.
+
+    Resources map to ``--cpus-per-task``, ``--mem``, ``--gres=gpu:N`` and
+    ``--time``; ``queue`` (iDDS) or the ``slurm_partition`` setting to
+    ``--partition``; ``slurm_account`` to ``--account``; ``slurm_options`` are
+    added as they are. Each element ``cd``\\ s to its job dir and runs the wrapper
+    with its spec; the job's secrets come from a 0600 file in the workflow's work
+    dir (its path, not its content, is in the script). The cache must be one
+    the nodes can read (a shared directory or the HTTP service) and the result
+    channel one they can reach.
+
+    One watcher thread asks ``squeue`` about all of the workflow's arrays in one
+    call, backing off from ``poll_min`` to ``poll_max`` seconds; an element that
+    left the queue is reported with the exit status its script wrote, or with
+    the state and exit code ``scontrol`` still knows (a job killed by Slurm never
+    writes one).
+    """
+
+    name = "slurm"
+    supported_parameters = frozenset({"queue", "cores", "memory_mb", "gpus", "walltime"})
+
+    def __init__(
+        self,
+        *,
+        python: str,
+        wrapper_path: Path,
+        secrets_file: Path,
+        on_exit,
+        partition: str | None = None,
+        account: str | None = None,
+        extra_options: Sequence[str] = (),
+        poll_min: float = 2.0,
+        poll_max: float = 30.0,
+        command_timeout: float = 60.0,
+    ) -> None:
+        self._python = python
+        self._wrapper = Path(wrapper_path)
+        self._secrets_file = Path(secrets_file)
+        self._on_exit = on_exit
+        self._partition = partition
+        self._account = account
+        self._extra = list(extra_options)
+        self._poll_min, self._poll_max = poll_min, max(poll_min, poll_max)
+        self._timeout = command_timeout
+        self._lock = threading.Lock()
+        self._live: dict[tuple[str, int], JobRequest] = {}  # (array job id, index) -> job
+        self._where: dict[str, tuple[str, int]] = {}  # job id -> (array job id, index)
+        self._submissions = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="idds-fat-slurm", daemon=True)
+        self._watcher.start()
+
+    @classmethod
+    def create(cls, config: Config, setup: BackendSetup) -> SlurmBackend:
+        """Build from the ``slurm_*`` settings; write the job secrets file (mode 0600)."""
+        secrets_file = setup.work_dir / "job-secrets.json"
+        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(dict(setup.secrets), handle)
+        return cls(
+            python=config.python,
+            wrapper_path=setup.wrapper_path,
+            secrets_file=secrets_file,
+            on_exit=setup.on_exit,
+            partition=setup.placement.get("queue") or config.slurm_partition,
+            account=config.slurm_account,
+            extra_options=config.slurm_options,
+            poll_min=config.slurm_poll_min,
+            poll_max=config.slurm_poll_max,
+        )
+
+    def check(self, resources: Resources) -> None:
+        """Raise ValueError for resources no Slurm job can ask for."""
+        for name in ("cores", "memory_mb", "gpus"):
+            value = getattr(resources, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, not {value}")
+        if resources.walltime is not None and resources.walltime <= 0:
+            raise ValueError(f"walltime must be positive, not {resources.walltime}")
+
+    def _options(self, resources: Resources) -> list[str]:
+        options = []
+        if resources.cores:
+            options.append(f"--cpus-per-task={resources.cores}")
+        if resources.memory_mb:
+            options.append(f"--mem={resources.memory_mb}M")
+        if resources.gpus:
+            options.append(f"--gres=gpu:{resources.gpus}")
+        if resources.walltime:
+            options.append(f"--time={_time_option(resources.walltime)}")
+        if self._partition:
+            options.append(f"--partition={self._partition}")
+        if self._account:
+            options.append(f"--account={self._account}")
+        return options + self._extra
+
+    def submit(self, jobs: Sequence[JobRequest]) -> None:
+        """Submit ``jobs`` (all of one task, with the same resources) as one job array.
+
+        Raises:
+            SlurmError: sbatch refused the array (the message is sbatch's), or kept
+                failing transiently.
+        """
+        if not jobs:
+            return
+        for job in jobs:
+            self.check(job.resources)
+        task_dir = jobs[0].workdir.parent
+        task_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._submissions += 1
+            number = self._submissions
+        indices = []
+        lines = []
+        for job in jobs:
+            index = int(job.job_id.rsplit("/", 1)[1])
+            indices.append(index)
+            job.workdir.mkdir(parents=True, exist_ok=True)
+            lines.append(f"{index}\t{job.workdir}\t{job.spec_location}\n")
+        jobs_file = task_dir / f"array-{number}.tsv"
+        jobs_file.write_text("".join(lines))
+        task = jobs[0].job_id.rsplit("/", 1)[0]
+        directives = [
+            f"--job-name=idds-fat-{task}",
+            f"--array={_array_spec(indices)}",
+            f"--output={task_dir}/slurm-%A_%a.out",
+            *self._options(jobs[0].resources),
+        ]
+        script = _SCRIPT.format(
+            directives="\n".join(f"#SBATCH {d}" for d in directives),
+            jobs_file=shlex.quote(str(jobs_file)),
+            secrets_env=wrapper_module().SECRETS_FILE_ENV,
+            secrets_file=shlex.quote(str(self._secrets_file)),
+            python=shlex.quote(self._python),
+            wrapper=shlex.quote(str(self._wrapper)),
+        )
+        script_file = task_dir / f"array-{number}.sh"
+        script_file.write_text(script)
+        output = self._run(["sbatch", "--parsable", str(script_file)], retry_transient=True)
+        array_id = output.strip().split(";")[0]
+        logger.info("submitted %d job(s) of %s as Slurm array %s", len(jobs), task, array_id)
+        with self._lock:
+            for job, index in zip(jobs, indices, strict=True):
+                self._live[(array_id, index)] = job
+                self._where[job.job_id] = (array_id, index)
+        self._poll_soon()
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """``scancel`` these array elements; they are reported as cancelled at once."""
+        with self._lock:
+            targets = [(j, self._where[j]) for j in job_ids if self._where.get(j) in self._live]
+            jobs = [self._live.pop(where) for _, where in targets]
+        if not targets:
+            return
+        try:
+            self._run(["scancel", *(f"{a}_{i}" for _, (a, i) in targets)])
+        except SlurmError as exc:
+            logger.warning("scancel failed: %s", exc)
+        for job in jobs:
+            self._report(job, JobExit(None, "cancelled", cancelled=True))
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Stop watching; with ``cancel``, ``scancel`` every element still known first."""
+        if cancel:
+            with self._lock:
+                job_ids = [job.job_id for job in self._live.values()]
+            self.cancel(job_ids)
+        self._stop.set()
+        self._wake.set()
+        self._watcher.join(self._timeout)
+
+    # --- watching --------------------------------------------------------------------
+
+    def _poll_soon(self) -> None:
+        self._wake.set()
+
+    def _watch(self) -> None:
+        interval = self._poll_min
+        while not self._stop.is_set():
+            woken = self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            interval = self._poll_min if woken else min(interval * 2, self._poll_max)
+            try:
+                self._poll()
+            except Exception:
+                logger.exception("watching Slurm jobs failed; will try again")
+
+    def _poll(self) -> None:
+        with self._lock:
+            arrays = sorted({array for array, _ in self._live})
+        if not arrays:
+            return
+        try:
+            listing = self._run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)])
+        except SlurmError as exc:
+            if "Invalid job id" not in str(exc):
+                raise
+            listing = ""  # every array has left the queue
+        queued = set()
+        for line in listing.splitlines():
+            parts = line.split()
+            if parts and "_" in parts[0]:
+                array, _, index = parts[0].partition("_")
+                if index.isdigit():
+                    queued.add((array, int(index)))
+        with self._lock:
+            ended = [(where, job) for where, job in self._live.items() if where not in queued]
+            for where, _ in ended:
+                self._live.pop(where)
+        if not ended:
+            return
+        states = self._final_states({array for (array, _), _ in ended})
+        for (array, index), job in ended:
+            self._report(job, self._outcome(job, states.get(f"{array}_{index}")))
+
+    def _final_states(self, arrays: set[str]) -> dict[str, dict[str, str]]:
+        """Ask ``scontrol`` what it still knows of these arrays' elements (one call each)."""
+        states: dict[str, dict[str, str]] = {}
+        for array in sorted(arrays):
+            try:
+                text = self._run(["scontrol", "show", "job", "-o", array])
+            except SlurmError:
+                continue  # purged already: the exit status file must tell
+            for line in text.splitlines():
+                fields = dict(
+                    item.split("=", 1) for item in line.split() if "=" in item and item[0] != "="
+                )
+                element = f"{fields.get('ArrayJobId', '')}_{fields.get('ArrayTaskId', '')}"
+                states[element] = fields
+        return states
+
+    def _outcome(self, job: JobRequest, fields: dict[str, str] | None) -> JobExit:
+        status_file = job.workdir / "exit_status"
+        if status_file.is_file():
+            try:
+                return JobExit(int(status_file.read_text().strip()))
+            except ValueError:
+                pass
+        if not fields:
+            return JobExit(None, "Slurm no longer knows the job and it left no exit status")
+        state = fields.get("JobState", "?")
+        code, _, sig = fields.get("ExitCode", "").partition(":")
+        returncode = -int(sig) if sig.isdigit() and int(sig) else (int(code) if code else None)
+        reason = f"Slurm state {state}, exit code {fields.get('ExitCode', '?')}"
+        if fields.get("Reason") not in (None, "None"):
+            reason += f", reason {fields['Reason']}"
+        return JobExit(returncode, reason)
+
+    def _report(self, job: JobRequest, outcome: JobExit) -> None:
+        try:
+            self._on_exit(job, outcome)
+        except Exception:
+            logger.exception("handling the end of job %s failed", job.name)
+
+    # --- commands --------------------------------------------------------------------
+
+    def _run(self, argv: list[str], retry_transient: bool = False) -> str:
+        """Run a Slurm command; return stdout. Raises SlurmError with its stderr."""
+        if not retry_transient:
+            return self._run_once(argv)
+        retrying = retry(
+            retry=retry_if_exception(lambda exc: isinstance(exc, _Transient)),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            stop=stop_after_attempt(5),
+            reraise=True,
+        )
+        return retrying(self._run_once)(argv)
+
+    def _run_once(self, argv: list[str]) -> str:
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=self._timeout, check=False
+            )
+        except FileNotFoundError:
+            raise SlurmError(f"{argv[0]} not found: is Slurm installed here?") from None
+        except subprocess.TimeoutExpired:
+            raise _Transient(f"{argv[0]} did not answer in {self._timeout:g} s") from None
+        if done.returncode != 0:
+            message = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+            kind = _Transient if _TRANSIENT.search(message) else SlurmError
+            raise kind(f"{' '.join(argv[:1])} failed: {message}")
+        return done.stdout

@@ -1,0 +1,129 @@
+"""The slurm backend against a real single-node Slurm (slurmctld + slurmd on loopback)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from idds_fat import JobLostError, Workflow, work, workflow
+from idds_fat.backends import SlurmError
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """Point sbatch/squeue/scancel at the test cluster."""
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    return slurm_cluster
+
+
+def _settings(**extra):
+    return {"backend": "slurm", "slurm_poll_min": 0.3, "slurm_poll_max": 1.0, **extra}
+
+
+@work
+def block_until(path, value=None, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+    return value
+
+
+def _until(condition, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _slurm_ids(wf, futures):
+    return [wf._backend._where[f"{f.task_id}/{f.job}"] for f in futures]
+
+
+def test_hpo_example_loop_runs_on_slurm(slurm_env):
+    spec = importlib.util.spec_from_file_location("hpo_bayes_on_slurm", EXAMPLES / "hpo_bayes.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    run = workflow(source_dir=EXAMPLES, **_settings())(example.optimize)
+    best = run(2, 10, 1)
+    assert 0.5 < best["score"] <= 1.0
+    assert set(best["params"]) == {"n_estimators", "max_depth", "learning_rate", "subsample"}
+
+
+def test_array_with_a_failing_and_a_killed_element_keeps_the_others(slurm_env, tmp_path):
+    @work(map_results=True)
+    def element(i, gate):
+        if i == 1:
+            raise ValueError("element 1 fails on purpose")
+        if i == 2:
+            Path(gate, "started").touch()
+            time.sleep(600)
+        return i * 10
+
+    with Workflow(**_settings()) as wf:
+        results = element.map([{"i": i, "gate": str(tmp_path)} for i in range(5)])
+        _until(lambda: (tmp_path / "started").exists(), what="element 2 to start")
+        array, index = _slurm_ids(wf, [results.futures[2]])[0]
+        subprocess.run(["scancel", f"{array}_{index}"], check=True)
+        results.wait(timeout=120)
+    assert [results[i] for i in (0, 3, 4)] == [0, 30, 40]
+    with pytest.raises(ValueError, match="element 1 fails on purpose"):
+        results[1]
+    with pytest.raises(JobLostError, match="CANCELLED") as lost:
+        results[2]
+    assert "Slurm state CANCELLED" in str(lost.value)
+
+
+def test_resources_show_up_in_scontrol(slurm_env, tmp_path):
+    gate = tmp_path / "go"
+    sized = work(cores=1, memory_mb=200, walltime=150)(block_until.fn)
+    with Workflow(**_settings()) as wf:
+        future = sized.submit(str(gate), "sized")
+        _until(lambda: future.job is not None and wf._backend._where, what="submission")
+        array, index = _slurm_ids(wf, [future])[0]
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "-o", f"{array}_{index}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        gate.touch()
+        assert future.result(timeout=120) == "sized"
+    assert "NumCPUs=1" in shown or "MinCPUsNode=1" in shown
+    assert "MinMemoryNode=200M" in shown
+    assert "TimeLimit=00:03:00" in shown
+    assert "JobName=idds-fat-t0001" in shown
+
+
+def test_cancelling_a_task_scancels_every_element(slurm_env, tmp_path):
+    with Workflow(**_settings()) as wf:
+        results = block_until.map([{"path": str(tmp_path / "never")} for _ in range(3)])
+        _until(lambda: len(wf._backend._live) == 3, what="submission")
+        ids = _slurm_ids(wf, results.futures)
+        assert results.cancel() == 3
+
+        def gone():
+            listing = subprocess.run(
+                ["squeue", "-h", "-r", "-o", "%i", "-j", ids[0][0]],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            return not set(listing) & {f"{a}_{i}" for a, i in ids}
+
+        _until(gone, what="scancel to take effect")
+    assert all(f.cancelled() for f in results.futures)
+
+
+def test_sbatch_refusal_is_a_clear_error_at_the_call(slurm_env):
+    with Workflow(**_settings(slurm_partition="nosuchpartition")):
+        with pytest.raises(SlurmError, match="sbatch failed: .*[Pp]artition"):
+            block_until("/nonexistent", timeout=1)
