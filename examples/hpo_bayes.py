@@ -122,7 +122,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10, help="rounds (default 10)")
     parser.add_argument("--points", type=int, default=20, help="points per round (default 20)")
-    parser.add_argument("--backend", default="local", help="idds-fat backend (default local)")
+    parser.add_argument(
+        "--backend", default=None, help="local, slurm or panda (default: configuration, local)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the optimiser (default 1)")
     args = parser.parse_args()
 

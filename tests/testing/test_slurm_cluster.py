@@ -186,7 +186,7 @@ def test_env_points_client_commands_at_the_private_conf(slurm_cluster, monkeypat
 
 def test_stop_kills_running_jobs_and_daemons(slurm_cluster, tmp_path):
     # Its own cluster (the session one must keep running); slurm_cluster only
-    # brings the availability check, and shares munged.
+    # brings the availability check. Each cluster has its own munged.
     cluster = SlurmCluster(tmp_path / "own", cpus=1, memory_mb=512)
     assert cluster.ctld_port != slurm_cluster.ctld_port
     with cluster:
@@ -200,10 +200,16 @@ def test_stop_kills_running_jobs_and_daemons(slurm_cluster, tmp_path):
         )
         wait_for((tmp_path / "pid").exists, f"job {job} to start")
         pid = int((tmp_path / "pid").read_text())
-        daemons = [cluster._daemons.ctld.pid, cluster._daemons.slurmd.pid]
+        daemons = [
+            cluster._daemons.ctld.pid,
+            cluster._daemons.slurmd.pid,
+            cluster._daemons.munged.pid,
+        ]
+        munge_dir = cluster._daemons.munge_dir
     assert not cluster.running
     wait_for(lambda: not pid_alive(pid), f"job {job}'s shell (pid {pid}) to die", timeout=5)
     assert not any(pid_alive(p) for p in daemons)
+    assert not munge_dir.exists()
     # The session cluster is untouched.
     assert slurm_cluster.running
     assert slurm(slurm_cluster, "sinfo", "-h", "-o", "%T").returncode == 0
