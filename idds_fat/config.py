@@ -72,6 +72,9 @@ class Config:
         slurm_options: further ``sbatch`` options, as they are.
         slurm_poll_min, slurm_poll_max: the Slurm watcher's ``squeue`` interval
             starts at the first and doubles up to the second (seconds).
+        progress: show a progress bar while a blocking call waits for several
+            jobs (tqdm.auto: a widget in Jupyter, text on a terminal, nothing
+            when stderr is not a terminal).
     """
 
     work_dir: Path = field(default_factory=_default_work_dir)
@@ -101,6 +104,7 @@ class Config:
     slurm_options: tuple[str, ...] = ()
     slurm_poll_min: float = 2.0
     slurm_poll_max: float = 30.0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):
@@ -151,6 +155,21 @@ def _convert(name: str, value: Any) -> Any:
             return int(value)
         if kind.startswith("float"):
             return float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.strip().lower() not in (
+                    "1",
+                    "0",
+                    "true",
+                    "false",
+                    "yes",
+                    "no",
+                    "on",
+                    "off",
+                ):
+                    raise ValueError("expected true or false")
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
         if kind.startswith("tuple"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]

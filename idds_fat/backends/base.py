@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from idds_fat.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class JobExit:
 
 #: Called by a backend, from any thread, when a job has ended.
 ExitCallback = Callable[[JobRequest, JobExit], None]
+#: Called by a backend when a job has started, with how the backend knows it.
+StartCallback = Callable[[JobRequest, str], None]
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class BackendSetup:
         secrets: the job secrets (HMAC key, tokens); the backend must get them to
             jobs without putting them on a command line, in a job name or a log.
         on_exit: called when a job has ended.
+        on_start: called when a job has started, with the backend's reference to
+            it (a pid, a Slurm array element), which ``adopt`` takes back.
         wrapper_url: where the wrapper can be fetched over HTTP, if it can.
         placement: the workflow's placement options (iDDS ``queue``, ``site``,
             ``cloud``, ...), for backends that use them.
@@ -107,6 +114,7 @@ class BackendSetup:
     wrapper_path: Path
     secrets: Mapping[str, Any]
     on_exit: ExitCallback
+    on_start: StartCallback | None = None
     wrapper_url: str | None = None
     placement: Mapping[str, Any] = field(default_factory=dict)
 
@@ -139,6 +147,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel these jobs: drop them if queued, kill them if running."""
+
+    def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
+        """Watch jobs that an earlier caller started, given the references it recorded.
+
+        The default cannot watch them: their results still arrive, but a job that
+        dies without one is not noticed. Backends that can, override this.
+        """
+        if jobs:
+            logger.warning(
+                "the %s backend cannot watch %d job(s) started by an earlier caller",
+                self.name,
+                len(jobs),
+            )
 
     @abc.abstractmethod
     def shutdown(self, cancel: bool = False) -> None:

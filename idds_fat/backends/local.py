@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from idds_fat.backends.base import (
     JobExit,
     JobRequest,
     Resources,
+    StartCallback,
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
@@ -49,11 +51,14 @@ class LocalBackend(Backend):
         on_exit: ExitCallback,
         max_workers: int,
         gpus: Sequence[str] = (),
+        on_start: StartCallback | None = None,
     ) -> None:
         self._python = python
         self._wrapper = str(wrapper_path)
         self._env = dict(env)
         self._on_exit = on_exit
+        self._on_start = on_start
+        self._adopted: dict[str, int] = {}  # job id -> pid of a job an earlier caller started
         self._all_gpus = tuple(gpus)
         self._free_gpus = list(gpus)
         self._lock = threading.Lock()
@@ -80,6 +85,7 @@ class LocalBackend(Backend):
             on_exit=setup.on_exit,
             max_workers=config.max_workers,
             gpus=gpus,
+            on_start=setup.on_start,
         )
 
     def check(self, resources: Resources) -> None:
@@ -106,9 +112,37 @@ class LocalBackend(Backend):
         with self._lock:
             self._cancelled.update(job_ids)
             procs = [self._procs[j] for j in job_ids if j in self._procs]
+            adopted = [self._adopted[j] for j in job_ids if j in self._adopted]
             self._gpu_freed.notify_all()
         for proc in procs:
-            _kill_group(proc)
+            _kill_group(proc.pid)
+        for pid in adopted:
+            _kill_group(pid)
+
+    def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
+        """Watch job processes an earlier caller started (by pid) until they end.
+
+        They are not this process's children, so their exit status is unknown:
+        they are reported with ``returncode`` ``None`` and the workflow decides
+        by whether their result arrived. Cancelling kills their process group.
+        """
+        for job, ref in jobs:
+            pid = int(ref)
+            with self._lock:
+                self._adopted[job.job_id] = pid
+                self._live.add(job.job_id)
+            self._pool.submit(self._watch_adopted, job, pid)
+
+    def _watch_adopted(self, job: JobRequest, pid: int) -> None:
+        # Polling is the only way to follow a process that is not our child.
+        while _alive(pid) and job.job_id not in self._cancelled:
+            time.sleep(0.2)
+        with self._lock:
+            self._adopted.pop(job.job_id, None)
+            self._live.discard(job.job_id)
+        cancelled = job.job_id in self._cancelled
+        reason = "cancelled" if cancelled else "it ended while no caller was watching"
+        self._report(job, JobExit(None, reason, cancelled=cancelled))
 
     def shutdown(self, cancel: bool = False) -> None:
         """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers."""
@@ -183,16 +217,29 @@ class LocalBackend(Backend):
                     start_new_session=True,  # its own process group, so cancel kills children too
                 )
                 self._procs[job.job_id] = proc
+            if self._on_start is not None:
+                self._on_start(job, str(proc.pid))
             walltime = job.resources.walltime
             try:
                 return JobExit(proc.wait(timeout=walltime))
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                _kill_group(proc.pid)
                 return JobExit(proc.wait(), f"walltime of {walltime:g} s exceeded")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(pid: int) -> None:
+    # Each job leads its own process group (start_new_session), so this takes its children too.
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's: the pid was reused
+        return False
+    return True

@@ -89,6 +89,7 @@ class SlurmBackend(Backend):
         wrapper_path: Path,
         secrets_file: Path,
         on_exit,
+        on_start=None,
         partition: str | None = None,
         account: str | None = None,
         extra_options: Sequence[str] = (),
@@ -100,6 +101,7 @@ class SlurmBackend(Backend):
         self._wrapper = Path(wrapper_path)
         self._secrets_file = Path(secrets_file)
         self._on_exit = on_exit
+        self._on_start = on_start
         self._partition = partition
         self._account = account
         self._extra = list(extra_options)
@@ -126,6 +128,7 @@ class SlurmBackend(Backend):
             wrapper_path=setup.wrapper_path,
             secrets_file=secrets_file,
             on_exit=setup.on_exit,
+            on_start=setup.on_start,
             partition=setup.placement.get("queue") or config.slurm_partition,
             account=config.slurm_account,
             extra_options=config.slurm_options,
@@ -203,10 +206,18 @@ class SlurmBackend(Backend):
         output = self._run(["sbatch", "--parsable", str(script_file)], retry_transient=True)
         array_id = output.strip().split(";")[0]
         logger.info("submitted %d job(s) of %s as Slurm array %s", len(jobs), task, array_id)
-        with self._lock:
+        self.adopt([(job, f"{array_id}_{index}") for job, index in zip(jobs, indices, strict=True)])
+        if self._on_start is not None:
             for job, index in zip(jobs, indices, strict=True):
-                self._live[(array_id, index)] = job
-                self._where[job.job_id] = (array_id, index)
+                self._on_start(job, f"{array_id}_{index}")
+
+    def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
+        """Watch array elements (``ARRAYID_INDEX``), submitted here or by an earlier caller."""
+        with self._lock:
+            for job, ref in jobs:
+                array_id, _, index = ref.partition("_")
+                self._live[(array_id, int(index))] = job
+                self._where[job.job_id] = (array_id, int(index))
         self._poll_soon()
 
     def cancel(self, job_ids: Sequence[str]) -> None:

@@ -1,4 +1,10 @@
-"""The ``idds-fat`` command line."""
+"""The ``idds-fat`` command line.
+
+``main`` is the entry point; ``serve`` lives here, the other commands in their
+own modules: ``status`` and ``logs`` (:mod:`idds_fat.cli.status`), ``results``
+and ``cancel`` (:mod:`idds_fat.cli.reconnect`), ``config show``
+(:mod:`idds_fat.cli.config_show`) and ``smoke`` (:mod:`idds_fat.cli.smoke`).
+"""
 
 from __future__ import annotations
 
@@ -95,3 +101,17 @@ def serve(
         )
     except IddsFatError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _add_commands() -> None:
+    # Imported here, after main exists, so each module stays a plain list of commands.
+    from idds_fat.cli.config_show import config
+    from idds_fat.cli.reconnect import cancel, results
+    from idds_fat.cli.smoke import smoke
+    from idds_fat.cli.status import logs, status
+
+    for command in (status, logs, results, cancel, config, smoke):
+        main.add_command(command)
+
+
+_add_commands()

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
+from idds_fat.results.display import html_table, outcome_counts
+
 __all__ = ["AsyncResult", "MapResult"]
 
 
@@ -74,13 +76,21 @@ class AsyncResult(concurrent.futures.Future):
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
 
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
+    def status(self) -> str:
+        """Return ``pending``, ``done``, ``cancelled`` or ``failed: ExceptionType``."""
+        if not self.done():
+            return "pending"
         if self.cancelled():
-            state = "cancelled"
-        elif self.done() and self.exception() is not None:
-            state = f"failed: {type(self.exception()).__name__}"
-        return f"<AsyncResult {self.name} {state}>"
+            return "cancelled"
+        if self.exception() is not None:
+            return f"failed: {type(self.exception()).__name__}"
+        return "done"
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.name} {self.status()}>"
+
+    def _repr_html_(self) -> str:
+        return html_table(["job", "kwargs", "status"], [[self.name, self.kwargs, self.status()]])
 
 
 def _canonical(kwargs: Mapping[str, Any]) -> str | None:
@@ -197,3 +207,18 @@ class MapResult(Sequence):
     def __repr__(self) -> str:
         finished = sum(f.done() for f in self.futures)
         return f"<MapResult {finished}/{len(self.futures)} done, {len(self.failed())} failed>"
+
+    def _repr_html_(self, max_rows: int = 20) -> str:
+        counts = outcome_counts(self.futures)
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+        rows = []
+        for future in self.futures[:max_rows]:
+            value = ""
+            if future.done() and not future.cancelled() and future.exception() is None:
+                value = repr(future.result())[:80]
+            rows.append([future.job, future.kwargs, future.status(), value])
+        if len(self.futures) > max_rows:
+            rows.append(["…", f"{len(self.futures) - max_rows} more", "", ""])
+        return html_table(
+            ["job", "kwargs", "status", "value"], rows, caption=f"MapResult: {summary or 'empty'}"
+        )

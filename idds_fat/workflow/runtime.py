@@ -30,9 +30,17 @@ from idds_fat.errors import (
     ServiceError,
 )
 from idds_fat.results import AsyncResult, MapResult, RestResultSource, ResultCollector
+from idds_fat.results.display import WaitProgress, html_table, outcome_counts
 from idds_fat.results.outcome import decode_result
 from idds_fat.results.stomp import StompResultSubscriber
-from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules, seal
+from idds_fat.serialize import (
+    dumps_call,
+    dumps_job_kwargs,
+    loads,
+    open_envelope,
+    register_user_modules,
+    seal,
+)
 from idds_fat.workflow.deadlines import Deadlines
 from idds_fat.workflow.state import WorkflowState
 from idds_fat.wrapper_source import wrapper_bytes, wrapper_module
@@ -109,6 +117,13 @@ def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file only the user can read (created so from the start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def _settle(future: AsyncResult, ok: bool, value: Any) -> bool:
@@ -206,7 +221,10 @@ class Workflow:
         self._closed = False
         self._lock = threading.Lock()
         self._futures: dict[tuple[str, int], AsyncResult] = {}
+        self._tasks: dict[str, list[AsyncResult]] = {}
+        self._task_names: dict[str, str] = {}
         self._jobs: dict[str, JobRequest] = {}
+        self._running: set[str] = set()
         self._task_count = 0
         self._service: Any = None
         self._cache: ContentStore | None = None
@@ -294,39 +312,18 @@ class Workflow:
         self.id = f"{_slug(self.name)}-{stamp}-{secrets.token_hex(3)}"
         self.work_dir = config.work_dir / "workflows" / self.id
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        key_file = self.work_dir / "hmac.key"
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(self._key)
+        _write_private(self.work_dir / "hmac.key", self._key)
         if self.source_dir is not None:
             self._archive = build_context_archive(
                 self.source_dir, self.exclude_source_files, config.max_context_bytes
             )
         if config.service_url:
-            service_url, self._token = config.service_url.rstrip("/"), config.token
+            self.service_url, self._token = config.service_url.rstrip("/"), config.token
         else:
-            from idds_fat.service import EmbeddedService
-
-            self._token = secrets.token_urlsafe(24)
-            self._service = EmbeddedService(
-                config.work_dir,
-                self._token,
-                config.result_ttl_days * 86400,
-                mirror=self._mirror_settings(),
-            )
-            self._service.start()
-            service_url = self._service.url
-        self.service_url = service_url
-        if config.cache is None:
-            self._cache = DirectoryStore(config.work_dir / "cache")
-        elif config.cache == "service":
-            self._cache = HttpStore(service_url + "/cache", self._token)
-        else:
-            self._cache = open_store(config.cache, self._token)
+            self._start_embedded_service(secrets.token_urlsafe(24), port=0)
+        self._open_cache(config.cache)
         if self._archive is not None:
             self._cache.put(self._archive.data)
-        wrapper_key = self._cache.put(wrapper_bytes())
-        wrapper_file = self.work_dir / f"wrapper-{wrapper_key[:16]}.py"
-        wrapper_file.write_bytes(self._cache.get(wrapper_key))
         self._state = WorkflowState(self.work_dir / "state.sqlite3")
         self._state.record_workflow(
             self.id,
@@ -335,13 +332,51 @@ class Workflow:
                 "backend": config.backend,
                 "source_dir": str(self.source_dir) if self.source_dir else None,
                 "context_sha256": self._archive.sha256 if self._archive else None,
-                "service_url": service_url,
+                "service_url": self.service_url,
                 "cache": self._cache.location,
+                "broker": config.broker,
                 "resources": self.resources.__dict__,
                 "placement": self.placement,
             },
         )
-        source = RestResultSource(service_url, self.id, self._token)
+        # What a later attach() needs to reconnect; the token makes it private.
+        connection = {
+            "service_url": self.service_url,
+            "token": self._token,
+            "embedded": self._service is not None,
+            "cache": self._cache.location,
+        }
+        _write_private(self.work_dir / "connection.json", json.dumps(connection).encode())
+        self._start_channels()
+        self._start_backend()
+        logger.info("workflow %s started in %s", self.id, self.work_dir)
+
+    def _start_embedded_service(self, token: str, port: int) -> None:
+        from idds_fat.service import EmbeddedService
+
+        config = self.config
+        self._token = token
+        self._service = EmbeddedService(
+            config.work_dir,
+            token,
+            config.result_ttl_days * 86400,
+            mirror=self._mirror_settings(),
+            port=port,
+        )
+        self._service.start()
+        self.service_url = self._service.url
+
+    def _open_cache(self, location: str | None) -> None:
+        if location is None:
+            self._cache = DirectoryStore(self.config.work_dir / "cache")
+        elif location == "service":
+            self._cache = HttpStore(self.service_url + "/cache", self._token)
+        else:
+            self._cache = open_store(location, self._token)
+
+    def _start_channels(self) -> None:
+        config = self.config
+        source = RestResultSource(self.service_url, self.id, self._token)
         self._collector = ResultCollector(
             source, self.id, self._key, self._dispatch, fetch_ref=self._cache.get
         )
@@ -358,6 +393,13 @@ class Workflow:
                 heartbeat_ms=config.broker_heartbeat_ms,
             )
             self._subscriber.start()
+
+    def _start_backend(self) -> None:
+        config = self.config
+        wrapper_key = self._cache.put(wrapper_bytes())
+        wrapper_file = self.work_dir / f"wrapper-{wrapper_key[:16]}.py"
+        if not wrapper_file.exists():
+            wrapper_file.write_bytes(self._cache.get(wrapper_key))
         job_secrets = {
             "hmac_key": self._key.hex(),
             "token": self._token,
@@ -372,11 +414,168 @@ class Workflow:
             wrapper_path=wrapper_file,
             secrets=job_secrets,
             on_exit=self._job_ended,
+            on_start=self._job_started,
             wrapper_url=wrapper_url,
             placement=self.placement,
         )
         self._backend = BACKENDS[config.backend].create(config, setup)
-        logger.info("workflow %s started in %s", self.id, self.work_dir)
+
+    # --- reconnecting to a workflow whose caller went away --------------------------
+
+    @classmethod
+    def attach(
+        cls, workflow_id: str, *, work_dir: str | os.PathLike | None = None, **settings: Any
+    ) -> Workflow:
+        """Reconnect to a workflow started earlier (by a caller that may have died).
+
+        Restarts its embedded service at the same address (so its jobs can still
+        deliver), rebuilds every task's futures from the workflow's state, collects
+        the results that arrived meanwhile, watches the jobs still running, and
+        runs again the jobs that never started. The returned workflow is started:
+        use it in ``with`` or call ``close()``; ``tasks`` has its MapResults.
+        ``workflow_id`` may be a unique prefix.
+
+        Raises:
+            IddsFatError: no such workflow, or its state is unreadable.
+        """
+        config = load_config(work_dir=work_dir, **settings)
+        root = config.work_dir / "workflows"
+        matches = sorted(p for p in root.glob(f"{workflow_id}*") if p.is_dir())
+        exact = [p for p in matches if p.name == workflow_id]
+        if exact:
+            matches = exact
+        if len(matches) != 1:
+            what = "no workflow" if not matches else f"{len(matches)} workflows"
+            raise IddsFatError(f"{what} matching {workflow_id!r} in {root}")
+        workflow_dir = matches[0]
+        state = WorkflowState(workflow_dir / "state.sqlite3")
+        try:
+            record = state.workflow_record()
+        finally:
+            state.close()
+        recorded = record["settings"]
+        config = config.replace(backend=settings.get("backend") or recorded.get("backend"))
+        if recorded.get("broker") and "broker" not in settings:
+            config = config.replace(broker=recorded["broker"])
+        wf = cls(record["name"], config=config, **recorded.get("placement", {}))
+        wf.resources = Resources(**recorded.get("resources", {}))
+        with wf._lock:
+            try:
+                wf._resume(workflow_dir)
+            except BaseException:
+                wf._stop_parts()
+                raise
+            wf._started = True
+        return wf
+
+    def _resume(self, workflow_dir: Path) -> None:
+        self.id = workflow_dir.name
+        self.work_dir = workflow_dir
+        self._key = (workflow_dir / "hmac.key").read_bytes()
+        connection = json.loads((workflow_dir / "connection.json").read_text())
+        if connection["embedded"] and not self.config.service_url:
+            port = int(connection["service_url"].rsplit(":", 1)[1])
+            try:
+                self._start_embedded_service(connection["token"], port=port)
+            except (OSError, ServiceError) as exc:
+                # Jobs still running would not reach a service elsewhere; results
+                # already stored are read all the same.
+                logger.warning("port %d is taken (%s); starting on another", port, exc)
+                self._start_embedded_service(connection["token"], port=0)
+        else:
+            self.service_url = self.config.service_url or connection["service_url"]
+            self._token = self.config.token or connection["token"]
+        self._open_cache(connection["cache"])
+        self._state = WorkflowState(workflow_dir / "state.sqlite3")
+        self._state.set_workflow_status("running")
+        pending = self._rebuild_futures()
+        self._start_channels()
+        self._start_backend()
+        running = [(self._jobs[j], ref) for j, ref in pending if ref]
+        never_started = [self._jobs[j] for j, ref in pending if not ref]
+        if running:
+            self._backend.adopt(running)
+        if never_started:
+            self._backend.submit(never_started)
+        logger.info(
+            "attached to %s: %d jobs running, %d started again",
+            self.id,
+            len(running),
+            len(never_started),
+        )
+
+    def _rebuild_futures(self) -> list[tuple[str, str | None]]:
+        """Recreate every job's future from its spec; return unfinished (job id, ref)."""
+        assert self._state is not None and self._cache is not None
+        location = wrapper_module().cache_object_location
+        pending = []
+        for task_id, task_name, jobs in self._state.tasks():
+            futures = []
+            for index, name, spec_key, status, returncode, ref in jobs:
+                spec = json.loads(self._cache.get(spec_key))
+                kwargs = self._job_kwargs(spec)
+                job_id = f"{task_id}/{index}"
+                request = JobRequest(
+                    job_id=job_id,
+                    name=f"{self.id}/{task_id}/{name}",
+                    spec_location=location(self._cache.location, spec_key),
+                    workdir=self.work_dir / "jobs" / task_id / str(index),
+                    resources=self.resources,
+                )
+                future = AsyncResult(
+                    task_id, index, kwargs, name=request.name, canceller=self._cancel_future
+                )
+                self._futures[(task_id, index)] = future
+                self._jobs[job_id] = request
+                futures.append(future)
+                if status == "cancelled":
+                    future.mark_cancelled()
+                elif status == "lost":
+                    self._lose(request, JobExit(returncode, "lost before the caller went away"))
+                elif status in ("queued", "running"):
+                    pending.append((job_id, ref))
+            self._tasks[task_id] = futures
+            self._task_names[task_id] = task_name
+            self._task_count += 1
+        return pending
+
+    def _job_kwargs(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        entry = spec.get("kwargs")
+        if not entry:
+            return None
+        if "inline" in entry:
+            raw = base64.b64decode(entry["inline"])
+        else:
+            raw = self._cache.get(entry["key"])
+        return loads(open_envelope(raw, self._key)[1])
+
+    # --- tasks as the user sees them ------------------------------------------------
+
+    @property
+    def tasks(self) -> dict[str, MapResult]:
+        """Every task of this workflow, by task id, as a MapResult in input order."""
+        with self._lock:
+            return {task: MapResult(futures) for task, futures in self._tasks.items()}
+
+    @property
+    def task_names(self) -> dict[str, str]:
+        """The name of every task (its function's name unless given), by task id."""
+        with self._lock:
+            return dict(self._task_names)
+
+    def cancel(self, task_id: str | None = None) -> int:
+        """Cancel the unfinished jobs of one task (or of all); return how many.
+
+        Raises:
+            KeyError: no task has this id.
+        """
+        with self._lock:
+            if task_id is not None and task_id not in self._tasks:
+                raise KeyError(f"no task {task_id!r} in workflow {self.id}")
+            chosen = [task_id] if task_id is not None else list(self._tasks)
+            futures = [f for t in chosen for f in self._tasks[t] if not f.done()]
+        self._cancel(futures)
+        return len(futures)
 
     def close(self, cancel: bool | None = None) -> None:
         """Finish the workflow: wait for (or cancel) running jobs, then stop its parts.
@@ -405,8 +604,7 @@ class Workflow:
                 self._state.set_workflow_status(status)
             self._stop_parts()
             with _active_lock:
-                if self in _active:
-                    _active.remove(self)
+                _active[:] = [w for w in _active if w is not self]
 
     def _stop_parts(self) -> None:
         if self._deadlines is not None:
@@ -564,6 +762,8 @@ class Workflow:
             for future, request in zip(futures, requests, strict=True):
                 self._futures[(task_id, future.job)] = future
                 self._jobs[request.job_id] = request
+            self._tasks[task_id] = futures
+            self._task_names[task_id] = task_name
         self._state.record_task(task_id, task_name, fn_name, rows)
         try:
             self._backend.submit(requests)
@@ -573,6 +773,8 @@ class Workflow:
                 for future in futures:
                     self._futures.pop((task_id, future.job), None)
                     future.mark_cancelled()
+                self._tasks.pop(task_id, None)
+                self._task_names.pop(task_id, None)
             for future in futures:
                 self._state.set_job_status(task_id, future.job, "failed")
             raise
@@ -586,8 +788,13 @@ class Workflow:
             KeyboardInterrupt: after cancelling the outstanding jobs.
         """
         timeout = self.timeout if timeout is None else timeout
+        description = self._task_names.get(futures[0].task_id, "jobs") if futures else "jobs"
+        progress = WaitProgress(
+            futures, description, lambda: len(self._running), enabled=self.config.progress
+        )
         try:
-            _, pending = concurrent.futures.wait(futures, timeout)
+            with progress:
+                _, pending = concurrent.futures.wait(futures, timeout)
         except KeyboardInterrupt:
             self._cancel(f for f in futures if not f.done())
             raise
@@ -630,7 +837,14 @@ class Workflow:
             self._state.set_job_status(future.task_id, future.job, "done" if ok else "failed")
         return settled
 
+    def _job_started(self, job: JobRequest, ref: str) -> None:
+        self._running.add(job.job_id)
+        task_id, index = job.job_id.rsplit("/", 1)
+        if self._state is not None:
+            self._state.set_job_started(task_id, int(index), ref)
+
     def _job_ended(self, job: JobRequest, outcome: JobExit) -> None:
+        self._running.discard(job.job_id)
         task_id, index = job.job_id.rsplit("/", 1)
         future = self._futures.get((task_id, int(index)))
         if future is None:
@@ -723,6 +937,28 @@ class Workflow:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._started else "not started"
         return f"<Workflow {self.id or self.name} {state}, {len(self._futures)} jobs>"
+
+    def _repr_html_(self) -> str:
+        state = "closed" if self._closed else "running" if self._started else "not started"
+        rows = []
+        for task_id, futures in self.tasks.items():
+            counts = outcome_counts(futures.futures)
+            running = sum(f"{task_id}/{f.job}" in self._running for f in futures.futures)
+            rows.append(
+                [
+                    task_id,
+                    self._task_names.get(task_id, ""),
+                    len(futures),
+                    counts["done"],
+                    counts["failed"],
+                    counts["cancelled"],
+                    running,
+                    counts["pending"] - running,
+                ]
+            )
+        headers = ["task", "name", "jobs", "done", "failed", "cancelled", "running", "queued"]
+        caption = f"Workflow {self.id or self.name} ({state}, backend {self.config.backend})"
+        return html_table(headers, rows, caption=caption)
 
 
 def require_workflow() -> Workflow:

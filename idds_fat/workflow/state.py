@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE TABLE IF NOT EXISTS jobs (
     task TEXT, job INTEGER, name TEXT, spec TEXT, status TEXT, returncode INTEGER,
-    updated REAL, PRIMARY KEY (task, job)
+    updated REAL, backend_ref TEXT, PRIMARY KEY (task, job)
 );
 """
 
@@ -70,7 +70,7 @@ class WorkflowState:
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
         )
         self._run(
-            "INSERT INTO jobs VALUES (?, ?, ?, ?, 'queued', NULL, ?)",
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, 'queued', NULL, ?, NULL)",
             [(task_id, index, job_name, spec, now) for index, job_name, spec in jobs],
         )
 
@@ -83,6 +83,40 @@ class WorkflowState:
             "WHERE task = ? AND job = ?",
             (status, returncode, time.time(), task_id, job),
         )
+
+    def set_job_started(self, task_id: str, job: int, backend_ref: str) -> None:
+        """Record that a job runs, and how its backend knows it (a pid, an array element)."""
+        self._run(
+            "UPDATE jobs SET status = 'running', backend_ref = ?, updated = ? "
+            "WHERE task = ? AND job = ? AND status IN ('queued', 'running')",
+            (backend_ref, time.time(), task_id, job),
+        )
+
+    def workflow_record(self) -> dict[str, Any]:
+        """Return the workflow's id, name, status and settings.
+
+        Raises:
+            LookupError: the database holds no workflow.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT id, name, status, settings FROM workflow").fetchone()
+        if row is None:
+            raise LookupError(f"{self.path} holds no workflow")
+        return {"id": row[0], "name": row[1], "status": row[2], "settings": json.loads(row[3])}
+
+    def tasks(self) -> list[tuple[str, str, list[tuple]]]:
+        """Return every task as ``(id, name, jobs)``, in submission order; each job is
+        ``(index, name, spec_key, status, returncode, backend_ref)``, in index order."""
+        with self._lock:
+            tasks = self._db.execute("SELECT id, name FROM tasks ORDER BY created, id").fetchall()
+            jobs = self._db.execute(
+                "SELECT task, job, name, spec, status, returncode, backend_ref FROM jobs "
+                "ORDER BY task, job"
+            ).fetchall()
+        by_task: dict[str, list[tuple]] = {}
+        for task, *row in jobs:
+            by_task.setdefault(task, []).append(tuple(row))
+        return [(task, name, by_task.get(task, [])) for task, name in tasks]
 
     def job_counts(self) -> dict[str, int]:
         """Return the number of jobs in each status."""

@@ -1,0 +1,157 @@
+"""``idds-fat status`` and ``idds-fat logs``: read the workflows' records, change nothing."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import click
+
+from idds_fat.cli.output import (
+    echo_json,
+    effective_work_dir,
+    json_option,
+    local_time,
+    ordered_states,
+    reports_errors,
+    state_counts,
+    table,
+    work_dir_option,
+)
+from idds_fat.workflow import catalog
+
+
+@click.command()
+@click.argument("workflow_id", metavar="[WORKFLOW]", required=False)
+@click.argument("task", metavar="[TASK]", required=False)
+@json_option
+@work_dir_option
+@reports_errors
+def status(workflow_id: str | None, task: str | None, as_json: bool, work_dir: Path | None) -> None:
+    """Show the workflows, one workflow's tasks, or one task's jobs.
+
+    Without WORKFLOW: every workflow in the work dir, newest first. With WORKFLOW
+    (its id or a unique prefix): its tasks and their jobs by state. With TASK too
+    (a task id such as t0001, or a unique task name): that task's jobs.
+    """
+    root = effective_work_dir(work_dir)
+    if workflow_id is None:
+        _show_workflows(root, as_json)
+    elif task is None:
+        _show_tasks(root, workflow_id, as_json)
+    else:
+        _show_jobs(root, workflow_id, task, as_json)
+
+
+def _show_workflows(root: Path, as_json: bool) -> None:
+    workflows = catalog.list_workflows(root)
+    if as_json:
+        echo_json({"work_dir": str(root), "workflows": [w.to_dict() for w in workflows]})
+        return
+    if not workflows:
+        click.echo(f"no workflows in {root / 'workflows'}")
+        return
+    rows = [
+        (w.id, w.name, w.status, local_time(w.created), w.tasks, w.jobs, state_counts(w.job_states))
+        for w in workflows
+    ]
+    click.echo(table(("ID", "NAME", "STATUS", "CREATED", "TASKS", "JOBS", "JOB STATES"), rows))
+
+
+def _workflow_header(summary: catalog.WorkflowSummary) -> str:
+    states = state_counts(summary.job_states)
+    return "\n".join(
+        [
+            f"workflow  {summary.id} ({summary.name})",
+            f"status    {summary.status}, backend {summary.backend or '-'}",
+            f"created   {local_time(summary.created)}, updated {local_time(summary.updated)}",
+            f"jobs      {summary.jobs} in {summary.tasks} tasks: {states}",
+            f"path      {summary.path}",
+        ]
+    )
+
+
+def _show_tasks(root: Path, workflow_id: str, as_json: bool) -> None:
+    summary = catalog.workflow_summary(root, workflow_id)
+    tasks = catalog.task_summaries(root, summary.id)
+    if as_json:
+        echo_json({"workflow": summary.to_dict(), "tasks": [t.to_dict() for t in tasks]})
+        return
+    click.echo(_workflow_header(summary))
+    if not tasks:
+        click.echo("\nno tasks")
+        return
+    states = ordered_states(s for t in tasks for s in t.job_states)
+    headers = ("TASK", "NAME", "FUNCTION", "JOBS", *(s.upper() for s in states))
+    rows = [
+        (t.id, t.name, t.function, t.jobs, *(t.job_states.get(s, 0) for s in states)) for t in tasks
+    ]
+    click.echo("\n" + table(headers, rows))
+
+
+def _show_jobs(root: Path, workflow_id: str, task: str, as_json: bool) -> None:
+    summary = catalog.workflow_summary(root, workflow_id)
+    jobs = catalog.job_summaries(root, summary.id, task)
+    if as_json:
+        echo_json({"workflow": summary.to_dict(), "jobs": [j.to_dict() for j in jobs]})
+        return
+    click.echo(_workflow_header(summary))
+    rows = [
+        (j.task_id, j.index, j.name, j.status, j.returncode, local_time(j.updated)) for j in jobs
+    ]
+    click.echo("\n" + table(("TASK", "JOB", "NAME", "STATUS", "EXIT", "UPDATED"), rows))
+
+
+@click.command()
+@click.argument("workflow_id", metavar="WORKFLOW")
+@click.argument("task")
+@click.argument("job", type=click.IntRange(min=0))
+@click.option(
+    "--stderr/--stdout",
+    "stderr",
+    default=False,
+    help="Which stream to print.  [default: --stdout]",
+)
+@click.option(
+    "--tail", type=click.IntRange(min=0), default=None, help="Print only the last N lines."
+)
+@json_option
+@work_dir_option
+@reports_errors
+def logs(
+    workflow_id: str,
+    task: str,
+    job: int,
+    stderr: bool,
+    tail: int | None,
+    as_json: bool,
+    work_dir: Path | None,
+) -> None:
+    """Print what job JOB (its index) of TASK printed, from its log file.
+
+    TASK is a task id such as t0001 or a unique task name. For a job that was
+    run again, the log of its last attempt is printed.
+    """
+    found = catalog.job_log_paths(effective_work_dir(work_dir), workflow_id, task, job)
+    path = found.stderr if stderr else found.stdout
+    stream = "stderr" if stderr else "stdout"
+    if not path.is_file():
+        raise click.ClickException(
+            f"no {stream} for job {found.task_id}/{found.index} ({found.name}, "
+            f"{found.status}) of workflow {found.workflow_id}: {path} does not exist"
+        )
+    text = _read(path, tail)
+    if as_json:
+        echo_json({**found.to_dict(), "stream": stream, "path": str(path), "text": text})
+    else:
+        click.echo(text, nl=False)
+
+
+def _read(path: Path, tail: int | None) -> str:
+    with open(path, "rb") as handle:
+        if tail is None:
+            data = handle.read()
+        else:
+            # A deque of lines keeps memory bounded by N lines, not by the log's size.
+            data = b"".join(collections.deque(handle, maxlen=tail)) if tail else b""
+    return data.decode("utf-8", "replace")

@@ -1,0 +1,361 @@
+"""Read-only views of the workflows recorded under a work dir, for the command line.
+
+Every workflow keeps its record in ``WORK_DIR/workflows/ID/state.sqlite3`` (see
+:mod:`idds_fat.workflow.state`). This module opens those databases read-only, so
+it can look at a workflow that another process is still running, and never
+changes them. A workflow may be named by its full id or a unique prefix of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idds_fat.errors import IddsFatError
+
+STATE_FILE = "state.sqlite3"
+
+# Seconds a reader waits for a writer's lock before giving up.
+_BUSY_TIMEOUT = 5.0
+
+
+class WorkflowNotFound(IddsFatError, LookupError):
+    """No workflow (or no single workflow) matches an id under the work dir searched.
+
+    ``workflow_id`` is what was asked for, ``work_dir`` where it was looked for,
+    and ``candidates`` the ids it is a prefix of when it is ambiguous.
+    """
+
+    def __init__(self, workflow_id: str, work_dir: Path, candidates: tuple[str, ...] = ()) -> None:
+        where = work_dir / "workflows"
+        if candidates:
+            shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+            message = (
+                f"workflow id {workflow_id!r} is ambiguous in {where}: "
+                f"{len(candidates)} workflows start with it ({shown})"
+            )
+        else:
+            message = f"no workflow {workflow_id!r} in {where}"
+        super().__init__(message)
+        self.workflow_id = workflow_id
+        self.work_dir = work_dir
+        self.candidates = candidates
+
+
+class TaskNotFound(IddsFatError, LookupError):
+    """A workflow has no such task, or no such job in a task; the message lists what it has."""
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    """One workflow as its state database records it.
+
+    Attributes:
+        id, name, status: the workflow's id, readable name and last recorded status
+            (``running``, ``finished``, ``failed``, ``cancelled``; ``unreadable``
+            when its database could not be read).
+        created, updated: seconds since the epoch.
+        backend: the backend it ran on (from its recorded settings).
+        tasks, jobs: how many tasks and jobs it submitted.
+        job_states: number of jobs in each status (``queued``, ``done``, ``failed``,
+            ``lost``, ``cancelled``).
+        path: its directory (state, logs).
+    """
+
+    id: str
+    name: str
+    status: str
+    created: float | None
+    updated: float | None
+    backend: str | None
+    tasks: int
+    jobs: int
+    job_states: dict[str, int] = field(hash=False)
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (times as ISO 8601 in UTC, the path as a string)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "backend": self.backend,
+            "tasks": self.tasks,
+            "jobs": self.jobs,
+            "job_states": dict(self.job_states),
+            "path": str(self.path),
+        }
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task of a workflow: its id (``t0001``), name, function, jobs and their states."""
+
+    workflow_id: str
+    id: str
+    name: str
+    function: str
+    jobs: int
+    created: float | None
+    job_states: dict[str, int] = field(hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (``created`` as ISO 8601 in UTC)."""
+        return {
+            "workflow": self.workflow_id,
+            "id": self.id,
+            "name": self.name,
+            "function": self.function,
+            "jobs": self.jobs,
+            "created": _iso(self.created),
+            "job_states": dict(self.job_states),
+        }
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job of a task: its index, name, status, return code and log files."""
+
+    workflow_id: str
+    task_id: str
+    index: int
+    name: str
+    status: str
+    returncode: int | None
+    updated: float | None
+    stdout: Path
+    stderr: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (``updated`` as ISO 8601 in UTC, paths as strings)."""
+        return {
+            "workflow": self.workflow_id,
+            "task": self.task_id,
+            "job": self.index,
+            "name": self.name,
+            "status": self.status,
+            "returncode": self.returncode,
+            "updated": _iso(self.updated),
+            "stdout": str(self.stdout),
+            "stderr": str(self.stderr),
+        }
+
+
+def _workflows_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "workflows"
+
+
+@contextlib.contextmanager
+def _open_state(path: Path) -> Iterator[sqlite3.Connection]:
+    # mode=ro: a running workflow's database must never be changed (or created) here.
+    uri = path.resolve().as_uri() + "?mode=ro"
+    if not path.with_name(path.name + "-wal").exists():
+        # No -wal file: no process has it open. A read-only open would still create
+        # -wal and -shm beside it; immutable reads it as the plain file it is now.
+        uri += "&immutable=1"
+    db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _state_path(work_dir: Path, workflow_id: str) -> Path:
+    return _workflows_dir(work_dir) / workflow_id / STATE_FILE
+
+
+def _recorded_ids(work_dir: Path) -> list[str]:
+    root = _workflows_dir(work_dir)
+    if not root.is_dir():
+        return []
+    # A directory without its database is a workflow still starting (or not ours).
+    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+
+
+def resolve_workflow_id(work_dir: Path, workflow_id: str) -> str:
+    """Return the full id of the workflow named by ``workflow_id`` or a unique prefix of it.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+    """
+    work_dir = Path(work_dir)
+    ids = _recorded_ids(work_dir)
+    if workflow_id in ids:
+        return workflow_id
+    matches = tuple(i for i in ids if workflow_id and i.startswith(workflow_id))
+    if len(matches) == 1:
+        return matches[0]
+    raise WorkflowNotFound(workflow_id, work_dir, matches)
+
+
+def _counts(db: sqlite3.Connection, task_id: str | None = None) -> dict[str, int]:
+    if task_id is None:
+        rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+    else:
+        rows = db.execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE task = ? GROUP BY status", (task_id,)
+        )
+    return dict(sorted(rows.fetchall()))
+
+
+def _summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
+    path = _workflows_dir(work_dir) / workflow_id
+    try:
+        with _open_state(path / STATE_FILE) as db:
+            row = db.execute(
+                "SELECT name, status, created, updated, settings FROM workflow LIMIT 1"
+            ).fetchone()
+            tasks = db.execute("SELECT COUNT(*), COALESCE(SUM(jobs), 0) FROM tasks").fetchone()
+            states = _counts(db)
+    except sqlite3.Error:
+        # One damaged record must not hide the others from a listing.
+        return WorkflowSummary(workflow_id, "", "unreadable", None, None, None, 0, 0, {}, path)
+    if row is None:
+        return WorkflowSummary(workflow_id, "", "starting", None, None, None, 0, 0, {}, path)
+    name, status, created, updated, settings = row
+    try:
+        backend = json.loads(settings or "{}").get("backend")
+    except (ValueError, AttributeError):
+        backend = None
+    return WorkflowSummary(
+        workflow_id, name, status, created, updated, backend, tasks[0], tasks[1], states, path
+    )
+
+
+def list_workflows(work_dir: Path) -> list[WorkflowSummary]:
+    """Return a summary of every workflow recorded under ``work_dir``, newest first.
+
+    A workflow whose database cannot be read is listed with status ``unreadable``.
+    """
+    summaries = [_summary(Path(work_dir), i) for i in _recorded_ids(Path(work_dir))]
+    return sorted(summaries, key=lambda s: (s.created or 0.0, s.id), reverse=True)
+
+
+def workflow_summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
+    """Return the summary of one workflow, named by its id or a unique prefix.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+    """
+    return _summary(Path(work_dir), resolve_workflow_id(work_dir, workflow_id))
+
+
+def task_summaries(work_dir: Path, workflow_id: str) -> list[TaskSummary]:
+    """Return the tasks of a workflow (id or unique prefix), in the order they were submitted.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        IddsFatError: its state database cannot be read.
+    """
+    full_id = resolve_workflow_id(work_dir, workflow_id)
+    try:
+        with _open_state(_state_path(work_dir, full_id)) as db:
+            rows = db.execute(
+                "SELECT id, name, function, jobs, created FROM tasks ORDER BY created, id"
+            ).fetchall()
+            return [
+                TaskSummary(full_id, tid, name, function, jobs, created, _counts(db, tid))
+                for tid, name, function, jobs, created in rows
+            ]
+    except sqlite3.Error as exc:
+        raise IddsFatError(f"cannot read {_state_path(work_dir, full_id)}: {exc}") from exc
+
+
+def resolve_task_id(work_dir: Path, workflow_id: str, task: str) -> str:
+    """Return the id of the task named ``task``: its id (``t0001``) or its unique name.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        TaskNotFound: no task (or several tasks) has this id or name.
+    """
+    tasks = task_summaries(work_dir, workflow_id)
+    for summary in tasks:
+        if summary.id == task:
+            return summary.id
+    named = [s.id for s in tasks if s.name == task]
+    if len(named) == 1:
+        return named[0]
+    known = ", ".join(f"{s.id} ({s.name})" for s in tasks) or "none"
+    full_id = tasks[0].workflow_id if tasks else resolve_workflow_id(work_dir, workflow_id)
+    if named:
+        raise TaskNotFound(
+            f"task name {task!r} is ambiguous in workflow {full_id}: use one of {named}"
+        )
+    raise TaskNotFound(f"workflow {full_id} has no task {task!r}; its tasks: {known}")
+
+
+def _job_dir(work_dir: Path, workflow_id: str, task_id: str, index: int) -> Path:
+    base = _workflows_dir(work_dir) / workflow_id / "jobs" / task_id
+    # A job run again (its result was lost) writes to INDEX.ATTEMPT: show the last run.
+    attempts = [
+        (int(p.name.rpartition(".")[2]), p)
+        for p in base.glob(f"{index}.*")
+        if p.name.rpartition(".")[2].isdigit()
+    ]
+    return max(attempts)[1] if attempts else base / str(index)
+
+
+def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummary]:
+    """Return the jobs of one task (its id or unique name), in index order.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        TaskNotFound: the workflow has no such task.
+    """
+    full_id = resolve_workflow_id(work_dir, workflow_id)
+    task_id = resolve_task_id(work_dir, full_id, task)
+    with _open_state(_state_path(work_dir, full_id)) as db:
+        rows = db.execute(
+            "SELECT job, name, status, returncode, updated FROM jobs WHERE task = ? ORDER BY job",
+            (task_id,),
+        ).fetchall()
+    jobs = []
+    for index, name, status, returncode, updated in rows:
+        job_dir = _job_dir(Path(work_dir), full_id, task_id, index)
+        jobs.append(
+            JobSummary(
+                full_id,
+                task_id,
+                index,
+                name,
+                status,
+                returncode,
+                updated,
+                job_dir / "stdout.txt",
+                job_dir / "stderr.txt",
+            )
+        )
+    return jobs
+
+
+def job_log_paths(work_dir: Path, workflow_id: str, task: str, job: int) -> JobSummary:
+    """Return job ``job`` of a task, with the paths of its ``stdout`` and ``stderr``.
+
+    The files may not exist yet (the job has not started) or any more. For a job
+    that was run again, the paths are those of its last attempt.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        TaskNotFound: the workflow has no such task, or the task no such job.
+    """
+    jobs = job_summaries(work_dir, workflow_id, task)
+    for summary in jobs:
+        if summary.index == job:
+            return summary
+    task_id = jobs[0].task_id if jobs else task
+    raise TaskNotFound(f"task {task_id} has no job {job}; its jobs are 0 to {len(jobs) - 1}")

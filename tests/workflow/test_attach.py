@@ -1,0 +1,113 @@
+"""A caller that dies loses nothing: attach from a new process and collect every result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from idds_fat import IddsFatError, JobLostError, Workflow, work
+
+
+def _caller_script(tmp_path, gate, n):
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            from idds_fat import Workflow, work
+
+            @work
+            def job(i):
+                if i >= 2:  # these wait until the test opens the gate
+                    while not os.path.exists({str(gate)!r}):
+                        time.sleep(0.02)
+                return i * i
+
+            with Workflow(name="doomed", max_workers=4, publish_timeout=120) as wf:
+                results = job.map([{{"i": i}} for i in range({n})])
+                job.map([{{"i": 100}}])  # queued behind the others: never starts here
+                done = 0
+                for _ in results.as_completed():
+                    done += 1
+                    if done == 2:
+                        print("ID", wf.id, flush=True)
+                results.wait()
+            """
+        )
+    )
+    return script
+
+
+def test_results_survive_the_caller_being_killed_mid_map(tmp_path):
+    gate = tmp_path / "gate"
+    n = 4  # max_workers=4: jobs 0-3 start; the second task's job is still queued
+    caller = subprocess.Popen(
+        [sys.executable, str(_caller_script(tmp_path, gate, n))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = caller.stdout.readline()
+    assert line.startswith("ID "), caller.stderr.read()
+    workflow_id = line.split()[1]
+    caller.send_signal(signal.SIGKILL)
+    caller.wait(timeout=30)
+    gate.touch()  # the orphaned jobs finish now, with no caller listening
+
+    with Workflow.attach(workflow_id[:-2]) as wf:  # a unique prefix is enough
+        assert wf.id == workflow_id
+        tasks = wf.tasks
+        assert list(tasks) == ["t0001", "t0002"]
+        first, second = tasks.values()
+        assert [f.kwargs["i"] for f in first.futures] == list(range(n))
+        assert first.results(timeout=120) == [i * i for i in range(n)]
+        assert second.results(timeout=120) == [10000]
+        assert wf.task_names["t0001"] == "job"
+    assert wf.stats["rejected"] == 0
+
+
+def test_attach_to_an_unknown_workflow_is_a_clear_error():
+    with pytest.raises(IddsFatError, match="no workflow matching 'nope'"):
+        Workflow.attach("nope")
+
+
+def test_attached_workflow_reports_a_job_that_died_meanwhile(tmp_path):
+    pid_file = tmp_path / "pid"
+
+    @work
+    def dies_later(path):
+        open(path, "w").write(str(os.getpid()))
+        time.sleep(600)
+
+    wf = Workflow(max_workers=2).start()
+    from idds_fat.workflow import runtime
+
+    with runtime._active_lock:
+        runtime._active.append(wf)
+    future = dies_later.submit(str(pid_file))
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    job_pid = int(pid_file.read_text())
+    # Simulate the caller vanishing: stop its parts without telling the backend.
+    wf._stop_parts()
+    with runtime._active_lock:
+        runtime._active.remove(wf)
+    wf._closed = True
+    assert not future.done()
+
+    attached = Workflow.attach(wf.id)
+    try:
+        os.killpg(job_pid, signal.SIGKILL)
+        (lost,) = attached.tasks["t0001"].futures
+        with pytest.raises(JobLostError, match="no caller was watching"):
+            lost.result(timeout=60)
+    finally:
+        attached.close()
