@@ -46,8 +46,8 @@ class SmokeRun:
     stats: dict[str, int] = field(hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return dataclasses.asdict(self)
+        """Return a JSON-able dict (``seconds`` rounded to milliseconds)."""
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True)

@@ -624,11 +624,19 @@ class Workflow:
         if self._state is not None:
             self._state.close()
 
-    def __enter__(self) -> Workflow:
+    def open(self) -> Workflow:
+        """Start the workflow and make it current until ``close()``; return self.
+
+        For notebooks: open it in one cell, call ``@work`` functions in later
+        cells, close it when done (``with`` does the same within one block).
+        """
         self.start()
         with _active_lock:
             _active.append(self)
         return self
+
+    def __enter__(self) -> Workflow:
+        return self.open()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(cancel=True if exc_type is not None else None)
