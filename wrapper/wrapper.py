@@ -183,16 +183,37 @@ def cache_object_location(cache: str, key: str) -> str:
     return str(Path(root) / key[:2] / key)
 
 
+def public_url(location: str) -> str:
+    """``location`` without its query string: a presigned URL's signature stays out of logs."""
+    parts = urllib.parse.urlsplit(location)
+    return urllib.parse.urlunsplit(parts._replace(query="")) if parts.query else location
+
+
 def fetch(location: str, key: str | None, token: str | None, timeout: float = 300.0) -> bytes:
     """Read ``location`` (a path or HTTP URL); when ``key`` is given, check its sha256.
 
-    Raises IntegrityError on a mismatch, WrapperError when it cannot be read.
+    Raises IntegrityError on a mismatch, WrapperError when it cannot be read (a
+    refused presigned URL says it may have expired).
     """
+    shown = public_url(location)
     if location.startswith(("http://", "https://")):
         deadline = time.monotonic() + timeout
-        data = _with_retries(
-            lambda: _http("GET", location, token, None, 60.0), deadline, "fetching " + location
-        )
+        try:
+            data = _with_retries(
+                lambda: _http("GET", location, token, None, 60.0), deadline, "fetching " + shown
+            )
+        except WrapperError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, urllib.error.HTTPError)
+                and cause.code == 403
+                and shown != location
+            ):
+                raise WrapperError(
+                    f"fetching {shown}: HTTP 403: the presigned URL was refused; it may have "
+                    "expired (raise the store's url_lifetime for long-queued jobs)"
+                ) from None
+            raise
     else:
         path = location[len("file://") :] if location.startswith("file://") else location
         try:
@@ -200,7 +221,7 @@ def fetch(location: str, key: str | None, token: str | None, timeout: float = 30
         except OSError as exc:
             raise WrapperError(f"fetching {location}: {exc}") from None
     if key is not None and sha256_hex(data) != key:
-        raise IntegrityError(f"{location}: content does not match its sha256 {key}")
+        raise IntegrityError(f"{shown}: content does not match its sha256 {key}")
     return data
 
 
@@ -300,7 +321,11 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
 
     cache, token, key = spec["cache"], secrets["token"], secrets["key"]
 
+    urls = spec.get("urls") or {}
+
     def get(key_: str) -> bytes:
+        if key_ in urls:  # a presigned URL: it carries its own authorisation
+            return fetch(urls[key_], key_, None)
         return fetch(cache_object_location(cache, key_), key_, token)
 
     try:
@@ -389,9 +414,17 @@ def put_object(cache: str, data: bytes, token: str | None, deadline: float) -> s
 def by_reference(envelope: bytes, spec: dict, secrets: dict, deadline: float) -> bytes:
     """Put a large result envelope into the cache; return the small signed message naming it."""
     header, _ = peek(envelope)
-    key = put_object(spec["cache"], envelope, secrets["token"], deadline)
     ref = {k: header[k] for k in ("workflow", "task", "job", "attempt", "status")}
-    ref.update(kind="result-ref", ref=key, ref_size=len(envelope))
+    ref.update(kind="result-ref", ref_size=len(envelope), ref_sha256=sha256_hex(envelope))
+    put_url = spec.get("result_put_url")
+    if put_url:  # a presigned PUT for this job's result object (S3)
+        shown = public_url(put_url)
+        _with_retries(
+            lambda: _http("PUT", put_url, None, envelope, 300.0), deadline, "storing " + shown
+        )
+        ref["ref_name"] = spec["result_object"]
+    else:
+        ref["ref"] = put_object(spec["cache"], envelope, secrets["token"], deadline)
     return seal(ref, b"", secrets["key"])
 
 
@@ -526,9 +559,10 @@ def deliver(envelope: bytes, spec: dict, secrets: dict) -> str:
 
 
 def _load_spec(location: str, token: str | None) -> dict:
-    name = location.rstrip("/").rsplit("/", 1)[-1]
+    name = public_url(location).rstrip("/").rsplit("/", 1)[-1]
     key = name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
-    return json.loads(fetch(location, key, token))
+    presigned = public_url(location) != location
+    return json.loads(fetch(location, key, None if presigned else token))
 
 
 def main(argv: list[str] | None = None) -> int:

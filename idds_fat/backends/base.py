@@ -162,5 +162,7 @@ class Backend(abc.ABC):
             )
 
     @abc.abstractmethod
-    def shutdown(self, cancel: bool = False) -> None:
-        """Wait for every job to end (or cancel them all first); free the backend's resources."""
+    def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
+        """Free the backend's resources: after waiting for every job to end (or
+        cancelling them all first); with ``wait=False``, at once, leaving running
+        jobs to run (a later ``adopt`` can watch them again)."""

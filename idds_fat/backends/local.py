@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +58,7 @@ class LocalBackend(Backend):
         self._on_exit = on_exit
         self._on_start = on_start
         self._adopted: dict[str, int] = {}  # job id -> pid of a job an earlier caller started
+        self._detached = threading.Event()
         self._all_gpus = tuple(gpus)
         self._free_gpus = list(gpus)
         self._lock = threading.Lock()
@@ -136,7 +136,8 @@ class LocalBackend(Backend):
     def _watch_adopted(self, job: JobRequest, pid: int) -> None:
         # Polling is the only way to follow a process that is not our child.
         while _alive(pid) and job.job_id not in self._cancelled:
-            time.sleep(0.2)
+            if self._detached.wait(0.2):
+                return
         with self._lock:
             self._adopted.pop(job.job_id, None)
             self._live.discard(job.job_id)
@@ -144,8 +145,17 @@ class LocalBackend(Backend):
         reason = "cancelled" if cancelled else "it ended while no caller was watching"
         self._report(job, JobExit(None, reason, cancelled=cancelled))
 
-    def shutdown(self, cancel: bool = False) -> None:
-        """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers."""
+    def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
+        """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers.
+
+        With ``wait=False``, stop at once: jobs not started yet are dropped (they
+        stay queued in the workflow's record), adopted jobs are no longer
+        watched, and this process's own job processes run on alone.
+        """
+        if not wait and not cancel:
+            self._detached.set()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return
         if cancel:
             with self._lock:
                 live = list(self._live)

@@ -234,8 +234,11 @@ class SlurmBackend(Backend):
         for job in jobs:
             self._report(job, JobExit(None, "cancelled", cancelled=True))
 
-    def shutdown(self, cancel: bool = False) -> None:
-        """Stop watching; with ``cancel``, ``scancel`` every element still known first."""
+    def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
+        """Stop watching; with ``cancel``, ``scancel`` every element still known first.
+
+        Slurm runs the jobs whatever this process does, so ``wait`` changes nothing.
+        """
         if cancel:
             with self._lock:
                 job_ids = [job.job_id for job in self._live.values()]

@@ -28,6 +28,10 @@ from idds_fat.errors import IddsFatError
 from idds_fat.results import AsyncResult
 from idds_fat.workflow import Workflow, catalog
 
+# Job states of the record that mean "not finished yet".
+_UNFINISHED = ("queued", "running")
+# Seconds to let an attached workflow collect the results of its finished jobs.
+_SETTLE_SECONDS = 30.0
 # Longest result text in a table cell; --json carries the whole value.
 _CELL = 60
 
@@ -88,10 +92,54 @@ def _cell(record: dict[str, Any]) -> str:
 
 
 def _kwargs_cell(kwargs: Any) -> str:
-    if kwargs is None:
+    if not kwargs:
         return "-"
     text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return text if len(text) <= _CELL else text[: _CELL - 3] + "..."
+
+
+def _finished_jobs(root: Path, workflow_id: str, tasks: list[str]) -> tuple[set, int]:
+    """Return the (task, index) of the jobs the record says finished, and all jobs' count."""
+    jobs = [j for t in tasks for j in catalog.job_summaries(root, workflow_id, t)]
+    return {(j.task_id, j.index) for j in jobs if j.status not in _UNFINISHED}, len(jobs)
+
+
+def _settle(wf: Workflow, finished: set) -> None:
+    # An attached workflow completes the futures of its finished jobs from the
+    # result store a moment after attach returns; acting before would miss them.
+    settling = [f for t, m in wf.tasks.items() for f in m.futures if (t, f.job) in finished]
+    concurrent.futures.wait(settling, _SETTLE_SECONDS)
+
+
+def _echo_results(workflow_id: str, records: list[dict], names: dict, as_json: bool) -> None:
+    if as_json:
+        tasks = list(dict.fromkeys(r["task"] for r in records))
+        echo_json(
+            {
+                "workflow": workflow_id,
+                "tasks": [
+                    {
+                        "id": t,
+                        "name": names.get(t),
+                        "results": [r for r in records if r["task"] == t],
+                    }
+                    for t in tasks
+                ],
+            }
+        )
+        return
+    rows = [
+        (
+            r["task"],
+            names.get(r["task"]),
+            r["job"],
+            _kwargs_cell(r["kwargs"]),
+            r["status"],
+            _cell(r),
+        )
+        for r in records
+    ]
+    click.echo(table(("TASK", "NAME", "JOB", "KWARGS", "STATUS", "RESULT"), rows))
 
 
 @click.command()
@@ -101,7 +149,7 @@ def _kwargs_cell(kwargs: Any) -> str:
     "--timeout",
     type=click.FloatRange(min=0),
     default=None,
-    help="Seconds to wait for unfinished jobs; then they are cancelled.  [default: no limit]",
+    help="Seconds to wait for unfinished jobs (then left running).  [default: no limit]",
 )
 @json_option
 @work_dir_option
@@ -111,51 +159,27 @@ def results(
 ) -> None:
     """Reconnect to WORKFLOW and print every task's results, in input order.
 
-    Waits for the jobs still running (up to --timeout; the ones unfinished then
-    are cancelled, and the command exits 1).
+    Waits for the jobs still running, up to --timeout: those unfinished then
+    are shown as pending and left running, and the command exits 1.
     """
     root = effective_work_dir(work_dir)
     full_id = catalog.resolve_workflow_id(root, workflow_id)
     task_id = catalog.resolve_task_id(root, full_id, task) if task else None
+    chosen = [task_id] if task_id else [t.id for t in catalog.task_summaries(root, full_id)]
+    finished, _ = _finished_jobs(root, full_id, chosen)
     with _attach(root, full_id) as wf:
+        _settle(wf, finished)
         tasks = wf.tasks
-        names = wf.task_names
-        chosen = [task_id] if task_id else list(tasks)
         futures = [f for t in chosen for f in tasks[t].futures]
         _, pending = concurrent.futures.wait(futures, timeout)
         records = [job_result(t, f) for t in chosen for f in tasks[t].futures]
-        if as_json:
-            echo_json(
-                {
-                    "workflow": wf.id,
-                    "tasks": [
-                        {
-                            "id": t,
-                            "name": names.get(t),
-                            "results": [r for r in records if r["task"] == t],
-                        }
-                        for t in chosen
-                    ],
-                }
-            )
-        else:
-            rows = [
-                (
-                    r["task"],
-                    names.get(r["task"]),
-                    r["job"],
-                    _kwargs_cell(r["kwargs"]),
-                    r["status"],
-                    _cell(r),
-                )
-                for r in records
-            ]
-            click.echo(table(("TASK", "NAME", "JOB", "KWARGS", "STATUS", "RESULT"), rows))
+        _echo_results(wf.id, records, wf.task_names, as_json)
+        if not all(f.done() for m in tasks.values() for f in m.futures):
+            wf.detach()  # other tasks' jobs run on; a later `results` collects them
         if pending:
-            # Raised inside the workflow, so leaving it cancels these jobs.
             raise IddsFatError(
                 f"{len(pending)} of {len(futures)} jobs of workflow {wf.id} unfinished "
-                f"after {timeout:g} s; cancelled"
+                f"after {timeout:g} s; still running"
             )
 
 
@@ -168,16 +192,25 @@ def results(
 def cancel(workflow_id: str, task: str | None, as_json: bool, work_dir: Path | None) -> None:
     """Cancel the unfinished jobs of WORKFLOW, or of its TASK only; print how many.
 
-    TASK is a task id such as t0001 or a unique task name. Cancelling one task
-    keeps the command attached until the workflow's other jobs have finished.
+    TASK is a task id such as t0001 or a unique task name. The other tasks'
+    jobs run on.
     """
     root = effective_work_dir(work_dir)
     full_id = catalog.resolve_workflow_id(root, workflow_id)
     task_id = catalog.resolve_task_id(root, full_id, task) if task else None
-    with _attach(root, full_id) as wf:
-        count = wf.cancel(task_id)
-        scope = f"task {task_id} of workflow {wf.id}" if task_id else f"workflow {wf.id}"
-        if as_json:
-            echo_json({"workflow": wf.id, "task": task_id, "cancelled": count})
-        else:
-            click.echo(f"cancelled {count} {'job' if count == 1 else 'jobs'} of {scope}")
+    chosen = [task_id] if task_id else [t.id for t in catalog.task_summaries(root, full_id)]
+    finished, total = _finished_jobs(root, full_id, chosen)
+    count = 0
+    if len(finished) < total:  # attaching to a finished workflow would be for nothing
+        with _attach(root, full_id) as wf:
+            _settle(wf, finished)
+            count = wf.cancel(task_id)
+            if task_id is None:
+                wf.close(cancel=True)  # records the workflow as cancelled, not finished
+            else:
+                wf.detach()  # the other tasks' jobs run on; nothing to wait for here
+    scope = f"task {task_id} of workflow {full_id}" if task_id else f"workflow {full_id}"
+    if as_json:
+        echo_json({"workflow": full_id, "task": task_id, "cancelled": count})
+    else:
+        click.echo(f"cancelled {count} {'job' if count == 1 else 'jobs'} of {scope}")

@@ -60,12 +60,13 @@ def _show_workflows(root: Path, as_json: bool) -> None:
 
 def _workflow_header(summary: catalog.WorkflowSummary) -> str:
     states = state_counts(summary.job_states)
+    tasks = "task" if summary.tasks == 1 else "tasks"
     return "\n".join(
         [
             f"workflow  {summary.id} ({summary.name})",
             f"status    {summary.status}, backend {summary.backend or '-'}",
             f"created   {local_time(summary.created)}, updated {local_time(summary.updated)}",
-            f"jobs      {summary.jobs} in {summary.tasks} tasks: {states}",
+            f"jobs      {summary.jobs} in {summary.tasks} {tasks}: {states}",
             f"path      {summary.path}",
         ]
     )
@@ -93,7 +94,15 @@ def _show_jobs(root: Path, workflow_id: str, task: str, as_json: bool) -> None:
     summary = catalog.workflow_summary(root, workflow_id)
     jobs = catalog.job_summaries(root, summary.id, task)
     if as_json:
-        echo_json({"workflow": summary.to_dict(), "jobs": [j.to_dict() for j in jobs]})
+        task_id = jobs[0].task_id if jobs else catalog.resolve_task_id(root, summary.id, task)
+        (chosen,) = [t for t in catalog.task_summaries(root, summary.id) if t.id == task_id]
+        echo_json(
+            {
+                "workflow": summary.to_dict(),
+                "task": chosen.to_dict(),
+                "jobs": [j.to_dict() for j in jobs],
+            }
+        )
         return
     click.echo(_workflow_header(summary))
     rows = [

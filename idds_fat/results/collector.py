@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from idds_fat.cache.base import content_key
 from idds_fat.errors import IntegrityError, ServiceError
 from idds_fat.results.rest import RestResultSource
 from idds_fat.serialize import open_envelope
@@ -25,7 +26,8 @@ class ResultCollector:
     is not up (``stomp_state``). Every message is HMAC-verified with the
     workflow's key before anything in it is used; forged or corrupted ones are
     dropped and counted in ``rejected``. A reference to a large result is
-    resolved through ``fetch_ref`` and verified the same way. A result is handed
+    resolved through ``fetch_ref`` (given the reference's verified header) and
+    verified the same way. A result is handed
     to ``dispatch`` once per (task, job, attempt); repeats are counted in
     ``duplicates``. ``drain()`` reads the REST store without waiting, for a
     caller that must know now (a job just exited).
@@ -37,7 +39,7 @@ class ResultCollector:
         workflow_id: str,
         key: bytes,
         dispatch: Dispatch,
-        fetch_ref: Callable[[str], bytes] | None = None,
+        fetch_ref: Callable[[dict[str, Any]], bytes] | None = None,
     ) -> None:
         self._source = source
         self._workflow_id = workflow_id
@@ -72,12 +74,13 @@ class ResultCollector:
             self._thread.join(timeout)
 
     def drain(self) -> None:
-        """Fetch and dispatch whatever the store holds now, without waiting.
+        """Fetch and dispatch everything the store holds now, without waiting.
 
         Raises:
             ServiceError: the store could not be reached.
         """
-        self._fetch(wait=0.0)
+        while self._fetch(wait=0.0):
+            pass
 
     def stomp_state(self, up: bool) -> None:
         """Tell the collector whether STOMP delivers; REST polling pauses while it does."""
@@ -105,19 +108,24 @@ class ResultCollector:
                 logger.exception("result collector failed; retrying")
                 self._stop.wait(1.0)
 
-    def _fetch(self, wait: float) -> None:
+    def _fetch(self, wait: float) -> int:
+        """Fetch one page after the cursor; return how many messages it held."""
         cursor, envelopes = self._source.fetch(self._cursor, wait)
         for data in envelopes:
             self.accept(data, "rest")
         with self._lock:
             self._cursor = max(self._cursor, cursor)
+        return len(envelopes)
 
     def _resolve(self, ref_header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         """Fetch and verify the large result a verified reference names. Raises IntegrityError."""
+        where = ref_header.get("ref") or ref_header.get("ref_name")
         try:
-            inner = self._fetch_ref(str(ref_header["ref"]))  # type: ignore[misc]
+            inner = self._fetch_ref(ref_header)  # type: ignore[misc]
         except Exception as exc:
-            raise IntegrityError(f"large result {ref_header.get('ref')} unreadable: {exc}") from exc
+            raise IntegrityError(f"large result {where} unreadable: {exc}") from exc
+        if ref_header.get("ref_sha256") not in (None, content_key(inner)):
+            raise IntegrityError(f"large result {where} does not match its sha256")
         header, body = open_envelope(inner, self._key)
         if any(header.get(k) != ref_header.get(k) for k in ("workflow", "task", "job", "attempt")):
             raise IntegrityError("a result reference names another job's result")

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -117,6 +118,25 @@ def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _refuse_if_followed(workflow_dir: Path) -> None:
+    """Raise IddsFatError if the process that follows this workflow is still alive here."""
+    try:
+        caller = json.loads((workflow_dir / "connection.json").read_text()).get("caller") or {}
+    except (OSError, ValueError):
+        return
+    pid = caller.get("pid")
+    if caller.get("host") != socket.gethostname() or not pid or pid == os.getpid():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError):
+        return
+    raise IddsFatError(
+        f"workflow {workflow_dir.name} is followed by process {pid}, which is still running; "
+        "stop it first, or attach with force=True"
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -345,6 +365,7 @@ class Workflow:
             "token": self._token,
             "embedded": self._service is not None,
             "cache": self._cache.location,
+            "caller": {"host": socket.gethostname(), "pid": os.getpid()},
         }
         _write_private(self.work_dir / "connection.json", json.dumps(connection).encode())
         self._start_channels()
@@ -378,7 +399,7 @@ class Workflow:
         config = self.config
         source = RestResultSource(self.service_url, self.id, self._token)
         self._collector = ResultCollector(
-            source, self.id, self._key, self._dispatch, fetch_ref=self._cache.get
+            source, self.id, self._key, self._dispatch, fetch_ref=self._fetch_result_ref
         )
         self._collector.start()
         self._deadlines = Deadlines(f"idds-fat-deadlines-{self.id}")
@@ -394,6 +415,36 @@ class Workflow:
             )
             self._subscriber.start()
 
+    def _presigns(self) -> bool:
+        return hasattr(self._cache, "presigned_get")
+
+    def _node_location(self, key: str) -> str:
+        """Where a job reads cache object ``key``: a presigned URL on S3, else the cache path."""
+        if self._presigns():
+            return self._cache.presigned_get(key)  # type: ignore[union-attr]
+        return wrapper_module().cache_object_location(self._cache.location, key)
+
+    def _add_node_urls(self, spec: dict[str, Any]) -> None:
+        """On S3, give the job presigned URLs: nodes have neither credentials nor boto3."""
+        if not self._presigns():
+            return
+        keys = [spec["payload"]["key"]]
+        if spec.get("archive"):
+            keys.append(spec["archive"]["key"])
+        if spec.get("kwargs") and "key" in spec["kwargs"]:
+            keys.append(spec["kwargs"]["key"])
+        spec["urls"] = {key: self._node_location(key) for key in keys}
+        name = f"results/{spec['workflow']}/{spec['task']}/{spec['job']}.{spec['attempt']}"
+        spec["result_object"] = name
+        spec["result_put_url"] = self._cache.presigned_put(name)  # type: ignore[union-attr]
+
+    def _fetch_result_ref(self, ref: dict[str, Any]) -> bytes:
+        """Read the large result a verified reference names (by content key or by name)."""
+        assert self._cache is not None
+        if ref.get("ref_name"):
+            return self._cache.get_named(str(ref["ref_name"]))  # type: ignore[attr-defined]
+        return self._cache.get(str(ref["ref"]))
+
     def _start_backend(self) -> None:
         config = self.config
         wrapper_key = self._cache.put(wrapper_bytes())
@@ -407,8 +458,8 @@ class Workflow:
             "broker_password": config.broker_password,
         }
         wrapper_url = None
-        if self._cache.location.startswith(("http://", "https://")):
-            wrapper_url = wrapper_module().cache_object_location(self._cache.location, wrapper_key)
+        if self._presigns() or self._cache.location.startswith(("http://", "https://")):
+            wrapper_url = self._node_location(wrapper_key)
         setup = BackendSetup(
             work_dir=self.work_dir,
             wrapper_path=wrapper_file,
@@ -424,7 +475,12 @@ class Workflow:
 
     @classmethod
     def attach(
-        cls, workflow_id: str, *, work_dir: str | os.PathLike | None = None, **settings: Any
+        cls,
+        workflow_id: str,
+        *,
+        work_dir: str | os.PathLike | None = None,
+        force: bool = False,
+        **settings: Any,
     ) -> Workflow:
         """Reconnect to a workflow started earlier (by a caller that may have died).
 
@@ -433,10 +489,15 @@ class Workflow:
         the results that arrived meanwhile, watches the jobs still running, and
         runs again the jobs that never started. The returned workflow is started:
         use it in ``with`` or call ``close()``; ``tasks`` has its MapResults.
-        ``workflow_id`` may be a unique prefix.
+        ``workflow_id`` may be a unique prefix. Results already stored are
+        dispatched before it returns, so finished jobs show as finished at once.
+        Attaching while the process that started (or last attached to) the
+        workflow still runs on this host is refused unless ``force``: two
+        followers would both act on its jobs.
 
         Raises:
-            IddsFatError: no such workflow, or its state is unreadable.
+            IddsFatError: no such workflow, its state is unreadable, or its caller
+                is alive.
         """
         config = load_config(work_dir=work_dir, **settings)
         root = config.work_dir / "workflows"
@@ -448,6 +509,8 @@ class Workflow:
             what = "no workflow" if not matches else f"{len(matches)} workflows"
             raise IddsFatError(f"{what} matching {workflow_id!r} in {root}")
         workflow_dir = matches[0]
+        if not force:
+            _refuse_if_followed(workflow_dir)
         state = WorkflowState(workflow_dir / "state.sqlite3")
         try:
             record = state.workflow_record()
@@ -473,6 +536,8 @@ class Workflow:
         self.work_dir = workflow_dir
         self._key = (workflow_dir / "hmac.key").read_bytes()
         connection = json.loads((workflow_dir / "connection.json").read_text())
+        connection["caller"] = {"host": socket.gethostname(), "pid": os.getpid()}
+        _write_private(workflow_dir / "connection.json", json.dumps(connection).encode())
         if connection["embedded"] and not self.config.service_url:
             port = int(connection["service_url"].rsplit(":", 1)[1])
             try:
@@ -490,6 +555,7 @@ class Workflow:
         self._state.set_workflow_status("running")
         pending = self._rebuild_futures()
         self._start_channels()
+        self._collector.drain()  # settle what finished while nobody listened
         self._start_backend()
         running = [(self._jobs[j], ref) for j, ref in pending if ref]
         never_started = [self._jobs[j] for j, ref in pending if not ref]
@@ -507,7 +573,6 @@ class Workflow:
     def _rebuild_futures(self) -> list[tuple[str, str | None]]:
         """Recreate every job's future from its spec; return unfinished (job id, ref)."""
         assert self._state is not None and self._cache is not None
-        location = wrapper_module().cache_object_location
         pending = []
         for task_id, task_name, jobs in self._state.tasks():
             futures = []
@@ -518,7 +583,7 @@ class Workflow:
                 request = JobRequest(
                     job_id=job_id,
                     name=f"{self.id}/{task_id}/{name}",
-                    spec_location=location(self._cache.location, spec_key),
+                    spec_location=self._node_location(spec_key),
                     workdir=self.work_dir / "jobs" / task_id / str(index),
                     resources=self.resources,
                 )
@@ -602,6 +667,25 @@ class Workflow:
                 status = "failed" if not cancel else status
             if self._state is not None:
                 self._state.set_workflow_status(status)
+            self._stop_parts()
+            with _active_lock:
+                _active[:] = [w for w in _active if w is not self]
+
+    def detach(self) -> None:
+        """Stop following this workflow without waiting for or cancelling its jobs.
+
+        The jobs run on (their results wait in the result store or the broker's
+        queue); ``Workflow.attach(id)`` follows them again later. Jobs not started
+        yet start only when someone attaches.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._backend is not None:
+                self._backend.shutdown(cancel=False, wait=False)
+        finally:
             self._stop_parts()
             with _active_lock:
                 _active[:] = [w for w in _active if w is not self]
@@ -721,7 +805,6 @@ class Workflow:
         payload_key = self._cache.put(
             seal({"kind": "call", "workflow": self.id, "task": task_id}, call, self._key)
         )
-        location = wrapper_module().cache_object_location
         stomp_spec = self._stomp_spec()
         futures, requests, rows = [], [], []
         for index, (entry, body) in enumerate(zip(entries, job_kwargs, strict=True)):
@@ -751,12 +834,13 @@ class Workflow:
                     if len(sealed) <= INLINE_KWARGS_BYTES
                     else {"key": self._cache.put(sealed)}
                 )
+            self._add_node_urls(spec)
             spec_key = self._cache.put(json.dumps(spec, sort_keys=True).encode())
             job_id = f"{task_id}/{index}"
             request = JobRequest(
                 job_id=job_id,
                 name=f"{self.id}/{task_id}/{task_name}[{index}]",
-                spec_location=location(self._cache.location, spec_key),
+                spec_location=self._node_location(spec_key),
                 workdir=self.work_dir / "jobs" / task_id / str(index),
                 resources=job_resources,
             )
@@ -903,14 +987,15 @@ class Workflow:
     def _resubmit(self, job: JobRequest, attempt: int) -> None:
         """Run ``job`` again as ``attempt``, from its own spec (in a work dir of its own)."""
         assert self._cache is not None and self._backend is not None
-        spec_key = job.spec_location.rstrip("/").rsplit("/", 1)[-1]
-        spec = json.loads(self._cache.get(spec_key))
+        public = wrapper_module().public_url(job.spec_location)
+        spec = json.loads(self._cache.get(public.rstrip("/").rsplit("/", 1)[-1]))
         spec["attempt"] = attempt
+        self._add_node_urls(spec)
         new_key = self._cache.put(json.dumps(spec, sort_keys=True).encode())
         again = JobRequest(
             job_id=job.job_id,
             name=f"{job.name}#{attempt}",
-            spec_location=wrapper_module().cache_object_location(self._cache.location, new_key),
+            spec_location=self._node_location(new_key),
             workdir=job.workdir.with_name(f"{job.workdir.name}.{attempt}"),
             resources=job.resources,
         )
@@ -936,9 +1021,17 @@ class Workflow:
         if self._backend is not None and futures:
             self._backend.cancel([f"{f.task_id}/{f.job}" for f in futures])
         for future in futures:
-            future.mark_cancelled()
+            if future.mark_cancelled():
+                self._record_cancelled(future)
+
+    def _record_cancelled(self, future: AsyncResult) -> None:
+        # Recorded here, not when the backend reports the kill: a detached caller
+        # would not hear that report.
+        if self._state is not None:
+            self._state.set_job_status(future.task_id, future.job, "cancelled")
 
     def _cancel_future(self, future: AsyncResult) -> None:
+        self._record_cancelled(future)
         if self._backend is not None:
             self._backend.cancel([f"{future.task_id}/{future.job}"])
 

@@ -111,3 +111,44 @@ def test_attached_workflow_reports_a_job_that_died_meanwhile(tmp_path):
             lost.result(timeout=60)
     finally:
         attached.close()
+
+
+def test_detach_leaves_jobs_running_and_attach_collects_them(tmp_path):
+    gate = tmp_path / "gate"
+
+    @work
+    def gated(value):
+        while not os.path.exists(gate):
+            time.sleep(0.02)
+        return value
+
+    wf = Workflow(publish_timeout=120).open()
+    gated.submit("collected later")
+    deadline = time.monotonic() + 60
+    while not list((wf.work_dir / "jobs").glob("*/*/stdout.txt")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wf.detach()
+    gate.touch()  # the job finishes with nobody listening, and retries its delivery
+    with Workflow.attach(wf.id) as again:
+        assert again.tasks["t0001"].results(timeout=120) == ["collected later"]
+
+
+def test_attach_refuses_while_the_original_caller_lives(tmp_path):
+    script = tmp_path / "alive.py"
+    script.write_text(
+        "import sys\nfrom idds_fat import Workflow\n"
+        "with Workflow() as wf:\n    print(wf.id, flush=True)\n    sys.stdin.readline()\n"
+    )
+    caller = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        workflow_id = caller.stdout.readline().strip()
+        with pytest.raises(IddsFatError, match="still running"):
+            Workflow.attach(workflow_id)
+        forced = Workflow.attach(workflow_id, force=True)
+        forced.detach()
+    finally:
+        caller.communicate("\n", timeout=60)
+    assert caller.returncode == 0

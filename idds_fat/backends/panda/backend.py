@@ -398,11 +398,17 @@ class PandaBackend(Backend):
                 )
         self._report(reports)
 
-    def shutdown(self, cancel: bool = False) -> None:
+    def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
         """Wait until PanDA ends every task (or cancel them all first), then clean up.
 
         Cleaning up deletes the PanDA user secret and closes the connections.
+        With ``wait=False`` (detaching), stop polling at once and keep the secret:
+        the tasks still running need it.
         """
+        if not wait and not cancel:
+            self._stop.set()
+            self._wake.set()
+            return
         if cancel:
             with self._lock:
                 open_ids = [j.job_id for t in self._tasks.values() for j in t.open_jobs]
