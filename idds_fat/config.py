@@ -43,7 +43,8 @@ class Config:
         service_url: URL of a running ``idds-fat serve``; ``None`` starts one in-process.
         token: bearer token for the service; generated per workflow when embedded.
         cache: ``None`` (a directory under ``work_dir``), ``"service"`` (the HTTP
-            cache of the service), a directory path or ``file://`` URL, or an HTTP URL.
+            cache of the service), a directory path or ``file://`` URL, an HTTP
+            URL, or ``s3://bucket/prefix`` (boto3's usual configuration).
         max_workers: jobs the local backend runs at once (default: the CPU count).
         max_argument_bytes: cap on the pickled arguments of one call.
         max_context_bytes: cap on the zipped code context.
@@ -72,6 +73,9 @@ class Config:
         slurm_options: further ``sbatch`` options, as they are.
         slurm_poll_min, slurm_poll_max: the Slurm watcher's ``squeue`` interval
             starts at the first and doubles up to the second (seconds).
+        cache_url_lifetime: seconds the presigned URLs handed to jobs stay valid
+            on an ``s3://`` cache (long enough for batch jobs to wait in a queue;
+            S3 allows at most 7 days).
         progress: show a progress bar while a blocking call waits for several
             jobs (tqdm.auto: a widget in Jupyter, text on a terminal, nothing
             when stderr is not a terminal).
@@ -105,6 +109,7 @@ class Config:
     slurm_poll_min: float = 2.0
     slurm_poll_max: float = 30.0
     progress: bool = True
+    cache_url_lifetime: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):

@@ -143,3 +143,28 @@ def slurm_cluster(tmp_path_factory):
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+# --- A real S3 service (idds_fat.testing.s3, moto) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server on loopback shared by the session (in-memory state).
+
+    Build clients with ``s3_server.client()`` (dummy credentials, no ``AWS_*`` or
+    ``~/.aws`` needed) and buckets with ``s3_server.make_bucket(name)``; give each
+    test its own bucket. Tests must not stop it.
+    """
+    from idds_fat.testing import S3Server
+
+    _require_service(
+        S3Server.available(),
+        "moto not installed: pip install -e '.[test]' (moto[server]) to run S3 tests",
+        "moto not installed and CI is set: S3 tests must not skip in CI; "
+        "pip install -e '.[test]' (moto[server]) before the tests",
+    )
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()

@@ -9,13 +9,15 @@ from typing import Any
 
 from idds_fat.cache.base import content_key
 from idds_fat.errors import IntegrityError, ServiceError
+from idds_fat.results.futures import LazyValue
 from idds_fat.results.rest import RestResultSource
 from idds_fat.serialize import open_envelope
 
 logger = logging.getLogger(__name__)
 
-#: Receives a verified result header and body; returns False if nobody waited for it.
-Dispatch = Callable[[dict[str, Any], bytes], bool]
+#: Receives a verified result header and its body (a LazyValue of the body for a
+#: large result by reference); returns False if nobody waited for it.
+Dispatch = Callable[[dict[str, Any], Any], bool]
 
 
 class ResultCollector:
@@ -27,7 +29,7 @@ class ResultCollector:
     workflow's key before anything in it is used; forged or corrupted ones are
     dropped and counted in ``rejected``. A reference to a large result is
     resolved through ``fetch_ref`` (given the reference's verified header) and
-    verified the same way. A result is handed
+    verified the same way, when the value is first used. A result is handed
     to ``dispatch`` once per (task, job, attempt); repeats are counted in
     ``duplicates``. ``drain()`` reads the REST store without waiting, for a
     caller that must know now (a job just exited).
@@ -158,15 +160,21 @@ class ResultCollector:
                 self.duplicates += 1
         if seen:
             return
+        body: bytes | LazyValue
         if kind == "result-ref":
             if self._fetch_ref is None:
                 self._reject("a result by reference, and no cache to fetch it from")
                 return
-            try:
-                header, body = self._resolve(header)
-            except IntegrityError as exc:
-                self._reject(exc)
-                return
+            if header.get("status") == "ok":
+                # Fetched when the user first asks for the value, not before.
+                ref_header = header
+                body = LazyValue(lambda: self._resolve(ref_header)[1])
+            else:
+                try:
+                    header, body = self._resolve(header)
+                except IntegrityError as exc:
+                    self._reject(exc)
+                    return
         with self._lock:
             if ident in self._seen:
                 self.duplicates += 1

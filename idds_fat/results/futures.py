@@ -5,12 +5,42 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 from idds_fat.results.display import html_table, outcome_counts
 
-__all__ = ["AsyncResult", "MapResult"]
+__all__ = ["AsyncResult", "LazyValue", "MapResult"]
+
+
+class LazyValue:
+    """A value fetched on first use (a large result travelling by reference).
+
+    ``get()`` runs ``load`` once, from whichever thread asks first, and keeps the
+    value (or the exception) for every later call.
+    """
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def get(self) -> Any:
+        """Return the value, loading it the first time. Raises what loading raised."""
+        with self._lock:
+            if not self._done:
+                try:
+                    self._value = self._load()
+                except BaseException as exc:
+                    self._error = exc
+                self._done = True
+                self._load = None  # type: ignore[assignment]
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class AsyncResult(concurrent.futures.Future):
@@ -68,6 +98,21 @@ class AsyncResult(concurrent.futures.Future):
         except RuntimeError:  # another thread cancelled it at the same moment
             pass
         return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Return the job's value, waiting up to ``timeout`` seconds.
+
+        A large value that travelled by reference is fetched from the cache and
+        verified here, on first use.
+
+        Raises:
+            TimeoutError: not done in time.
+            CancelledError: the job was cancelled.
+            IntegrityError: a large value's stored copy was tampered with.
+            Exception: the job's own exception, or JobLostError.
+        """
+        value = super().result(timeout)
+        return value.get() if isinstance(value, LazyValue) else value
 
     def get_result(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`, as iDDS names it."""

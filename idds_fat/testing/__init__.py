@@ -12,3 +12,7 @@ from idds_fat.testing.activemq import ActiveMQBroker, BrokerError
 from idds_fat.testing.slurm import SlurmCluster, SlurmError
 
 __all__ = ["ActiveMQBroker", "BrokerError", "SlurmCluster", "SlurmError"]
+
+from idds_fat.testing.s3 import S3Server, S3ServerError  # noqa: E402
+
+__all__ += ["S3Server", "S3ServerError"]

@@ -32,6 +32,7 @@ from idds_fat.errors import (
 )
 from idds_fat.results import AsyncResult, MapResult, RestResultSource, ResultCollector
 from idds_fat.results.display import WaitProgress, html_table, outcome_counts
+from idds_fat.results.futures import LazyValue
 from idds_fat.results.outcome import decode_result
 from idds_fat.results.stomp import StompResultSubscriber
 from idds_fat.serialize import (
@@ -392,6 +393,10 @@ class Workflow:
             self._cache = DirectoryStore(self.config.work_dir / "cache")
         elif location == "service":
             self._cache = HttpStore(self.service_url + "/cache", self._token)
+        elif location.startswith("s3://"):
+            from idds_fat.cache.s3 import S3Store
+
+            self._cache = S3Store(location, url_lifetime=self.config.cache_url_lifetime)
         else:
             self._cache = open_store(location, self._token)
 
@@ -917,13 +922,16 @@ class Workflow:
         future = self._futures.get((str(header.get("task")), int(header.get("job", -1))))
         if future is None or future.done():
             return False
-        try:
-            ok, value = decode_result(header, body)
-        except Exception as exc:  # e.g. the value needs a module the caller lacks
-            ok, value = (
-                False,
-                IddsFatError(f"result of {future.name} could not be unpickled: {exc}"),
-            )
+        if isinstance(body, LazyValue):
+            ok, value = True, LazyValue(lambda: decode_result(header, body.get())[1])
+        else:
+            try:
+                ok, value = decode_result(header, body)
+            except Exception as exc:  # e.g. the value needs a module the caller lacks
+                ok, value = (
+                    False,
+                    IddsFatError(f"result of {future.name} could not be unpickled: {exc}"),
+                )
         settled = _settle(future, ok, value)
         if settled and self._state is not None:
             self._state.set_job_status(future.task_id, future.job, "done" if ok else "failed")

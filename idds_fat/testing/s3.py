@@ -1,0 +1,289 @@
+"""A private, throwaway S3 service (moto) on loopback.
+
+For tests, benchmarks and users' CI: :class:`S3Server` runs ``moto_server`` (the
+one installed next to the running interpreter, from ``pip install "moto[server]"``)
+as a subprocess on ``127.0.0.1`` and returns once it answers HTTP. Its state lives
+in memory only: buckets and objects vanish with the process.
+
+moto accepts any credentials; :meth:`S3Server.client` uses the dummy pair
+``testing`` / ``testing`` in ``us-east-1``. moto does not check the expiry (nor
+the signature) of presigned URLs, so tests of expired URLs cannot rely on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from idds_fat.errors import IddsFatError
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+REGION = "us-east-1"
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+_POLL_INTERVAL = 0.05
+_LOG_TAIL_LINES = 40
+
+
+class S3ServerError(IddsFatError):
+    """The moto server could not be started; the message carries its log's last lines."""
+
+
+class S3Server:
+    """One ``moto_server`` process serving S3 on ``http://127.0.0.1:PORT``.
+
+    Args:
+        base_dir: directory for the server's log ``moto.log``; a temporary
+            directory (removed by ``stop()``) when omitted.
+        port: the port; a free one is picked now when omitted, and kept for every
+            later ``start()``.
+
+    Usable as a context manager: ``with S3Server() as server: ...``. A server
+    object that is collected, or still running at interpreter exit, kills its
+    process.
+    """
+
+    def __init__(self, base_dir: Path | None = None, port: int | None = None) -> None:
+        self._own_dir = base_dir is None
+        self.base_dir = (
+            Path(tempfile.mkdtemp(prefix="idds-fat-moto-"))
+            if base_dir is None
+            else Path(base_dir).resolve()
+        )
+        self.port = port if port is not None else _free_port()
+        self.log_path = self.base_dir / "moto.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"S3Server({self.endpoint_url!r}, {state})"
+
+    @property
+    def endpoint_url(self) -> str:
+        """The S3 endpoint, ``"http://127.0.0.1:PORT"``; the same across restarts."""
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process has been started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    @staticmethod
+    def available() -> bool:
+        """Return whether a server can be started here: moto importable and its
+        ``moto_server`` script installed next to the running interpreter."""
+        return importlib.util.find_spec("moto") is not None and _moto_server_path().is_file()
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Launch ``moto_server`` and wait until it answers HTTP.
+
+        A no-op when already running.
+
+        Raises:
+            S3ServerError: moto is not installed, the port is taken, the process
+                exited, or it did not answer within ``timeout`` seconds; the
+                message carries the tail of its log.
+        """
+        if self.running:
+            return
+        if self._process is not None:
+            self._terminate()  # it died on its own since the last start: reap it
+        if not self.available():
+            raise S3ServerError(
+                f"moto is not installed for {sys.executable}: pip install 'moto[server]'"
+            )
+        if _port_in_use(self.port):
+            # Whatever listens there would answer the readiness probe in our place.
+            raise S3ServerError(
+                f"cannot start moto on {self.endpoint_url}: port {self.port} is in use"
+            )
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        command = [str(_moto_server_path()), "-H", HOST, "-p", str(self.port)]
+        began = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- starting moto on {self.endpoint_url}\n".encode())
+            log.flush()
+            # Own session: a Ctrl-C in the test terminal must not reach the server
+            # before our own teardown stops it.
+            self._process = subprocess.Popen(
+                command,
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._finalizer = weakref.finalize(self, _kill_process, self._process)
+        try:
+            self._wait_until_ready(began, timeout)
+        except BaseException:
+            self._terminate()
+            raise
+        logger.info(
+            "moto S3 up on %s in %.2f s (pid %d)",
+            self.endpoint_url,
+            time.monotonic() - began,
+            self._process.pid,
+        )
+
+    def stop(self) -> None:
+        """Stop the server, wait until its process is gone, and remove the
+        temporary directory if the server made one. A no-op when not running."""
+        self._terminate()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> S3Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        """Return a boto3 S3 client for this server with the dummy credentials
+        (``testing`` / ``testing``, ``us-east-1``), whatever the caller's
+        credentials, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` and ``~/.aws`` say."""
+        import boto3
+        import botocore.session
+        from botocore.config import Config
+
+        # Neither the caller's AWS_PROFILE nor ~/.aws may leak into tests (a
+        # default addressing style or retry mode there would change behaviour).
+        core = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
+        core.set_config_variable("config_file", os.devnull)
+        core.set_config_variable("credentials_file", os.devnull)
+        session = boto3.session.Session(
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+            botocore_session=core,
+        )
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            config=Config(signature_version="s3v4", retries={"mode": "standard"}),
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (3-63 lower-case letters, digits, ``-``, ``.``);
+        return its name. Raises botocore's ClientError if S3 refuses it."""
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        finally:
+            client.close()
+        return name
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """Return the last ``lines`` lines of the server's log ("" if none yet)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 64 * 1024))
+                text = log.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _wait_until_ready(self, began: float, timeout: float) -> None:
+        assert self._process is not None
+        deadline = began + timeout
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise S3ServerError(
+                    f"moto for {self.endpoint_url} exited with code {code} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise S3ServerError(
+                    f"moto for {self.endpoint_url} did not answer within {timeout:.0f} s; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            if _answers(self.endpoint_url + "/moto-api/", timeout=min(2.0, remaining)):
+                return
+            time.sleep(_POLL_INTERVAL)
+
+    def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning("moto pid %d ignored SIGTERM; killing it", process.pid)
+            process.kill()
+            process.wait()
+
+
+def _moto_server_path() -> Path:
+    # The script of the interpreter's own environment, not whatever PATH finds.
+    return Path(sys.executable).parent / "moto_server"
+
+
+def _answers(url: str, timeout: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _free_port() -> int:
+    # Races with other processes are possible but rare on loopback; the server
+    # then fails to bind and start() reports it with the log tail.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return True
+        return False
+
+
+def _kill_process(process: subprocess.Popen[bytes]) -> None:
+    # Runs at interpreter exit (weakref.finalize) or when a server object is
+    # collected while its process still runs: never leave a server behind.
+    if process.poll() is None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        process.wait()
