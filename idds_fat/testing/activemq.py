@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -29,6 +28,9 @@ from pathlib import Path
 from types import TracebackType
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.processes import free_port as _free_port
+from idds_fat.testing.processes import kill_process as _kill_process
+from idds_fat.testing.processes import port_in_use as _port_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -425,26 +427,6 @@ def render_config(
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def _free_port() -> int:
-    # Races with other processes are possible but rare on loopback; the broker
-    # then fails to bind and start() reports it with the log tail.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _port_in_use(port: int) -> bool:
-    # SO_REUSEADDR as the JVM sets it: connections of a killed broker lingering in
-    # TIME_WAIT must not count, only a live listener.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return True
-        return False
-
-
 def _stomp_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace(":", "\\c")
 
@@ -470,14 +452,3 @@ def _stomp_probe(port: int, login: tuple[str, str] | None, timeout: float) -> st
             return command
     except OSError:
         return None
-
-
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    # Runs at interpreter exit (weakref.finalize) or when a broker object is
-    # collected while its Java process still runs: never leave a JVM behind.
-    if process.poll() is None:
-        try:
-            os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        process.wait()

@@ -16,8 +16,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,9 @@ from types import TracebackType
 from typing import Any
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.processes import free_port as _free_port
+from idds_fat.testing.processes import kill_process as _kill_process
+from idds_fat.testing.processes import port_in_use as _port_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -258,32 +259,3 @@ def _answers(url: str, timeout: float) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _free_port() -> int:
-    # Races with other processes are possible but rare on loopback; the server
-    # then fails to bind and start() reports it with the log tail.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return True
-        return False
-
-
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    # Runs at interpreter exit (weakref.finalize) or when a server object is
-    # collected while its process still runs: never leave a server behind.
-    if process.poll() is None:
-        try:
-            os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        process.wait()

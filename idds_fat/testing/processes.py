@@ -1,0 +1,50 @@
+"""Process and port chores shared by the test servers (ActiveMQ, moto, Slurm)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+HOST = "127.0.0.1"
+
+
+def free_port(host: str = HOST) -> int:
+    """Return a port that is free on ``host`` right now.
+
+    Another process may take it before the server binds it; rare on loopback,
+    and the server's start then fails with its log tail.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Return whether a live listener holds ``port`` on ``host``.
+
+    Binds with SO_REUSEADDR, as servers do, so connections of a killed server
+    lingering in TIME_WAIT do not count.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def kill_process(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` if it still runs, and reap it.
+
+    For finalizers (interpreter exit, a server object collected while its
+    process runs): a test run must never leave a server behind.
+    """
+    if process.poll() is None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        process.wait()
