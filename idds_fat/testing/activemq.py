@@ -31,6 +31,7 @@ from idds_fat.errors import IddsFatError
 from idds_fat.testing.processes import free_port as _free_port
 from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
+from idds_fat.testing.processes import spawn_logged
 
 logger = logging.getLogger(__name__)
 
@@ -194,19 +195,9 @@ class ActiveMQBroker:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         command = self._command(config)
         began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- starting broker on {self.url}\n".encode())
-            log.flush()
-            # Own session: a Ctrl-C in the test terminal must not reach the broker
-            # before our own teardown stops it in order.
-            self._process = subprocess.Popen(
-                command,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._process = spawn_logged(
+            command, self.base_dir, self.log_path, f"starting broker on {self.url}"
+        )
         self._finalizer = weakref.finalize(self, _kill_process, self._process)
         logger.debug("started ActiveMQ pid %d for %s", self._process.pid, self.url)
         try:

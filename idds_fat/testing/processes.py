@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 HOST = "127.0.0.1"
 
@@ -48,3 +49,22 @@ def kill_process(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
         process.wait()
+
+
+def spawn_logged(command: list[str], cwd: Path, log_path: Path, banner: str) -> subprocess.Popen:
+    """Start a server process whose stdout and stderr are appended to ``log_path``.
+
+    The process gets its own session, so a Ctrl-C in the test terminal does not
+    reach it before the test's own teardown stops it in order.
+    """
+    with open(log_path, "ab") as log:
+        log.write(f"--- {banner}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

@@ -31,6 +31,7 @@ from idds_fat.errors import IddsFatError
 from idds_fat.testing.processes import free_port as _free_port
 from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
+from idds_fat.testing.processes import spawn_logged
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +122,9 @@ class S3Server:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         command = [str(_moto_server_path()), "-H", HOST, "-p", str(self.port)]
         began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- starting moto on {self.endpoint_url}\n".encode())
-            log.flush()
-            # Own session: a Ctrl-C in the test terminal must not reach the server
-            # before our own teardown stops it.
-            self._process = subprocess.Popen(
-                command,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._process = spawn_logged(
+            command, self.base_dir, self.log_path, f"starting moto on {self.endpoint_url}"
+        )
         self._finalizer = weakref.finalize(self, _kill_process, self._process)
         try:
             self._wait_until_ready(began, timeout)
