@@ -71,7 +71,7 @@ def test_broker_killed_mid_map_every_result_arrives_once_via_rest(activemq_facto
     assert values == list(range(1, n + 1))
     stats = wf.stats
     assert stats["rest"] > 0, stats
-    assert stats["stomp"] >= 40 - 2, stats  # the first results came over STOMP
+    assert stats["stomp"] >= 1, stats  # results came over STOMP before the kill
     assert stats["rejected"] == 0
     # Each job's future was completed exactly once; extra copies were dropped as duplicates.
     assert all(f.done() and not f.exception() for f in results.futures)
