@@ -8,9 +8,7 @@ import datetime
 import json
 import logging
 import os
-import re
 import secrets
-import signal
 import socket
 import threading
 import warnings
@@ -27,7 +25,6 @@ from idds_fat.errors import (
     IddsFatError,
     IgnoredParameterWarning,
     JobLostError,
-    NoActiveWorkflowError,
     ServiceError,
 )
 from idds_fat.results import AsyncResult, MapResult, RestResultSource, ResultCollector
@@ -35,16 +32,15 @@ from idds_fat.results.display import WaitProgress, html_table, outcome_counts
 from idds_fat.results.futures import LazyValue
 from idds_fat.results.outcome import decode_result
 from idds_fat.results.stomp import StompResultSubscriber
-from idds_fat.serialize import (
-    dumps_call,
-    dumps_job_kwargs,
-    loads,
-    open_envelope,
-    register_user_modules,
-    seal,
-)
+from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules, seal
+from idds_fat.workflow import resume
+from idds_fat.workflow.current import _active, _active_lock
+from idds_fat.workflow.current import current_workflow as current_workflow
+from idds_fat.workflow.current import require_workflow as require_workflow
 from idds_fat.workflow.deadlines import Deadlines
+from idds_fat.workflow.job_ends import _exit_reason, _settle, _tail
 from idds_fat.workflow.state import WorkflowState
+from idds_fat.workflow.workdir import _slug, _write_private
 from idds_fat.wrapper_source import wrapper_bytes, wrapper_module
 
 logger = logging.getLogger(__name__)
@@ -58,19 +54,7 @@ _RESOURCE_NAMES = ("cores", "memory_mb", "gpus", "walltime")
 # iDDS parameters that only some backends use.
 _PLACEMENT_PARAMETERS = ("queue", "site", "cloud", "init_env", "container_options")
 
-_active: list[Workflow] = []
-_active_lock = threading.Lock()
 _warned: set[tuple[str, str]] = set()
-
-
-def current_workflow() -> Workflow | None:
-    """Return the innermost workflow that is open in this process, or ``None``.
-
-    A process-wide stack rather than a context variable, so a workflow opened in
-    one notebook cell is still current in the next.
-    """
-    with _active_lock:
-        return _active[-1] if _active else None
 
 
 def warn_ignored(parameter: str, backend: str, what: str = "") -> None:
@@ -83,80 +67,6 @@ def warn_ignored(parameter: str, backend: str, what: str = "") -> None:
         IgnoredParameterWarning,
         stacklevel=4,
     )
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "workflow"
-
-
-def _exit_reason(outcome: JobExit) -> str:
-    if outcome.reason:
-        return outcome.reason
-    code = outcome.returncode
-    if code is None:
-        return "its process could not be followed"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    module = wrapper_module()
-    if code == module.EXIT_UNDELIVERED:
-        return "its result could not be delivered to the result store"
-    if code == module.EXIT_UNREPORTED:
-        return "the wrapper could not start the job"
-    if code == 0:
-        return "it exited cleanly but no valid result arrived"
-    return "its process exited"
-
-
-def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - max_bytes))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _refuse_if_followed(workflow_dir: Path) -> None:
-    """Raise IddsFatError if the process that follows this workflow is still alive here."""
-    try:
-        caller = json.loads((workflow_dir / "connection.json").read_text()).get("caller") or {}
-    except (OSError, ValueError):
-        return
-    pid = caller.get("pid")
-    if caller.get("host") != socket.gethostname() or not pid or pid == os.getpid():
-        return
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, PermissionError):
-        return
-    raise IddsFatError(
-        f"workflow {workflow_dir.name} is followed by process {pid}, which is still running; "
-        "stop it first, or attach with force=True"
-    )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a file only the user can read (created so from the start)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
-def _settle(future: AsyncResult, ok: bool, value: Any) -> bool:
-    """Complete ``future`` unless something else already did; return whether this did."""
-    try:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-    except concurrent.futures.InvalidStateError:
-        return False
-    return True
 
 
 class Workflow:
@@ -504,120 +414,7 @@ class Workflow:
             IddsFatError: no such workflow, its state is unreadable, or its caller
                 is alive.
         """
-        config = load_config(work_dir=work_dir, **settings)
-        root = config.work_dir / "workflows"
-        matches = sorted(p for p in root.glob(f"{workflow_id}*") if p.is_dir())
-        exact = [p for p in matches if p.name == workflow_id]
-        if exact:
-            matches = exact
-        if len(matches) != 1:
-            what = "no workflow" if not matches else f"{len(matches)} workflows"
-            raise IddsFatError(f"{what} matching {workflow_id!r} in {root}")
-        workflow_dir = matches[0]
-        if not force:
-            _refuse_if_followed(workflow_dir)
-        state = WorkflowState(workflow_dir / "state.sqlite3")
-        try:
-            record = state.workflow_record()
-        finally:
-            state.close()
-        recorded = record["settings"]
-        config = config.replace(backend=settings.get("backend") or recorded.get("backend"))
-        if recorded.get("broker") and "broker" not in settings:
-            config = config.replace(broker=recorded["broker"])
-        wf = cls(record["name"], config=config, **recorded.get("placement", {}))
-        wf.resources = Resources(**recorded.get("resources", {}))
-        with wf._lock:
-            try:
-                wf._resume(workflow_dir)
-            except BaseException:
-                wf._stop_parts()
-                raise
-            wf._started = True
-        return wf
-
-    def _resume(self, workflow_dir: Path) -> None:
-        self.id = workflow_dir.name
-        self.work_dir = workflow_dir
-        self._key = (workflow_dir / "hmac.key").read_bytes()
-        connection = json.loads((workflow_dir / "connection.json").read_text())
-        connection["caller"] = {"host": socket.gethostname(), "pid": os.getpid()}
-        _write_private(workflow_dir / "connection.json", json.dumps(connection).encode())
-        if connection["embedded"] and not self.config.service_url:
-            port = int(connection["service_url"].rsplit(":", 1)[1])
-            try:
-                self._start_embedded_service(connection["token"], port=port)
-            except (OSError, ServiceError) as exc:
-                # Jobs still running would not reach a service elsewhere; results
-                # already stored are read all the same.
-                logger.warning("port %d is taken (%s); starting on another", port, exc)
-                self._start_embedded_service(connection["token"], port=0)
-        else:
-            self.service_url = self.config.service_url or connection["service_url"]
-            self._token = self.config.token or connection["token"]
-        self._open_cache(connection["cache"])
-        self._state = WorkflowState(workflow_dir / "state.sqlite3")
-        self._state.set_workflow_status("running")
-        pending = self._rebuild_futures()
-        self._start_channels()
-        self._collector.drain()  # settle what finished while nobody listened
-        self._start_backend()
-        running = [(self._jobs[j], ref) for j, ref in pending if ref]
-        never_started = [self._jobs[j] for j, ref in pending if not ref]
-        if running:
-            self._backend.adopt(running)
-        if never_started:
-            self._backend.submit(never_started)
-        logger.info(
-            "attached to %s: %d jobs running, %d started again",
-            self.id,
-            len(running),
-            len(never_started),
-        )
-
-    def _rebuild_futures(self) -> list[tuple[str, str | None]]:
-        """Recreate every job's future from its spec; return unfinished (job id, ref)."""
-        assert self._state is not None and self._cache is not None
-        pending = []
-        for task_id, task_name, jobs in self._state.tasks():
-            futures = []
-            for index, name, spec_key, status, returncode, ref in jobs:
-                spec = json.loads(self._cache.get(spec_key))
-                kwargs = self._job_kwargs(spec)
-                job_id = f"{task_id}/{index}"
-                request = JobRequest(
-                    job_id=job_id,
-                    name=f"{self.id}/{task_id}/{name}",
-                    spec_location=self._node_location(spec_key),
-                    workdir=self.work_dir / "jobs" / task_id / str(index),
-                    resources=self.resources,
-                )
-                future = AsyncResult(
-                    task_id, index, kwargs, name=request.name, canceller=self._cancel_future
-                )
-                self._futures[(task_id, index)] = future
-                self._jobs[job_id] = request
-                futures.append(future)
-                if status == "cancelled":
-                    future.mark_cancelled()
-                elif status == "lost":
-                    self._lose(request, JobExit(returncode, "lost before the caller went away"))
-                elif status in ("queued", "running"):
-                    pending.append((job_id, ref))
-            self._tasks[task_id] = futures
-            self._task_names[task_id] = task_name
-            self._task_count += 1
-        return pending
-
-    def _job_kwargs(self, spec: dict[str, Any]) -> dict[str, Any] | None:
-        entry = spec.get("kwargs")
-        if not entry:
-            return None
-        if "inline" in entry:
-            raw = base64.b64decode(entry["inline"])
-        else:
-            raw = self._cache.get(entry["key"])
-        return loads(open_envelope(raw, self._key)[1])
+        return resume.attach(cls, workflow_id, work_dir=work_dir, force=force, **settings)
 
     # --- tasks as the user sees them ------------------------------------------------
 
@@ -1068,15 +865,3 @@ class Workflow:
         headers = ["task", "name", "jobs", "done", "failed", "cancelled", "running", "queued"]
         caption = f"Workflow {self.id or self.name} ({state}, backend {self.config.backend})"
         return html_table(headers, rows, caption=caption)
-
-
-def require_workflow() -> Workflow:
-    """Return the current workflow.
-
-    Raises:
-        NoActiveWorkflowError: no workflow is open.
-    """
-    workflow = current_workflow()
-    if workflow is None:
-        raise NoActiveWorkflowError("no workflow is open: use @workflow or `with Workflow():`")
-    return workflow

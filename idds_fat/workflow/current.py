@@ -1,0 +1,36 @@
+"""Which workflow is current: the process-wide stack of open workflows."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from idds_fat.errors import NoActiveWorkflowError
+
+if TYPE_CHECKING:
+    from idds_fat.workflow.runtime import Workflow
+
+_active: list[Workflow] = []
+_active_lock = threading.Lock()
+
+
+def current_workflow() -> Workflow | None:
+    """Return the innermost workflow that is open in this process, or ``None``.
+
+    A process-wide stack rather than a context variable, so a workflow opened in
+    one notebook cell is still current in the next.
+    """
+    with _active_lock:
+        return _active[-1] if _active else None
+
+
+def require_workflow() -> Workflow:
+    """Return the current workflow.
+
+    Raises:
+        NoActiveWorkflowError: no workflow is open.
+    """
+    workflow = current_workflow()
+    if workflow is None:
+        raise NoActiveWorkflowError("no workflow is open: use @workflow or `with Workflow():`")
+    return workflow
