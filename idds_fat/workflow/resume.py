@@ -51,23 +51,7 @@ def attach(
     force: bool = False,
     **settings: Any,
 ) -> Workflow:
-    """Reconnect to a workflow started earlier (by a caller that may have died).
-
-    Restarts its embedded service at the same address (so its jobs can still
-    deliver), rebuilds every task's futures from the workflow's state, collects
-    the results that arrived meanwhile, watches the jobs still running, and
-    runs again the jobs that never started. The returned workflow is started:
-    use it in ``with`` or call ``close()``; ``tasks`` has its MapResults.
-    ``workflow_id`` may be a unique prefix. Results already stored are
-    dispatched before it returns, so finished jobs show as finished at once.
-    Attaching while the process that started (or last attached to) the
-    workflow still runs on this host is refused unless ``force``: two
-    followers would both act on its jobs.
-
-    Raises:
-        IddsFatError: no such workflow, its state is unreadable, or its caller
-            is alive.
-    """
+    """Do what :meth:`Workflow.attach` documents (``cls`` is the class to build)."""
     config = load_config(work_dir=work_dir, **settings)
     root = config.work_dir / "workflows"
     matches = sorted(p for p in root.glob(f"{workflow_id}*") if p.is_dir())
