@@ -15,7 +15,6 @@ is installed.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -28,10 +27,10 @@ from pathlib import Path
 from types import TracebackType
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.processes import file_tail, spawn_logged, stop_process
 from idds_fat.testing.processes import free_port as _free_port
 from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
-from idds_fat.testing.processes import spawn_logged
 
 logger = logging.getLogger(__name__)
 
@@ -274,14 +273,7 @@ class ActiveMQBroker:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of the broker's log ("" if none yet)."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.log_path, lines)
 
     def _command(self, config: Path) -> list[str]:
         java = shutil.which("java") or "java"
@@ -336,21 +328,8 @@ class ActiveMQBroker:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if process is None or process.poll() is not None:
-            return
-        if kill:
-            process.kill()
-            process.wait()
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "ActiveMQ pid %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout
-            )
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout, kill=kill)
 
 
 def render_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 from pathlib import Path
 
 HOST = "127.0.0.1"
+
+logger = logging.getLogger(__name__)
 
 
 def free_port(host: str = HOST) -> int:
@@ -68,3 +71,33 @@ def spawn_logged(command: list[str], cwd: Path, log_path: Path, banner: str) -> 
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def stop_process(process: subprocess.Popen, timeout: float, kill: bool = False) -> None:
+    """Stop ``process`` and reap it: SIGKILL at once with ``kill`` (a crash), else
+    SIGTERM and, if it is still alive after ``timeout`` seconds, SIGKILL."""
+    if process.poll() is not None:
+        return
+    if kill:
+        process.kill()
+        process.wait()
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("pid %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
+        process.kill()
+        process.wait()
+
+
+def file_tail(path: Path, lines: int) -> str:
+    """Return the last ``lines`` lines of the log at ``path`` ("" if it does not exist yet)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 64 * 1024))
+            text = log.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

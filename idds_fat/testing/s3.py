@@ -28,10 +28,10 @@ from types import TracebackType
 from typing import Any
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.processes import file_tail, spawn_logged, stop_process
 from idds_fat.testing.processes import free_port as _free_port
 from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
-from idds_fat.testing.processes import spawn_logged
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +194,7 @@ class S3Server:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of the server's log ("" if none yet)."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.log_path, lines)
 
     def _wait_until_ready(self, began: float, timeout: float) -> None:
         assert self._process is not None
@@ -228,15 +221,8 @@ class S3Server:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            logger.warning("moto pid %d ignored SIGTERM; killing it", process.pid)
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT)
 
 
 def _moto_server_path() -> Path:

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.processes import file_tail, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ class SlurmCluster:
         header naming the file ("" when there are no logs yet)."""
         parts = []
         for name in ("munged.out", "slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
-            tail = _tail(self.log_dir / name, lines)
+            tail = file_tail(self.log_dir / name, lines)
             if tail:
                 parts.append(f"--- {self.log_dir / name}:\n{tail}")
         return "\n".join(parts)
@@ -463,7 +464,7 @@ class _Daemons:
                 why = f"exited with code {code}" if code is not None else "did not answer in time"
                 raise SlurmError(
                     f"munged on {socket_path} {why}; "
-                    f"log {log_path}:\n{_tail(log_path, _LOG_TAIL_LINES)}"
+                    f"log {log_path}:\n{file_tail(log_path, _LOG_TAIL_LINES)}"
                 )
             time.sleep(_POLL_INTERVAL)
         logger.debug("started munged pid %d on %s", self.munged.pid, socket_path)
@@ -475,7 +476,7 @@ class _Daemons:
             process = getattr(self, attr)
             setattr(self, attr, None)
             if process is not None:
-                _terminate(process, timeout)
+                stop_process(process, timeout)
         self._finish()
 
     def kill_all(self) -> None:
@@ -567,29 +568,6 @@ def _reserve_ports(count: int) -> list[int]:
                 _reserved_ports.add(port)
                 ports.append(port)
     return ports
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 64 * 1024))
-            text = log.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        logger.warning("pid %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
-        process.kill()
-        process.wait()
 
 
 def _processes() -> Iterator[tuple[int, int, bytes]]:
