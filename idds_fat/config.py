@@ -54,6 +54,11 @@ class Config:
             still running (an exception in the body always cancels).
         publish_timeout: seconds a job keeps trying to deliver its result.
         python: the interpreter that local jobs run.
+        local_mode: ``"warm"`` (the default): the local backend keeps
+            ``max_workers`` long-lived worker processes that run job after job
+            through the wrapper; ``"cold"``: one new interpreter per job, as on
+            a batch slot. Jobs asking for GPUs or a non-current environment
+            always run cold.
         broker: STOMP brokers, ``stomp://host1:61613,host2:61613``; ``None``
             (the default) delivers results over REST only.
         broker_user, broker_password: broker credentials (given to jobs with
@@ -94,6 +99,7 @@ class Config:
     on_exit: str = "wait"
     publish_timeout: float = 120.0
     python: str = sys.executable
+    local_mode: str = "warm"
     broker: str | None = None
     broker_user: str | None = None
     broker_password: str | None = field(default=None, repr=False)
@@ -114,6 +120,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):
             raise ConfigError(f"on_exit must be 'wait' or 'cancel', not {self.on_exit!r}")
+        if self.local_mode not in ("warm", "cold"):
+            raise ConfigError(f"local_mode must be 'warm' or 'cold', not {self.local_mode!r}")
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be at least 1, not {self.max_workers}")
         if self.broker is not None:
