@@ -7,6 +7,7 @@ while the results come back into the calling loop as futures.
 
 from idds_fat.api import WorkFunction, work, workflow
 from idds_fat.config import Config, load_config
+from idds_fat.context.environment import Conda, Container, Current, Environment, Venv
 from idds_fat.errors import (
     ArgumentError,
     CacheError,
@@ -16,6 +17,8 @@ from idds_fat.errors import (
     IddsFatError,
     IgnoredParameterWarning,
     IntegrityError,
+    InterpreterMismatchError,
+    JobEnvironmentError,
     JobLostError,
     NoActiveWorkflowError,
     RemoteError,
@@ -32,13 +35,19 @@ __all__ = [
     "ArgumentError",
     "AsyncResult",
     "CacheError",
+    "Conda",
     "Config",
     "ConfigError",
+    "Container",
     "ContextError",
     "ContextTooLargeError",
+    "Current",
+    "Environment",
     "IddsFatError",
     "IgnoredParameterWarning",
     "IntegrityError",
+    "InterpreterMismatchError",
+    "JobEnvironmentError",
     "JobLostError",
     "MapResult",
     "NoActiveWorkflowError",
@@ -46,6 +55,7 @@ __all__ = [
     "RemoteTraceback",
     "ServiceError",
     "UnsafeArchiveError",
+    "Venv",
     "WorkFunction",
     "Workflow",
     "__version__",

@@ -81,6 +81,15 @@ class Config:
         cache_url_lifetime: seconds the presigned URLs handed to jobs stay valid
             on an ``s3://`` cache (long enough for batch jobs to wait in a queue;
             S3 allows at most 7 days).
+        env_cache_dir: node-local directory where jobs build and keep their
+            venv and conda environments (``None``: ``~/.cache/idds-fat/envs`` on
+            the node; a node's own ``IDDS_FAT_ENV_CACHE_DIR`` wins).
+        container_runtime: the runtime of ``Container`` environments
+            (``apptainer``, ``singularity``, ``podman``, ``docker``); ``None``
+            takes the first the node has.
+        container_run_options: options given to every container run, before
+            the image's own (e.g. ``--runtime runc`` for podman on hosts where
+            crun fails, ``--network host`` to reach loopback services).
         progress: show a progress bar while a blocking call waits for several
             jobs (tqdm.auto: a widget in Jupyter, text on a terminal, nothing
             when stderr is not a terminal).
@@ -116,6 +125,9 @@ class Config:
     slurm_poll_max: float = 30.0
     progress: bool = True
     cache_url_lifetime: float = 7 * 86400.0
+    env_cache_dir: Path | None = None
+    container_runtime: str | None = None
+    container_run_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.on_exit not in ("wait", "cancel"):

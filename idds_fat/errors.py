@@ -44,6 +44,18 @@ class ContextTooLargeError(ContextError):
     """The code context is larger than its cap; the message lists the largest entries."""
 
 
+class JobEnvironmentError(IddsFatError):
+    """The job's environment (venv, conda, container, init_env) could not be built or entered."""
+
+
+class InterpreterMismatchError(JobEnvironmentError):
+    """The job's Python (major.minor) or cloudpickle differs from the caller's.
+
+    Raised before anything is unpickled; the message names both versions and
+    the environment the job ran in.
+    """
+
+
 class CacheError(IddsFatError):
     """The cache could not store or return an object."""
 

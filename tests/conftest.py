@@ -168,3 +168,23 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+# --- A real container runtime (podman + runc, idds_fat.testing.environments) --------
+
+
+@pytest.fixture(scope="session")
+def podman():
+    """The path of podman, when podman and runc are installed (skip, or fail under CI)."""
+    import shutil
+
+    from idds_fat.testing.environments import podman_available
+
+    _require_service(
+        podman_available(),
+        "podman or runc not installed: run `make services` (apt-get install podman runc) "
+        "to run container tests",
+        "podman or runc not installed and CI is set: container tests must not skip in CI; "
+        "run `.ci/install-services` as root (apt-get install podman runc) before the tests",
+    )
+    return shutil.which("podman")

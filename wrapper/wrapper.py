@@ -46,6 +46,7 @@ import pickle
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -275,6 +276,388 @@ def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_0
     return written
 
 
+# --- the job's environment on the node -----------------------------------------------
+#
+# The spec's "environment" says where the function runs: "current" (this interpreter),
+# "venv" (built from requirements, or a venv-pack tarball), "conda" (a conda-pack
+# tarball) or "container" (an image), optionally behind an iDDS-style "init_env" shell
+# prefix. enter_environment() builds what is needed (once per node, under a file lock,
+# in a cache dir keyed by content hash) and re-executes this wrapper there with the
+# same arguments; the secrets follow in the environment, never on a command line.
+
+ENV_STAGE_ENV = "IDDS_FAT_ENV_STAGE"  # the stages this process already runs inside
+ENV_CACHE_ENV = "IDDS_FAT_ENV_CACHE_DIR"  # the node's choice of cache dir wins
+CONTAINER_RUNTIMES = ("apptainer", "singularity", "podman", "docker")
+_ENV_FAILURE = "_environment_failure"  # spec key: a failure to report as a setup error
+_READY = ".idds-fat-ready"
+BUILD_LOG = "builds.log"  # one JSON line per environment built on this node
+
+
+class JobEnvironmentError(WrapperError):
+    """The job's environment could not be built or entered."""
+
+
+class InterpreterMismatchError(JobEnvironmentError):
+    """The job's Python or cloudpickle differs from the caller's."""
+
+
+def environment_label(env: dict) -> str:
+    """Return how the job's environment is named in messages."""
+    return str(env.get("label") or env.get("kind") or "current")
+
+
+def env_cache_root(env: dict) -> Path:
+    """Return the node-local directory where environments are built and kept."""
+    chosen = os.environ.get(ENV_CACHE_ENV) or env.get("cache_dir")
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "idds-fat" / "envs"
+
+
+def cached_build(root: Path, name: str, build, label: str) -> Path:
+    """Return ``root/name``, built by ``build(path)`` unless a finished build is there.
+
+    Several jobs starting together build once: the build runs under an exclusive
+    ``fcntl.flock`` on ``root/name.lock``, and a marker file written last says the
+    build finished (a build that died half-way is thrown away and redone). Each
+    build appends a line to ``root/builds.log``. Raises what ``build`` raises.
+    """
+    import fcntl  # nodes are POSIX; only environments other than "current" need it
+
+    final = root / name
+    if (final / _READY).exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / (name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / _READY).exists():  # another job built it while we waited
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        started = time.monotonic()
+        print(f"idds-fat wrapper: building {label} in {final}", file=sys.stderr)
+        try:
+            build(final)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        seconds = round(time.monotonic() - started, 3)
+        (final / _READY).write_text(json.dumps({"label": label, "seconds": seconds}))
+        record = {"name": name, "label": label, "host": socket.gethostname(), "pid": os.getpid()}
+        with open(root / BUILD_LOG, "a") as log:
+            log.write(json.dumps(dict(record, seconds=seconds, at=time.time())) + "\n")
+    return final
+
+
+def _run_logged(command: list[str], log_path: Path, what: str, **options) -> None:
+    """Run ``command`` with its output in ``log_path``; raise JobEnvironmentError naming it."""
+    with open(log_path, "ab") as log:
+        done = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **options
+        )
+    if done.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise JobEnvironmentError(
+            f"{what} failed (exit {done.returncode}): {' '.join(command)}\n" + "\n".join(tail)
+        )
+
+
+def _has_modern_pip() -> bool:
+    """True when this interpreter's pip can install into another one (``--python``, 22.3+)."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(p) for p in version("pip").split(".")[:2])
+    except Exception:
+        return False
+    return (major, minor) >= (22, 3)
+
+
+def venv_key(env: dict) -> str:
+    """Return the hash that names a requirements venv: requirements, pip options, Python."""
+    identity = {
+        "requirements": env.get("requirements") or [],
+        "pip_options": env.get("pip_options") or [],
+        "python": sys.version,
+        "base": getattr(sys, "_base_executable", sys.executable),
+    }
+    return sha256_hex(json.dumps(identity, sort_keys=True).encode())
+
+
+def build_venv(target: Path, requirements: list[str], pip_options: list[str]) -> None:
+    """Create a virtual environment at ``target`` with this node's Python; pip-install into it.
+
+    Raises JobEnvironmentError (with the tail of pip's output) when a step fails.
+    """
+    log = target.parent / (target.name + ".build.log")
+    log.write_bytes(b"")
+    python = target / "bin" / "python"
+    # Installing with this interpreter's pip skips seeding pip into every venv (~2 s).
+    fast = _has_modern_pip()
+    venv_command = [sys.executable, "-m", "venv", *(["--without-pip"] if fast else []), str(target)]
+    _run_logged(venv_command, log, "creating the venv")
+    if not requirements:
+        return
+    req_file = target / "requirements.txt"
+    req_file.write_text("\n".join(requirements) + "\n")
+    pip = [str(python), "-m", "pip"]
+    if fast:
+        pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    install = [*pip, "install", "--disable-pip-version-check", "--no-input", *pip_options]
+    _run_logged([*install, "-r", str(req_file)], log, "installing the venv's requirements")
+
+
+def safe_untar(data: bytes, dest: Path) -> None:
+    """Extract tar ``data`` (any compression) into ``dest``.
+
+    Refuses absolute names, ``..`` components, device files and any member that
+    would land outside ``dest`` (also through a symlink extracted before it).
+    Symlinks themselves may point anywhere: a venv-pack tarball's ``bin/python``
+    names the interpreter by absolute path. Raises UnsafeArchiveError.
+    """
+    import tarfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(dest, filter="tar")  # Python 3.12, and 3.8.17+/3.11.4+
+                return
+            root = dest.resolve()
+            for member in tar.getmembers():
+                parts = member.name.replace("\\", "/").split("/")
+                if member.name.startswith("/") or ".." in parts:
+                    raise UnsafeArchiveError(f"tar member {member.name!r} points outside the tree")
+                if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+                    raise UnsafeArchiveError(f"tar member {member.name!r} is a special file")
+                if member.islnk() and (member.linkname.startswith("/") or ".." in member.linkname):
+                    raise UnsafeArchiveError(f"tar member {member.name!r} links outside the tree")
+                target = (root / member.name).resolve()
+                if target != root and root not in target.parents:
+                    raise UnsafeArchiveError(f"tar member {member.name!r} lands outside the tree")
+                tar.extract(member, dest)
+    except tarfile.TarError as exc:
+        raise UnsafeArchiveError(f"environment archive refused: {exc}") from None
+
+
+def _fetch_object(spec: dict, secrets: dict, key: str) -> bytes:
+    """Fetch cache object ``key`` of this job (a presigned URL when the spec has one)."""
+    urls = spec.get("urls") or {}
+    if key in urls:
+        return fetch(urls[key], key, None)
+    return fetch(cache_object_location(spec["cache"], key), key, secrets["token"])
+
+
+def unpack_environment(env: dict, spec: dict, secrets: dict) -> Path:
+    """Unpack the job's venv-pack or conda-pack tarball once per node; return its directory.
+
+    The tarball is fetched from the cache and checked against its sha256 (a
+    corrupted archive raises IntegrityError and nothing is kept). A conda-pack
+    environment's ``bin/conda-unpack`` runs once, with the environment's Python,
+    to rewrite the prefixes.
+    """
+    key = env["archive"]["key"]
+    kind = env["kind"] if env["kind"] == "conda" else "venv-pack"
+
+    def build(target: Path) -> None:
+        safe_untar(_fetch_object(spec, secrets, key), target)
+        unpack_script = target / "bin" / "conda-unpack"
+        if kind == "conda" and unpack_script.exists():
+            log = target.parent / (target.name + ".build.log")
+            python = target / "bin" / "python"
+            _run_logged([str(python), str(unpack_script)], log, "conda-unpack", cwd=target)
+
+    return cached_build(env_cache_root(env), f"{kind}-{key[:32]}", build, environment_label(env))
+
+
+def environment_python(env: dict, spec: dict, secrets: dict) -> str:
+    """Return the interpreter of a venv or conda environment, building it first if needed."""
+    if env.get("archive"):
+        home = unpack_environment(env, spec, secrets)
+    else:
+        requirements = list(env.get("requirements") or [])
+        pip_options = list(env.get("pip_options") or [])
+        home = cached_build(
+            env_cache_root(env),
+            "venv-" + venv_key(env)[:32],
+            lambda target: build_venv(target, requirements, pip_options),
+            environment_label(env),
+        )
+    python = home / "bin" / "python"
+    if not python.exists():
+        raise JobEnvironmentError(f"{environment_label(env)}: no bin/python in {home}")
+    return str(python)
+
+
+def find_container_runtime(named: str | None) -> str:
+    """Return the path of the container runtime: ``named``, else the first one installed.
+
+    Raises JobEnvironmentError when none (or not the named one) is on PATH.
+    """
+    for candidate in [named] if named else CONTAINER_RUNTIMES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    wanted = named or " / ".join(CONTAINER_RUNTIMES)
+    raise JobEnvironmentError(f"no container runtime on this node: {wanted} not found on PATH")
+
+
+def container_command(
+    env: dict, spec: dict, spec_location: str, workdir: Path, stages: str
+) -> list[str]:
+    """Return the command running this wrapper inside the job's container image.
+
+    The job's work dir (and a directory cache, so the spec and its objects can be
+    read and large results stored) are bound at the same paths; the wrapper runs
+    as a copy in the work dir with the same arguments. Secrets pass by name
+    (``-e NAME``: the runtime reads the value from its own environment).
+    """
+    runtime = find_container_runtime(env.get("runtime"))
+    flavour = Path(runtime).name
+    wrapper_copy = workdir / ".idds-fat-wrapper.py"
+    shutil.copyfile(__file__, wrapper_copy)
+    binds = [str(workdir)]
+    cache = spec.get("cache") or ""
+    if cache.startswith("file://"):
+        cache = urllib.parse.unquote(cache[len("file://") :])
+    if cache and not cache.startswith(("http://", "https://")):
+        root = cache
+        if root:
+            binds.append(str(Path(root).resolve()))
+    inner = [env.get("python") or "python3", str(wrapper_copy), "--spec", spec_location]
+    options = [str(o) for o in env.get("options") or []]
+    if flavour in ("apptainer", "singularity"):
+        bind_options = [part for path in binds for part in ("--bind", path)]
+        where = ["--pwd", str(workdir)]
+        return [runtime, "exec", *options, *bind_options, *where, env["image"], *inner]
+    bind_options = [part for path in binds for part in ("-v", f"{path}:{path}")]
+    names = ["-e", SECRETS_ENV, "-e", f"{ENV_STAGE_ENV}={stages}"]
+    where = ["-w", str(workdir)]
+    return [runtime, "run", "--rm", *options, *bind_options, *where, *names, env["image"], *inner]
+
+
+def _secrets_environment(secrets: dict, stages: str, flavour: str = "") -> dict:
+    """The environment of the re-executed wrapper: ours, plus the secrets and the stages done."""
+    raw = json.dumps(
+        {
+            "hmac_key": secrets["key"].hex(),
+            "token": secrets.get("token"),
+            "broker_user": secrets.get("broker_user"),
+            "broker_password": secrets.get("broker_password"),
+        }
+    )
+    child = dict(os.environ, **{SECRETS_ENV: raw, ENV_STAGE_ENV: stages})
+    if flavour in ("apptainer", "singularity"):
+        # Under --cleanenv these pass on only variables named with their prefix.
+        prefix = flavour.upper() + "ENV_"
+        child.update({prefix + SECRETS_ENV: raw, prefix + ENV_STAGE_ENV: stages})
+    return child
+
+
+def _run_container(command: list[str], child_env: dict, env: dict) -> int:
+    """Run the containerised wrapper; return its exit status.
+
+    The runtime's own failures (exit 125-127: no image, no runtime, no python in
+    the image) raise JobEnvironmentError with the runtime's message, so the
+    caller gets a setup error instead of a lost job.
+    """
+    with tempfile.TemporaryFile() as err:
+        done = subprocess.run(command, env=child_env, stdin=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace")
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    if done.returncode in (125, 126, 127) and "idds-fat wrapper" not in text:
+        tail = "\n".join(text.splitlines()[-10:])
+        raise JobEnvironmentError(
+            f"container {environment_label(env)}: {Path(command[0]).name} exited "
+            f"{done.returncode} before the job started:\n{tail}"
+        )
+    return done.returncode
+
+
+def enter_environment(spec: dict, secrets: dict, spec_location: str, workdir: Path) -> int | None:
+    """Put this job inside its environment; return None when this process should run it.
+
+    Applies, in order, the spec's ``init_env`` (a shell prefix, as iDDS runs
+    it) and its environment, each by re-executing this wrapper with the same
+    arguments (``os.execv`` for ``init_env``, venv and conda; a child process
+    for a container, whose exit status is then returned for ``main`` to exit
+    with). Stages already applied are named in ``IDDS_FAT_ENV_STAGE``. A failure
+    is not raised: it is kept in the spec, and ``_run_function`` reports it as
+    the job's setup error, so the caller sees why.
+    """
+    env = spec.get("environment") or {"kind": "current"}
+    done = [s for s in os.environ.pop(ENV_STAGE_ENV, "").split(",") if s]
+    argv = [str(Path(__file__).resolve()), "--spec", spec_location]
+    try:
+        if spec.get("init_env") and "init_env" not in done:
+            stages = ",".join([*done, "init_env"])
+            script = spec["init_env"] + '\np=$1; shift; exec "${IDDS_FAT_PYTHON:-$p}" "$@"'
+            command = ["/bin/sh", "-c", script, "idds-fat-init-env", sys.executable, *argv]
+            sys.stdout.flush(), sys.stderr.flush()
+            os.execve("/bin/sh", command, _secrets_environment(secrets, stages))
+        kind = env.get("kind", "current")
+        if kind == "current" or "environment" in done:
+            return None
+        stages = ",".join([*done, "environment"])
+        if kind in ("venv", "conda"):
+            python = environment_python(env, spec, secrets)
+            sys.stdout.flush(), sys.stderr.flush()
+            os.execve(python, [python, *argv], _secrets_environment(secrets, stages))
+        if kind == "container":
+            command = container_command(env, spec, spec_location, workdir, stages)
+            flavour = Path(command[0]).name
+            return _run_container(command, _secrets_environment(secrets, stages, flavour), env)
+        raise JobEnvironmentError(f"unknown environment kind {kind!r}")
+    except Exception as exc:
+        print(f"idds-fat wrapper: entering {environment_label(env)} failed: {exc}", file=sys.stderr)
+        spec[_ENV_FAILURE] = exc
+        return None
+
+
+def raise_environment_failure(spec: dict) -> None:
+    """Re-raise the failure ``enter_environment`` recorded for this job, if any."""
+    failure = spec.get(_ENV_FAILURE)
+    if failure is not None:
+        raise failure
+
+
+def check_interpreter(header: dict, spec: dict, pickler) -> None:
+    """Compare this interpreter with the caller's (from the payload header) before unpickling.
+
+    Raises InterpreterMismatchError naming both Python (major.minor) and
+    cloudpickle versions and the environment when they differ. Payloads from
+    callers that recorded no versions are not checked.
+    """
+    caller_python, caller_cloudpickle = header.get("python"), header.get("cloudpickle")
+    if caller_python is None:
+        return
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    cloudpickle_version = getattr(pickler, "__version__", None) if pickler is not pickle else None
+    if python == caller_python and cloudpickle_version == caller_cloudpickle:
+        return
+    env = spec.get("environment") or {}
+    raise InterpreterMismatchError(
+        f"the job's interpreter does not match the caller's: the caller has Python "
+        f"{caller_python} with cloudpickle {caller_cloudpickle}, the job has Python {python} "
+        f"with cloudpickle {cloudpickle_version or '(not installed)'} ({sys.executable}) in "
+        f"environment {environment_label(env)}; give the environment Python {caller_python} "
+        f"and cloudpickle=={caller_cloudpickle}"
+    )
+
+
+def _pickler():
+    """cloudpickle when this interpreter has it; else pickle, enough to report why not."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return pickle
+    return cloudpickle
+
+
 # --- running the job -------------------------------------------------------------------
 
 
@@ -297,7 +680,7 @@ def read_secrets() -> dict:
 
 def _error_body(exc: BaseException, tb_text: str) -> dict:
     """Describe ``exc`` for the caller; include its pickle only if it round-trips."""
-    import cloudpickle
+    cloudpickle = _pickler()
 
     pickled = None
     try:
@@ -317,7 +700,7 @@ def _error_body(exc: BaseException, tb_text: str) -> dict:
 
 def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object]:
     """Fetch, verify, extract and run; return ``(status, value_or_error_body)``."""
-    import cloudpickle
+    cloudpickle = _pickler()
 
     cache, token, key = spec["cache"], secrets["token"], secrets["key"]
 
@@ -329,12 +712,14 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
         return fetch(cache_object_location(cache, key_), key_, token)
 
     try:
+        raise_environment_failure(spec)
         archive = spec.get("archive")
         context_dir = workdir
         if archive:
             context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
             safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
-        _, payload = unseal(get(spec["payload"]["key"]), key)
+        header, payload = unseal(get(spec["payload"]["key"]), key)
+        check_interpreter(header, spec, cloudpickle)
         fn, args, kwargs = cloudpickle.loads(payload)
         job_kwargs = spec.get("kwargs")
         if job_kwargs:
@@ -366,7 +751,7 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
 
 def run_job(spec: dict, secrets: dict, workdir: Path) -> bytes:
     """Run the job that ``spec`` describes; return its sealed result envelope."""
-    import cloudpickle
+    cloudpickle = _pickler()
 
     started = time.time()
     status, outcome = _run_function(spec, secrets, workdir)
@@ -577,6 +962,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
         return EXIT_UNREPORTED
     workdir = Path.cwd()
+    status = enter_environment(spec, secrets, options.spec, workdir)
+    if status is not None:  # the job ran in a container, which delivered its result
+        return status
     envelope = run_job(spec, secrets, workdir)
     try:
         deliver(envelope, spec, secrets)

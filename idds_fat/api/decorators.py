@@ -6,7 +6,8 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from idds_fat.backends import Resources
+from idds_fat.backends import BACKENDS, Resources
+from idds_fat.context.environment import Environment, as_environment
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.workflow import Workflow, current_workflow
 from idds_fat.workflow.runtime import warn_ignored
@@ -46,6 +47,7 @@ class WorkFunction:
         name: str | None = None,
         init_env: str | None = None,
         container_options: Mapping[str, Any] | None = None,
+        environment: Environment | str | None = None,
         return_work: bool = False,
         cores: int | None = None,
         memory_mb: int | None = None,
@@ -58,6 +60,7 @@ class WorkFunction:
         self.name = name or getattr(fn, "__qualname__", "work")
         self.init_env = init_env
         self.container_options = container_options
+        self.environment = None if environment is None else as_environment(environment)
         self.return_work = return_work
         self.resources = Resources(cores=cores, memory_mb=memory_mb, gpus=gpus, walltime=walltime)
 
@@ -69,11 +72,20 @@ class WorkFunction:
         kwargs_list: list[Mapping[str, Any]] | None,
     ) -> list[AsyncResult]:
         backend = workflow.config.backend
-        for option in ("init_env", "container_options"):
-            if getattr(self, option) is not None:
-                warn_ignored(option, backend)
+        if self.container_options is not None and "container_options" in (
+            BACKENDS[backend].supported_parameters
+        ):  # such a backend takes them from the workflow only
+            warn_ignored("container_options", backend, " on a task")
         return workflow.submit_task(
-            self.fn, args, kwargs, kwargs_list, resources=self.resources, name=self.name
+            self.fn,
+            args,
+            kwargs,
+            kwargs_list,
+            resources=self.resources,
+            name=self.name,
+            environment=self.environment,
+            init_env=self.init_env,
+            container_options=self.container_options,
         )
 
     def _run_here(
@@ -142,7 +154,11 @@ def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     Usable bare (``@work``) or with options (``@work(map_results=True, gpus=1)``):
     ``map_results``, ``name``, ``return_work``, the resources ``cores``,
     ``memory_mb``, ``gpus`` and ``walltime`` (seconds), which override the
-    workflow's, and the iDDS options ``init_env`` and ``container_options``.
+    workflow's, ``environment`` (where the jobs run: ``Venv([...])``,
+    ``Conda("env.tar.gz")``, ``Container("image")``, ``Current()`` or a string
+    form; docs/environments/), and the iDDS options ``init_env`` (a shell prefix
+    run on the node before the job) and ``container_options``
+    (``{"container_image": IMAGE}``, run as a ``Container``).
     Outside a workflow the function runs in-process, unchanged. The options
     are the keyword arguments of :class:`WorkFunction`, which says what calls return.
 

@@ -13,6 +13,8 @@ from idds_fat.serialize import loads
 _WRAPPER_ERRORS: dict[str, type[Exception]] = {
     "IntegrityError": errors.IntegrityError,
     "UnsafeArchiveError": errors.UnsafeArchiveError,
+    "JobEnvironmentError": errors.JobEnvironmentError,
+    "InterpreterMismatchError": errors.InterpreterMismatchError,
 }
 
 

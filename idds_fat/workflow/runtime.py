@@ -20,6 +20,13 @@ from idds_fat.backends import BACKENDS, Backend, BackendSetup, JobExit, JobReque
 from idds_fat.cache import ContentStore, DirectoryStore, HttpStore, open_store
 from idds_fat.config import Config, load_config
 from idds_fat.context import ContextArchive, build_context_archive
+from idds_fat.context.environment import (
+    EnvironmentSettings,
+    as_environment,
+    caller_versions,
+    environment_spec,
+    task_environment,
+)
 from idds_fat.errors import (
     ConfigError,
     IddsFatError,
@@ -53,6 +60,8 @@ _IDDS_RESOURCES = {"core_count": "cores", "total_memory": "memory_mb", "max_wall
 _RESOURCE_NAMES = ("cores", "memory_mb", "gpus", "walltime")
 # iDDS parameters that only some backends use.
 _PLACEMENT_PARAMETERS = ("queue", "site", "cloud", "init_env", "container_options")
+# Applied by the wrapper on every backend (docs/environments/), so never "ignored".
+_ENVIRONMENT_PARAMETERS = ("init_env", "container_options")
 
 _warned: set[tuple[str, str]] = set()
 
@@ -94,8 +103,10 @@ class Workflow:
         config: a :class:`~idds_fat.config.Config` to start from.
         **options: iDDS parameters (``service``, ``local``, ``queue``, ``site``,
             ``cloud``, ``core_count``, ``total_memory``, ``max_walltime``,
-            ``init_env``, ``container_options``) and any :class:`Config` setting
-            (``max_workers``, ``work_dir``, ``service_url``, ``cache``, ...).
+            ``init_env``, ``container_options``), ``environment`` (the default
+            environment of its tasks: ``Venv``, ``Conda``, ``Container``,
+            ``Current`` or a string form; docs/environments/) and any
+            :class:`Config` setting (``max_workers``, ``work_dir``, ``cache``, ...).
 
     Raises:
         ConfigError: an unknown option or a bad value.
@@ -120,11 +131,14 @@ class Workflow:
     ) -> None:
         resources = {"cores": cores, "memory_mb": memory_mb, "gpus": gpus, "walltime": walltime}
         placement: dict[str, Any] = {}
+        self.environment: Any = None  # the default Environment of its tasks (None: Current)
         settings: dict[str, Any] = {"backend": backend, "on_exit": on_exit}
         config_fields = set(Config.__dataclass_fields__)
         for key, value in options.items():
             if key in _IDDS_RESOURCES:
                 resources[_IDDS_RESOURCES[key]] = resources[_IDDS_RESOURCES[key]] or value
+            elif key == "environment":
+                self.environment = as_environment(value)  # a malformed one fails here
             elif key in _PLACEMENT_PARAMETERS or key in ("service", "local"):
                 placement[key] = value
             elif key in config_fields:
@@ -178,7 +192,7 @@ class Workflow:
                     warn_ignored(
                         "local=False", backend, " (the workflow body runs in this process)"
                     )
-            elif value is not None and key not in supported:
+            elif value is not None and key not in supported and key not in _ENVIRONMENT_PARAMETERS:
                 warn_ignored(key, backend)
         for key in _RESOURCE_NAMES:
             if getattr(resources, key) is not None and key not in supported:
@@ -346,6 +360,8 @@ class Workflow:
         keys = [spec["payload"]["key"]]
         if spec.get("archive"):
             keys.append(spec["archive"]["key"])
+        if spec["environment"].get("archive"):
+            keys.append(spec["environment"]["archive"]["key"])
         if spec.get("kwargs") and "key" in spec["kwargs"]:
             keys.append(spec["kwargs"]["key"])
         spec["urls"] = {key: self._node_location(key) for key in keys}
@@ -573,15 +589,23 @@ class Workflow:
         kwargs_list: list[Mapping[str, Any]] | None = None,
         resources: Resources | None = None,
         name: str | None = None,
+        environment: Any = None,
+        init_env: str | None = None,
+        container_options: Mapping[str, Any] | None = None,
     ) -> list[AsyncResult]:
         """Submit one task: one job, or one per entry of ``kwargs_list``.
 
         Everything is checked (arguments pickle and fit, resources can be had)
         before anything is stored or submitted, so a bad call leaves no trace.
+        ``environment`` (an ``Environment`` or its string form; default the
+        workflow's), ``init_env`` and the iDDS ``container_options`` say where
+        the jobs run (``idds_fat.context.environment``).
 
         Raises:
             ArgumentError: an argument does not pickle or is too large.
             ValueError: the backend cannot give the jobs ``resources``.
+            ConfigError: a malformed environment.
+            ContextError: an environment archive cannot be read or packed.
         """
         self.start()
         assert self._cache is not None and self._backend is not None and self._state is not None
@@ -595,6 +619,19 @@ class Workflow:
         entries = [None] if kwargs_list is None else list(kwargs_list)
         if not entries:
             return []
+        env_spec = environment_spec(
+            task_environment(
+                environment,
+                container_options,
+                self.environment,
+                self.placement.get("container_options"),
+                "container_options" in BACKENDS[config.backend].supported_parameters,
+            ),
+            self._cache,
+            EnvironmentSettings(
+                config.env_cache_dir, config.container_runtime, config.container_run_options
+            ),
+        )
         job_kwargs = [
             None if entry is None else dumps_job_kwargs(entry, i, config.max_argument_bytes)
             for i, entry in enumerate(entries)
@@ -605,7 +642,11 @@ class Workflow:
             self._task_count += 1
             task_id = f"t{self._task_count:04d}"
         payload_key = self._cache.put(
-            seal({"kind": "call", "workflow": self.id, "task": task_id}, call, self._key)
+            seal(
+                {"kind": "call", "workflow": self.id, "task": task_id, **caller_versions()},
+                call,
+                self._key,
+            )
         )
         stomp_spec = self._stomp_spec()
         futures, requests, rows = [], [], []
@@ -627,7 +668,8 @@ class Workflow:
                 "stomp": stomp_spec,
                 "result_inline_bytes": config.result_inline_bytes,
                 "publish_timeout": config.publish_timeout,
-                "environment": {"kind": "current"},
+                "environment": env_spec,
+                "init_env": init_env or self.placement.get("init_env"),
             }
             if body is not None:
                 sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, self._key)
