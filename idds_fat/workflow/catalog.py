@@ -129,7 +129,12 @@ class TaskSummary:
 
 @dataclass(frozen=True)
 class JobSummary:
-    """One job of a task: its index, name, status, return code and log files."""
+    """One job of a task: its index, name, status, return code and log files.
+
+    ``started`` and ``ended`` (seconds since the epoch), ``value`` (the real
+    number it returned) and ``error`` (what it raised, with the remote traceback)
+    are ``None`` when not known, as in records written before they were kept.
+    """
 
     workflow_id: str
     task_id: str
@@ -140,9 +145,13 @@ class JobSummary:
     updated: float | None
     stdout: Path
     stderr: Path
+    started: float | None = None
+    ended: float | None = None
+    value: float | None = None
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (``updated`` as ISO 8601 in UTC, paths as strings)."""
+        """Return a JSON-able dict (times as ISO 8601 in UTC, paths as strings)."""
         return {
             "workflow": self.workflow_id,
             "task": self.task_id,
@@ -151,8 +160,44 @@ class JobSummary:
             "status": self.status,
             "returncode": self.returncode,
             "updated": _iso(self.updated),
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "value": self.value,
+            "error": self.error,
             "stdout": str(self.stdout),
             "stderr": str(self.stderr),
+        }
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """When one job was queued, started and ended, for a timeline of a workflow's jobs.
+
+    Times are seconds since the epoch (``queued`` is its task's submission);
+    ``started`` and ``ended`` are ``None`` when not (yet) known. ``value`` is the
+    real number the job returned, if it returned one.
+    """
+
+    task_id: str
+    index: int
+    name: str
+    status: str
+    queued: float | None
+    started: float | None
+    ended: float | None
+    value: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict, times as seconds since the epoch (a plot needs numbers)."""
+        return {
+            "task": self.task_id,
+            "job": self.index,
+            "name": self.name,
+            "status": self.status,
+            "queued": self.queued,
+            "started": self.started,
+            "ended": self.ended,
+            "value": self.value,
         }
 
 
@@ -299,6 +344,64 @@ def resolve_task_id(work_dir: Path, workflow_id: str, task: str) -> str:
     raise TaskNotFound(f"workflow {full_id} has no task {task!r}; its tasks: {known}")
 
 
+def _later_columns(db: sqlite3.Connection) -> list[str]:
+    """Return ``started, ended, value, error`` as SELECT terms, NULL where a record lacks them."""
+    known = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    return [c if c in known else "NULL" for c in ("started", "ended", "value", "error")]
+
+
+def job_timings(work_dir: Path, workflow_id: str, limit: int | None = None) -> list[JobTiming]:
+    """Return the jobs of every task of a workflow, in submission order, for a timeline.
+
+    With ``limit``, only the ``limit`` jobs submitted last.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        IddsFatError: its state database cannot be read.
+    """
+    full_id = resolve_workflow_id(work_dir, workflow_id)
+    path = _state_path(work_dir, full_id)
+    try:
+        with _open_state(path) as db:
+            started, ended, value, _ = _later_columns(db)
+            order = "DESC" if limit is not None else ""
+            rows = db.execute(
+                f"SELECT j.task, j.job, j.name, j.status, t.created, {started}, {ended}, {value} "
+                f"FROM jobs AS j JOIN tasks AS t ON t.id = j.task "
+                f"ORDER BY t.created {order}, j.task {order}, j.job {order} "
+                + ("LIMIT ?" if limit is not None else ""),
+                (limit,) if limit is not None else (),
+            ).fetchall()
+    except sqlite3.Error as exc:
+        raise IddsFatError(f"cannot read {path}: {exc}") from exc
+    if limit is not None:
+        rows.reverse()
+    return [JobTiming(*row) for row in rows]
+
+
+def task_values(work_dir: Path, workflow_id: str) -> dict[str, tuple[int, float, float]]:
+    """Return, per task that has any, how many jobs returned a real number, the least and the
+    greatest, as ``{task_id: (count, min, max)}``.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        IddsFatError: its state database cannot be read.
+    """
+    full_id = resolve_workflow_id(work_dir, workflow_id)
+    path = _state_path(work_dir, full_id)
+    try:
+        with _open_state(path) as db:
+            if _later_columns(db)[2] == "NULL":
+                return {}
+            rows = db.execute(
+                "SELECT task, COUNT(value), MIN(value), MAX(value) FROM jobs "
+                "WHERE value IS NOT NULL GROUP BY task"
+            ).fetchall()
+    except sqlite3.Error as exc:
+        raise IddsFatError(f"cannot read {path}: {exc}") from exc
+    return {task: (count, low, high) for task, count, low, high in rows}
+
+
 def _job_dir(work_dir: Path, workflow_id: str, task_id: str, index: int) -> Path:
     base = _workflows_dir(work_dir) / workflow_id / "jobs" / task_id
     # A job run again (its result was lost) writes to INDEX.ATTEMPT: show the last run.
@@ -321,11 +424,12 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
     task_id = resolve_task_id(work_dir, full_id, task)
     with _open_state(_state_path(work_dir, full_id)) as db:
         rows = db.execute(
-            "SELECT job, name, status, returncode, updated FROM jobs WHERE task = ? ORDER BY job",
+            f"SELECT job, name, status, returncode, updated, {', '.join(_later_columns(db))} "
+            "FROM jobs WHERE task = ? ORDER BY job",
             (task_id,),
         ).fetchall()
     jobs = []
-    for index, name, status, returncode, updated in rows:
+    for index, name, status, returncode, updated, *later in rows:
         job_dir = _job_dir(Path(work_dir), full_id, task_id, index)
         jobs.append(
             JobSummary(
@@ -338,6 +442,7 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
                 updated,
                 job_dir / "stdout.txt",
                 job_dir / "stderr.txt",
+                *later,
             )
         )
     return jobs

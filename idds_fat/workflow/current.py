@@ -34,3 +34,13 @@ def require_workflow() -> Workflow:
     if workflow is None:
         raise NoActiveWorkflowError("no workflow is open: use @workflow or `with Workflow():`")
     return workflow
+
+
+def open_workflow(workflow_id: str) -> Workflow | None:
+    """Return the workflow with this id that is open in this process, or ``None``.
+
+    The monitoring page steers a workflow open here through it directly: attaching
+    a second follower in the same process would run its jobs twice.
+    """
+    with _active_lock:
+        return next((w for w in reversed(_active) if w.id == workflow_id), None)

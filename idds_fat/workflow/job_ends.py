@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import math
+import numbers
 import os
 import signal
 from pathlib import Path
@@ -55,3 +57,20 @@ def _settle(future: AsyncResult, ok: bool, value: Any) -> bool:
     except concurrent.futures.InvalidStateError:
         return False
     return True
+
+
+def recorded_outcome(ok: bool, value: Any) -> dict[str, Any]:
+    """Return what the state record keeps of a job's outcome: ``value`` or ``error``.
+
+    A real number (not a bool, finite) is kept as ``value`` for the monitoring
+    page's best-so-far plot; an exception is kept as ``error``: its type, message
+    and remote traceback. Anything else is kept as nothing: the record is not a
+    result store.
+    """
+    if ok:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+            return {"value": number} if math.isfinite(number) else {}
+        return {}
+    remote = getattr(value, "remote_traceback", None)  # ends with the exception's own line
+    return {"error": remote.rstrip() if remote else f"{type(value).__name__}: {value}"}

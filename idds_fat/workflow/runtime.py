@@ -45,7 +45,7 @@ from idds_fat.workflow.current import _active, _active_lock
 from idds_fat.workflow.current import current_workflow as current_workflow
 from idds_fat.workflow.current import require_workflow as require_workflow
 from idds_fat.workflow.deadlines import Deadlines
-from idds_fat.workflow.job_ends import _exit_reason, _settle, _tail
+from idds_fat.workflow.job_ends import _exit_reason, _settle, _tail, recorded_outcome
 from idds_fat.workflow.state import WorkflowState
 from idds_fat.workflow.workdir import _slug, _write_private
 from idds_fat.wrapper_source import wrapper_bytes, wrapper_module
@@ -773,7 +773,9 @@ class Workflow:
                 )
         settled = _settle(future, ok, value)
         if settled and self._state is not None:
-            self._state.set_job_status(future.task_id, future.job, "done" if ok else "failed")
+            status = "done" if ok else "failed"
+            outcome = recorded_outcome(ok, value)
+            self._state.set_job_status(future.task_id, future.job, status, **outcome)
         return settled
 
     def _job_started(self, job: JobRequest, ref: str) -> None:
@@ -861,7 +863,9 @@ class Workflow:
             str(job.stderr_path),
         )
         if _settle(future, False, lost) and self._state is not None:
-            self._state.set_job_status(task_id, int(index), "lost", outcome.returncode)
+            self._state.set_job_status(
+                task_id, int(index), "lost", outcome.returncode, **recorded_outcome(False, lost)
+            )
 
     def _cancel(self, futures: Iterable[AsyncResult]) -> None:
         futures = list(futures)

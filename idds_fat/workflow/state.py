@@ -23,6 +23,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+# Columns added after the first release, for the monitoring page: when a job
+# started and ended, its value when that is a real number, its error text.
+# Added on open, so a record written by an older version gains them too.
+_LATER_JOB_COLUMNS = {"started": "REAL", "ended": "REAL", "value": "REAL", "error": "TEXT"}
+
+# Statuses after which a job does not change (but for a run again): they set ``ended``.
+_FINAL = ("done", "failed", "lost", "cancelled")
+
 
 class WorkflowState:
     """The SQLite record of one workflow (``state.sqlite3`` in its work dir).
@@ -37,6 +45,10 @@ class WorkflowState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        known = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _LATER_JOB_COLUMNS.items():
+            if column not in known:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> None:
@@ -70,26 +82,41 @@ class WorkflowState:
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
         )
         self._run(
-            "INSERT INTO jobs VALUES (?, ?, ?, ?, 'queued', NULL, ?, NULL)",
+            "INSERT INTO jobs (task, job, name, spec, status, updated) "
+            "VALUES (?, ?, ?, ?, 'queued', ?)",
             [(task_id, index, job_name, spec, now) for index, job_name, spec in jobs],
         )
 
     def set_job_status(
-        self, task_id: str, job: int, status: str, returncode: int | None = None
+        self,
+        task_id: str,
+        job: int,
+        status: str,
+        returncode: int | None = None,
+        value: float | None = None,
+        error: str | None = None,
     ) -> None:
-        """Record a job's status (``done``, ``failed``, ``lost``, ``cancelled``)."""
+        """Record a job's status (``done``, ``failed``, ``lost``, ``cancelled``).
+
+        ``value`` (a real number the job returned) and ``error`` (what it raised,
+        with its remote traceback) are kept for the monitoring page.
+        """
+        now = time.time()
+        ended = now if status in _FINAL else None
         self._run(
-            "UPDATE jobs SET status = ?, returncode = COALESCE(?, returncode), updated = ? "
-            "WHERE task = ? AND job = ?",
-            (status, returncode, time.time(), task_id, job),
+            "UPDATE jobs SET status = ?, returncode = COALESCE(?, returncode), updated = ?, "
+            "ended = COALESCE(?, ended), value = COALESCE(?, value), "
+            "error = COALESCE(?, error) WHERE task = ? AND job = ?",
+            (status, returncode, now, ended, value, error, task_id, job),
         )
 
     def set_job_started(self, task_id: str, job: int, backend_ref: str) -> None:
         """Record that a job runs, and how its backend knows it (a pid, an array element)."""
+        now = time.time()
         self._run(
-            "UPDATE jobs SET status = 'running', backend_ref = ?, updated = ? "
+            "UPDATE jobs SET status = 'running', backend_ref = ?, updated = ?, started = ? "
             "WHERE task = ? AND job = ? AND status IN ('queued', 'running')",
-            (backend_ref, time.time(), task_id, job),
+            (backend_ref, now, now, task_id, job),
         )
 
     def workflow_record(self) -> dict[str, Any]:
