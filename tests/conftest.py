@@ -170,6 +170,59 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
+# --- A real browser (Debian's chromium, driven by Playwright) ----------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# Never Playwright's own browser download (no internet here): the system chromium,
+# headless, with nothing that would phone home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _playwright_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    """A Playwright page in a fresh headless chromium (its own user-data-dir, closed after).
+
+    Skips when chromium or the playwright package is missing, fails under CI.
+    """
+    import os
+
+    _require_service(
+        os.access(CHROMIUM, os.X_OK) and _playwright_installed(),
+        "chromium or playwright missing: apt-get install chromium; pip install -e '.[test]'",
+        "chromium or playwright missing and CI is set: browser tests must not skip in CI; "
+        "run `.ci/install-services` (chromium) and pip install -e '.[test]' (playwright)",
+    )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            context.close()
+
+
 # --- A real container runtime (podman + runc, idds_fat.testing.environments) --------
 
 

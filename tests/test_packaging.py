@@ -51,3 +51,19 @@ def test_wheel_carries_the_wrapper_and_finds_it(tmp_path):
         timeout=60,
     )
     assert found.stdout.strip() == str(tmp_path / "site/idds_fat/_wrapper/wrapper.py")
+
+
+def test_wheel_carries_the_monitoring_page_files(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("idds_fat-*.whl")
+    static = REPO / "idds_fat/monitor/static"
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ("monitor.js", "monitor.css"):
+            packed = archive.read(f"idds_fat/monitor/static/{name}")
+            assert packed == (static / name).read_bytes()

@@ -3,7 +3,8 @@
 ``main`` is the entry point; ``serve`` lives here, the other commands in their
 own modules: ``status`` and ``logs`` (:mod:`idds_fat.cli.status`), ``results``
 and ``cancel`` (:mod:`idds_fat.cli.reconnect`), ``config show``
-(:mod:`idds_fat.cli.config_show`) and ``smoke`` (:mod:`idds_fat.cli.smoke`).
+(:mod:`idds_fat.cli.config_show`), ``smoke`` (:mod:`idds_fat.cli.smoke`) and
+``monitor`` (:mod:`idds_fat.cli.monitor`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def serve(
     broker: str | None,
     mirror_queue: str | None,
 ) -> None:
-    """Run the idds-fat service (content cache and result store) until interrupted."""
+    """Run the idds-fat service (cache, result store, monitoring page) until interrupted."""
     from idds_fat.service.server import serve as run_service
 
     logging.basicConfig(
@@ -98,6 +99,7 @@ def serve(
             )
             * 86400.0,
             mirror=mirror,
+            work_dir=config.work_dir,
         )
     except IddsFatError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -106,11 +108,12 @@ def serve(
 def _add_commands() -> None:
     # Imported here, after main exists, so each module stays a plain list of commands.
     from idds_fat.cli.config_show import config
+    from idds_fat.cli.monitor import monitor
     from idds_fat.cli.reconnect import cancel, results
     from idds_fat.cli.smoke import smoke
     from idds_fat.cli.status import logs, status
 
-    for command in (status, logs, results, cancel, config, smoke):
+    for command in (status, logs, results, cancel, config, smoke, monitor):
         main.add_command(command)
 
 

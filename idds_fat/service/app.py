@@ -11,6 +11,9 @@ token is set):
   ``{"cursor": n, "results": [{"seq": n, "envelope": "<base64>"}]}``, waiting up
   to ``wait`` seconds (at most 60) for a result newer than ``since``.
 - ``GET /healthz``: ``{"ok": true}``.
+
+With a work dir, it also serves the monitoring page (:mod:`idds_fat.monitor`):
+``/``, ``/workflows/{id}``, ``/static/...`` and the ``/api/...`` they read.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def create_app(
     token: str | None,
     result_ttl_seconds: float,
     mirror: dict[str, Any] | None = None,
+    work_dir: Path | None = None,
 ) -> Starlette:
     """Return the service as an ASGI application.
 
@@ -136,6 +140,8 @@ def create_app(
     (the keyword arguments of :class:`~idds_fat.service.mirror.BrokerMirror`
     but the store: ``brokers``, ``destination``, ``user``, ``password``), the
     app also keeps a copy of every result sent to that broker destination.
+    With ``work_dir``, it serves the monitoring page of the workflows recorded
+    there; its ``/api`` routes need the token too, its pages do not.
 
     ``app.state.wakeups`` (a :class:`ResultWakeups`) lets an embedding server
     release long-polling readers before shutting down.
@@ -283,6 +289,10 @@ def create_app(
         Route("/results/{workflow}", guarded(post_result), methods=["POST"]),
         Route("/results/{workflow}", guarded(get_results), methods=["GET"]),
     ]
+    if work_dir is not None:
+        from idds_fat.monitor import monitor_routes  # the page is optional: import it only here
+
+        routes += monitor_routes(Path(work_dir), guarded)
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.wakeups = wakeups
     return app
