@@ -523,9 +523,7 @@ def container_command(
     if cache.startswith("file://"):
         cache = urllib.parse.unquote(cache[len("file://") :])
     if cache and not cache.startswith(("http://", "https://")):
-        root = cache
-        if root:
-            binds.append(str(Path(root).resolve()))
+        binds.append(str(Path(cache).resolve()))
     inner = [env.get("python") or "python3", str(wrapper_copy), "--spec", spec_location]
     options = [str(o) for o in env.get("options") or []]
     if flavour in ("apptainer", "singularity"):
@@ -582,12 +580,12 @@ def enter_environment(spec: dict, secrets: dict, spec_location: str, workdir: Pa
     """Put this job inside its environment; return None when this process should run it.
 
     Applies, in order, the spec's ``init_env`` (a shell prefix, as iDDS runs
-    it) and its environment, each by re-executing this wrapper with the same
-    arguments (``os.execv`` for ``init_env``, venv and conda; a child process
-    for a container, whose exit status is then returned for ``main`` to exit
-    with). Stages already applied are named in ``IDDS_FAT_ENV_STAGE``. A failure
-    is not raised: it is kept in the spec, and ``_run_function`` reports it as
-    the job's setup error, so the caller sees why.
+    it; by bash, else ``/bin/sh``) and its environment, each by re-executing
+    this wrapper with the same arguments (``os.execve`` for ``init_env``, venv
+    and conda; a child process for a container, whose exit status is then
+    returned for ``main`` to exit with). Stages already applied are named in
+    ``IDDS_FAT_ENV_STAGE``. A failure is not raised: it is kept in the spec, and
+    ``_run_function`` reports it as the job's setup error, so the caller sees why.
     """
     env = spec.get("environment") or {"kind": "current"}
     done = [s for s in os.environ.pop(ENV_STAGE_ENV, "").split(",") if s]
@@ -596,9 +594,11 @@ def enter_environment(spec: dict, secrets: dict, spec_location: str, workdir: Pa
         if spec.get("init_env") and "init_env" not in done:
             stages = ",".join([*done, "init_env"])
             script = spec["init_env"] + '\np=$1; shift; exec "${IDDS_FAT_PYTHON:-$p}" "$@"'
-            command = ["/bin/sh", "-c", script, "idds-fat-init-env", sys.executable, *argv]
+            # bash when there is one: iDDS strings say "source", which dash lacks.
+            shell = shutil.which("bash") or "/bin/sh"
+            command = [shell, "-c", script, "idds-fat-init-env", sys.executable, *argv]
             sys.stdout.flush(), sys.stderr.flush()
-            os.execve("/bin/sh", command, _secrets_environment(secrets, stages))
+            os.execve(shell, command, _secrets_environment(secrets, stages))
         kind = env.get("kind", "current")
         if kind == "current" or "environment" in done:
             return None
