@@ -32,7 +32,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The peers (Dask, Parsl) come with the bench extra; a full run takes 5 to 16 minutes.
+# The peers (Dask, Parsl) come with the bench extra; a full run takes about 5 minutes.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run_all.py

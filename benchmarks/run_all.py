@@ -18,7 +18,7 @@ MEASURE is one or more of round-trip, throughput, cold-floor, scale, context;
 
 The peers come with the ``bench`` extra (``pip install -e '.[bench]'``, or
 ``make bench``). ``--quick`` shrinks every size for a smoke run of under a minute.
-A full run takes about 5 minutes with warm workers (16 if the scale maps run cold).
+A full run takes about 5 minutes with warm workers (20 if the scale maps run cold).
 """
 
 from __future__ import annotations

@@ -73,10 +73,15 @@ class IddsFatSystem(System):
         from importlib.metadata import version
 
         root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        return {"idds-fat": version("idds-fat"), "commit": commit or "unknown"}
+
+        def git(*argv: str) -> str:
+            done = subprocess.run(
+                ["git", "-C", str(root), *argv], capture_output=True, text=True, check=False
+            )
+            return done.stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        # Changes to the SDK or the wrapper not yet committed make the figures theirs too.
+        if git("status", "--porcelain", "--", "idds_fat", "wrapper"):
+            commit += "+uncommitted"
+        return {"idds-fat": version("idds-fat"), "commit": commit}
