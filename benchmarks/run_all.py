@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-mb", type=float, help="MB in the context tree (50)")
     parser.add_argument("--context-runs", type=int, help="archive builds timed (3)")
     parser.add_argument("--floor-runs", type=int, help="interpreter starts timed (20)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run idds-fat's processes under py-spy, stacks and summaries in DIR "
+        "(slows them: not for the tables)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     parser.add_argument(
         "--json-dir",
@@ -166,7 +173,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(keys: list[str], parts: tuple[str, ...]) -> list[dict[str, Any]]:
         return systems.run_systems(
-            keys, args.workers, sizes["calls"], sizes["warmup"], sizes["jobs"], parts, args.timeout
+            keys,
+            args.workers,
+            sizes["calls"],
+            sizes["warmup"],
+            sizes["jobs"],
+            parts,
+            args.timeout,
+            args.profile,
         )
 
     parts = tuple(p for p in systems.PARTS if p in wanted)
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         outputs.append(write_json(args.json_dir, "cold_floor", figures))
     if "scale" in wanted:
         scale_sizes = [int(s) for s in str(sizes["scale_sizes"]).split(",") if s.strip()]
-        figures = scale.run_scale(scale_sizes, args.workers, args.timeout)
+        figures = scale.run_scale(scale_sizes, args.workers, args.timeout, args.profile)
         print(scale.scale_report(figures), end="\n\n")
         outputs.append(write_json(args.json_dir, "scale", figures))
     if "context" in wanted:

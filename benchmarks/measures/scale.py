@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from peers import make_system, warm_available
@@ -58,14 +59,17 @@ def measure_scale(jobs: int, workers: int, mode: str) -> dict[str, Any]:
     }
 
 
-def run_scale(sizes: list[int], workers: int, timeout: float) -> dict[str, Any]:
-    """Measure each size in its own process, smallest first."""
+def run_scale(
+    sizes: list[int], workers: int, timeout: float, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    """Measure each size in its own process, smallest first (profiled with ``profile_dir``)."""
     mode = "warm" if warm_available() else "cold"
     runs = []
     for jobs in sorted(sizes):
         print(f"  scale: {jobs} jobs ({mode}) ...", flush=True, file=sys.stderr)
         argv = ["_scale", str(jobs), f"--workers={workers}", f"--mode={mode}"]
-        result = run_in_child(argv, timeout)
+        profile = profile_dir / f"scale-{jobs}.raw" if profile_dir is not None else None
+        result = run_in_child(argv, timeout, profile)
         result.setdefault("jobs", jobs)
         runs.append(result)
     return {"mode": mode, "workers": workers, "runs": runs, "rss_target_mb": RSS_TARGET_MB}

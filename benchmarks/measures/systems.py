@@ -22,6 +22,7 @@ from typing import Any
 from peers import make_system
 from peers.tasks import sleep_10ms, trivial
 
+from measures.profile import profiled, top_frames
 from measures.report import quantile, ratio_line, safe_ratio, table
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
@@ -88,19 +89,28 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_in_child(argv: list[str], timeout: float) -> dict[str, Any]:
+def run_in_child(argv: list[str], timeout: float, profile: Path | None = None) -> dict[str, Any]:
     """Run ``run_all.py ARGV`` in a fresh interpreter; return the JSON its last line prints.
 
-    A failure or a timeout is returned as ``{"error": ...}`` with the tail of stderr.
+    With ``profile`` (a ``.raw`` path) the child runs under py-spy and a summary
+    is written beside it (``.top.txt``). A failure or a timeout is returned as
+    ``{"error": ...}`` with the tail of stderr.
     """
     command = [sys.executable, str(RUN_ALL), *argv]
+    if profile is not None:
+        command = profiled(command, profile)
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, env=child_env()
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s: {' '.join(argv)}"}
-    lines = done.stdout.strip().splitlines()
+    if profile is not None and profile.exists():
+        summary = profile.with_suffix(".top.txt")
+        summary.write_text(top_frames(profile) + "\n")
+        print(f"  profile: {profile}, {summary}", file=sys.stderr)
+    # py-spy writes its own lines to stdout: the result is the last JSON object.
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         return {"error": f"exit status {done.returncode}: {' '.join(argv)}\n{tail}"}
@@ -115,14 +125,21 @@ def run_systems(
     jobs: int,
     parts: tuple[str, ...],
     timeout: float,
+    profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure each system in ``keys`` in its own process, one after the other."""
+    """Measure each system in ``keys`` in its own process, one after the other.
+
+    With ``profile_dir``, idds-fat's processes are profiled (see :mod:`measures.profile`).
+    """
     results = []
     for key in keys:
         print(f"  measuring {key} ...", file=sys.stderr, flush=True)
         argv = ["_system", key, f"--workers={workers}", f"--calls={calls}"]
         argv += [f"--warmup={warmup}", f"--jobs={jobs}", f"--parts={','.join(parts)}"]
-        result = run_in_child(argv, timeout)
+        profile = None
+        if profile_dir is not None and key.startswith("idds-"):
+            profile = profile_dir / f"{key}-{'-'.join(parts)}.raw"
+        result = run_in_child(argv, timeout, profile)
         result.setdefault("key", key)
         if "error" in result:
             print(f"  {key} failed: {result['error']}", file=sys.stderr)
