@@ -153,7 +153,7 @@ def _system_keys(args: argparse.Namespace) -> list[str]:
         print(f"skipping {', '.join(missing)}: {packages} not installed", file=sys.stderr)
         keys = [k for k in keys if k not in missing]
     if "idds-warm" in keys and not warm_available():
-        print("warm: not available (idds-fat has no local_mode setting); measuring cold only")
+        print("warm: not available (this idds-fat has no local_mode setting); idds-fat runs cold")
         keys.remove("idds-warm")
     return keys
 
