@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     sizes = _sizes(args)
     asked = [args.measures] if isinstance(args.measures, str) else args.measures
     wanted = MEASURES if "all" in asked else tuple(m for m in MEASURES if m in asked)
-    keys = _system_keys(args)
     outputs: list[Path] = []
 
     def measure(keys: list[str], parts: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -184,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     parts = tuple(p for p in systems.PARTS if p in wanted)
-    system_results = measure(keys, parts) if parts else []
+    # Only the side-by-side measures need the peers (and so the bench extra).
+    system_results = measure(_system_keys(args), parts) if parts else []
     if "round-trip" in wanted:
         print(systems.round_trip_report(system_results), end="\n\n")
         outputs.append(write_json(args.json_dir, "round_trip", {"systems": system_results}))
