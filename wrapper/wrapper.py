@@ -422,11 +422,8 @@ def safe_untar(data: bytes, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            if hasattr(tarfile, "tar_filter"):
-                tar.extractall(dest, filter="tar")  # Python 3.12, and 3.8.17+/3.11.4+
-                return
-            root = dest.resolve()
-            for member in tar.getmembers():
+            members = tar.getmembers()
+            for member in members:
                 parts = member.name.replace("\\", "/").split("/")
                 if member.name.startswith("/") or ".." in parts:
                     raise UnsafeArchiveError(f"tar member {member.name!r} points outside the tree")
@@ -434,6 +431,12 @@ def safe_untar(data: bytes, dest: Path) -> None:
                     raise UnsafeArchiveError(f"tar member {member.name!r} is a special file")
                 if member.islnk() and (member.linkname.startswith("/") or ".." in member.linkname):
                     raise UnsafeArchiveError(f"tar member {member.name!r} links outside the tree")
+            if hasattr(tarfile, "tar_filter"):  # Python 3.12, and 3.8.17+/3.11.4+
+                # It also refuses a member that would be written through a symlink.
+                tar.extractall(dest, members, filter="tar")
+                return
+            root = dest.resolve()
+            for member in members:
                 target = (root / member.name).resolve()
                 if target != root and root not in target.parents:
                     raise UnsafeArchiveError(f"tar member {member.name!r} lands outside the tree")

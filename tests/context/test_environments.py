@@ -120,12 +120,14 @@ def test_venv_from_requirements_builds_once_for_jobs_starting_together_then_reus
 
 def test_venv_from_a_venv_pack_tarball_is_unpacked_once(tmp_path, venv_pack_tarball):
     env_cache = tmp_path / "envs"
-    with Workflow(env_cache_dir=env_cache, environment=Venv(packed=venv_pack_tarball)):
-        first = work(probe)()
-        second = work(probe)()
-    assert first["value"] == second["value"] == "only in the job's environment"
-    assert first["python"] == second["python"]
-    assert first["python"].startswith(str(env_cache / "venv-pack-"))
+    packed = Venv(packed=venv_pack_tarball)
+    with Workflow(env_cache_dir=env_cache, environment=packed, max_workers=2):
+        together = work(probe).map([{}, {}]).results()
+        later = work(probe)()
+    results = [*together, later]
+    assert {r["value"] for r in results} == {"only in the job's environment"}
+    assert len({r["python"] for r in results}) == 1
+    assert later["python"].startswith(str(env_cache / "venv-pack-"))
     assert [b["label"] for b in _builds(env_cache)] == ["venv-pack packed-venv.tar.gz"]
 
 
@@ -170,10 +172,10 @@ def test_conda_pack_layout_is_unpacked_once_and_conda_unpack_fixes_its_prefix(
 ):
     env_cache = tmp_path / "envs"
     job = work(environment=Conda(conda_tarball))
-    with Workflow(env_cache_dir=env_cache):
-        first = job(probe)()
+    with Workflow(env_cache_dir=env_cache, max_workers=2):
+        together = job(probe).map([{}, {}]).results()
         rewritten, prefix = job(conda_prefix_file)()
-    assert first["value"] == "only in the job's environment"
+    assert {r["value"] for r in together} == {"only in the job's environment"}
     assert prefix.startswith(str(env_cache / "conda-"))
     assert rewritten == prefix  # bin/conda-unpack ran, where the env was unpacked
     assert [b["label"] for b in _builds(env_cache)] == ["conda conda-env.tar.gz"]
