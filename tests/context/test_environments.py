@@ -21,6 +21,7 @@ from idds_fat import (
     Conda,
     ConfigError,
     Container,
+    ContextError,
     Current,
     IntegrityError,
     InterpreterMismatchError,
@@ -286,3 +287,26 @@ def test_venv_spec_pins_the_callers_cloudpickle_and_settings_reach_the_container
     container = environment_spec(Container("img", options=["--network", "host"]), store, settings)
     assert container["runtime"] == "podman"
     assert container["options"] == ["--runtime", "runc", "--network", "host"]
+
+
+def test_requirements_file_lines_join_the_requirements(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# pinned for the cluster\nnumpy==1.26.4\n\n  scipy>=1.11  \n")
+    venv = Venv(["pandas"], requirements_file=requirements)
+    assert venv.all_requirements() == [
+        "pandas",
+        "numpy==1.26.4",
+        "scipy>=1.11",
+        f"cloudpickle=={cloudpickle.__version__}",
+    ]
+    with pytest.raises(ContextError, match="requirements file"):
+        Venv(requirements_file=tmp_path / "missing.txt").all_requirements()
+
+
+def test_a_named_conda_env_without_conda_pack_is_a_clear_error(tmp_path, monkeypatch):
+    import idds_fat.context.environment as environment_module
+
+    monkeypatch.setattr(environment_module.shutil, "which", lambda name: None)
+    store = DirectoryStore(tmp_path / "cache")
+    with pytest.raises(ContextError, match="conda-pack is not installed"):
+        environment_spec(Conda("analysis"), store, EnvironmentSettings())
