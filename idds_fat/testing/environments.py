@@ -40,7 +40,7 @@ PODMAN_TEST_OPTIONS = (
     "never",
 )
 
-_IMAGE_RECIPE = 1  # bump when build_python_image changes what goes into the image
+_IMAGE_RECIPE = 2  # bump when build_python_image changes what goes into the image
 
 
 def make_wheel(directory: Path, name: str, version: str, files: Mapping[str, bytes]) -> Path:
@@ -260,7 +260,15 @@ def build_python_image(site_packages: Mapping[str, bytes], podman: str = "podman
             if path.parent == dynload and "tkinter" in path.name:
                 continue
             add_file(tar, path, str(path))
-        site = stdlib / "site-packages"
+        # Where the interpreter itself looks (Debian's differs from a source build's).
+        site = Path(
+            subprocess.run(
+                [str(executable), "-c", "import site; print(site.getsitepackages()[0])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
         for relative_name, data in sorted(site_packages.items()):
             add_bytes(tar, str(site / relative_name), data)
         add_bytes(tar, "/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
