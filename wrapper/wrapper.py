@@ -701,26 +701,44 @@ def _error_body(exc: BaseException, tb_text: str) -> dict:
     }
 
 
+def _get_object(spec: dict, secrets: dict, key: str) -> bytes:
+    """Fetch cache object ``key`` (verified by its sha256); a warm worker keeps it."""
+    if _warm is not None and key in _warm.objects:
+        return _warm.objects[key]
+    urls = spec.get("urls") or {}
+    if key in urls:  # a presigned URL: it carries its own authorisation
+        data = fetch(urls[key], key, None)
+    else:
+        data = fetch(cache_object_location(spec["cache"], key), key, secrets["token"])
+    if _warm is not None:
+        _warm.remember(key, data)
+    return data
+
+
+def _context_dir(spec: dict, get, workdir: Path) -> Path:
+    """Extract the job's code context (once per archive in a warm worker); return its dir."""
+    archive = spec.get("archive")
+    if not archive:
+        return workdir
+    if _warm is not None:
+        return _warm.context(archive, get)
+    context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
+    safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
+    return context_dir
+
+
 def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object]:
     """Fetch, verify, extract and run; return ``(status, value_or_error_body)``."""
     cloudpickle = _pickler()
 
-    cache, token, key = spec["cache"], secrets["token"], secrets["key"]
-
-    urls = spec.get("urls") or {}
+    key = secrets["key"]
 
     def get(key_: str) -> bytes:
-        if key_ in urls:  # a presigned URL: it carries its own authorisation
-            return fetch(urls[key_], key_, None)
-        return fetch(cache_object_location(cache, key_), key_, token)
+        return _get_object(spec, secrets, key_)
 
     try:
         raise_environment_failure(spec)
-        archive = spec.get("archive")
-        context_dir = workdir
-        if archive:
-            context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
-            safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
+        context_dir = _context_dir(spec, get, workdir)
         header, payload = unseal(get(spec["payload"]["key"]), key)
         check_interpreter(header, spec, cloudpickle)
         fn, args, kwargs = cloudpickle.loads(payload)
@@ -738,7 +756,8 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
         print(f"idds-fat wrapper: job setup failed:\n{text}", file=sys.stderr)
         return "setup_error", _error_body(exc, text)
 
-    sys.path.insert(0, str(context_dir))
+    if str(context_dir) not in sys.path:
+        sys.path.insert(0, str(context_dir))
     os.chdir(context_dir)
     try:
         value = fn(*args, **kwargs)
@@ -953,19 +972,14 @@ def _load_spec(location: str, token: str | None) -> dict:
     return json.loads(fetch(location, key, None if presigned else token))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    parser = argparse.ArgumentParser(description="Run one idds-fat job.")
-    parser.add_argument("--spec", required=True, help="path or URL of the job spec")
-    options = parser.parse_args(argv)
+def run_one(location: str, secrets: dict, workdir: Path) -> int:
+    """Run the job whose spec is at ``location`` in ``workdir``; return its exit status."""
     try:
-        secrets = read_secrets()
-        spec = _load_spec(options.spec, secrets["token"])
+        spec = _load_spec(location, secrets["token"])
     except Exception as exc:
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
         return EXIT_UNREPORTED
-    workdir = Path.cwd()
-    status = enter_environment(spec, secrets, options.spec, workdir)
+    status = enter_environment(spec, secrets, location, workdir)
     if status is not None:  # the job ran in a container, which delivered its result
         return status
     envelope = run_job(spec, secrets, workdir)
@@ -978,6 +992,171 @@ def main(argv: list[str] | None = None) -> int:
         for leftover in workdir.glob("context-*"):
             shutil.rmtree(leftover, ignore_errors=True)
     return 0
+
+
+# --- warm workers: many jobs, one interpreter -------------------------------------------
+
+
+class WarmState:
+    """What a warm worker keeps between jobs: verified cache objects and one code context.
+
+    Objects are content-addressed and checked against their sha256 when first
+    fetched, so reusing them is safe; they are kept up to ``max_bytes`` in
+    total, oldest dropped first. The code context of the last archive stays
+    extracted (and on ``sys.path``) until a job needs another one; files a job
+    writes into it are seen by the later jobs of this worker.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.objects: dict[str, bytes] = {}  # insertion order is age
+        self._size = 0
+        self._context: tuple[str, Path] | None = None
+
+    def remember(self, key: str, data: bytes) -> None:
+        """Keep ``data`` unless it would take more than a quarter of the budget."""
+        if len(data) > self.max_bytes // 4 or key in self.objects:
+            return
+        self.objects[key] = data
+        self._size += len(data)
+        while self._size > self.max_bytes:
+            self._size -= len(self.objects.pop(next(iter(self.objects))))
+
+    def context(self, archive: dict, get) -> Path:
+        """Return the extracted dir of ``archive``, extracting it if it is not the current one."""
+        if self._context is not None and self._context[0] == archive["key"]:
+            return self._context[1]
+        self.leave_context()
+        path = Path(tempfile.mkdtemp(prefix="context-", dir=self.root))
+        safe_extract(get(archive["key"]), path, int(archive["max_bytes"]))
+        self._context = (archive["key"], path)
+        return path
+
+    def leave_context(self) -> None:
+        """Forget the current code context: its modules, its ``sys.path`` entry, its files."""
+        if self._context is None:
+            return
+        path = str(self._context[1])
+        # Another archive may hold modules of the same names: they must load afresh.
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(path + os.sep):
+                del sys.modules[name]
+        while path in sys.path:
+            sys.path.remove(path)
+        shutil.rmtree(path, ignore_errors=True)
+        self._context = None
+
+
+_warm: WarmState | None = None
+
+
+def _needs_own_process(spec: dict) -> bool:
+    """Whether a job must run in an interpreter of its own (another environment)."""
+    environment = spec.get("environment") or {"kind": "current"}
+    return environment.get("kind", "current") != "current" or bool(spec.get("init_env"))
+
+
+def _run_in_child(location: str, secrets: dict, workdir: Path) -> int:
+    """Run one job cold, as a child process, handing it the secrets in its environment."""
+    import subprocess
+
+    raw = {
+        "hmac_key": secrets["key"].hex(),
+        "token": secrets["token"],
+        "broker_user": secrets["broker_user"],
+        "broker_password": secrets["broker_password"],
+    }
+    env = {**os.environ, SECRETS_ENV: json.dumps(raw)}
+    argv = [sys.executable, os.path.abspath(__file__), "--spec", location]
+    return subprocess.call(argv, cwd=workdir, env=env)
+
+
+def _run_warm_job(location: str, secrets: dict, workdir: Path) -> int:
+    try:
+        spec = _load_spec(location, secrets["token"])
+    except Exception as exc:
+        print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
+        return EXIT_UNREPORTED
+    if _needs_own_process(spec):
+        return _run_in_child(location, secrets, workdir)
+    envelope = run_job(spec, secrets, workdir)
+    try:
+        deliver(envelope, spec, secrets)
+    except DeliveryError as exc:
+        print(f"idds-fat wrapper: {exc}", file=sys.stderr)
+        return EXIT_UNDELIVERED
+    return 0
+
+
+def _point_output_at(stdout_fd: int, stderr_fd: int) -> None:
+    # At the descriptor level, so that child processes and C code write there too.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+
+
+def serve_worker(secrets: dict) -> int:
+    """Run jobs one after another as the caller sends them; return 0 when it stops sending.
+
+    Protocol, one JSON object per line: the caller writes
+    ``{"spec": LOCATION, "workdir": DIR}`` to stdin; the worker runs the job in
+    ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``),
+    delivers its result as a cold job would, and answers ``{"exit": STATUS}``
+    on its original stdout. End of input ends the worker (after the job it is
+    running, so a caller that dies loses nothing that was started).
+    """
+    global _warm
+    control = os.fdopen(os.dup(1), "w", buffering=1)
+    idle_out, idle_err = os.dup(2), os.dup(2)  # between jobs everything goes to our stderr
+    _point_output_at(idle_out, idle_err)
+    sys.stdin = open(os.devnull)  # jobs must not read the control channel
+    commands = os.fdopen(os.dup(0), "r")
+    os.dup2(sys.stdin.fileno(), 0)
+    root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-"))
+    _warm = WarmState(root)
+    home = Path.cwd()
+    try:
+        for line in commands:
+            command = json.loads(line)
+            workdir = Path(command["workdir"])
+            with (
+                open(workdir / "stdout.txt", "ab") as out,
+                open(workdir / "stderr.txt", "ab") as err,
+            ):
+                _point_output_at(out.fileno(), err.fileno())
+            try:
+                os.chdir(workdir)
+                status = _run_warm_job(command["spec"], secrets, workdir)
+            except Exception:  # a bug of ours must not end the worker silently
+                traceback.print_exc()
+                status = EXIT_UNREPORTED
+            finally:
+                os.chdir(home)
+                _point_output_at(idle_out, idle_err)
+            control.write(json.dumps({"exit": status}) + "\n")
+    finally:
+        _warm.leave_context()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(description="Run idds-fat jobs.")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--spec", help="path or URL of the job spec")
+    mode.add_argument("--worker", action="store_true", help="run jobs sent on stdin")
+    options = parser.parse_args(argv)
+    try:
+        secrets = read_secrets()
+    except Exception as exc:
+        print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
+        return EXIT_UNREPORTED
+    if options.worker:
+        return serve_worker(secrets)
+    return run_one(options.spec, secrets, Path.cwd())
 
 
 if __name__ == "__main__":

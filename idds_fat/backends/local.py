@@ -1,4 +1,10 @@
-"""The ``local`` backend: each job is a real subprocess running the wrapper on this machine."""
+"""The ``local`` backend: jobs run the real wrapper in processes on this machine.
+
+Warm (the default): each of ``max_workers`` long-lived worker processes
+(``wrapper --worker``) runs job after job, so the interpreter start, the
+wrapper's imports, the payloads of a task and the extracted code context are
+paid once per worker. Cold: one new interpreter per job, as on a batch slot.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +35,57 @@ from idds_fat.wrapper_source import wrapper_module
 logger = logging.getLogger(__name__)
 
 
-class LocalBackend(Backend):
-    """Runs up to ``max_workers`` jobs at once as subprocesses of the caller.
+class _WarmWorker:
+    """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout."""
 
-    Each job runs ``PYTHON WRAPPER --spec SPEC`` in its own work dir and process
-    group, with stdout and stderr kept in ``stdout.txt`` and ``stderr.txt``
-    there. A job asking for ``gpus=N`` waits for N free devices of ``gpus`` and
-    sees only them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills it when
+    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env=dict(env),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                bufsize=1,
+                start_new_session=True,  # its own process group, so cancel kills children too
+            )
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.proc.poll() is None
+
+    def run(self, job: JobRequest) -> int | None:
+        """Run ``job``; return its exit status, or None if the worker died meanwhile."""
+        command = {"spec": job.spec_location, "workdir": str(job.workdir)}
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+            answer = self.proc.stdout.readline()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError, ValueError):
+            return None
+        return int(json.loads(answer)["exit"]) if answer else None
+
+    def close(self) -> None:
+        """Tell the worker to exit after the job it runs (closing its input)."""
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+
+
+class LocalBackend(Backend):
+    """Runs up to ``max_workers`` jobs at once in processes of this machine.
+
+    Warm mode (``mode="warm"``) keeps one long-lived worker process per slot
+    that runs job after job; cold mode starts ``PYTHON WRAPPER --spec SPEC`` per
+    job. Either way a job runs in its own work dir, with stdout and stderr
+    kept in ``stdout.txt`` and ``stderr.txt`` there, and cancelling it kills
+    its process group (a warm worker is replaced by a fresh one). A job asking
+    for ``gpus=N`` runs cold, waits for N free devices of ``gpus`` and sees only
+    them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when
     exceeded. ``cores`` and ``memory_mb`` are not enforced on this backend.
     """
 
@@ -51,7 +102,16 @@ class LocalBackend(Backend):
         max_workers: int,
         gpus: Sequence[str] = (),
         on_start: StartCallback | None = None,
+        mode: str = "warm",
+        log_dir: Path | None = None,
     ) -> None:
+        if mode not in ("warm", "cold"):
+            raise ValueError(f"mode must be 'warm' or 'cold', not {mode!r}")
+        self._mode = mode
+        self._log_dir = log_dir
+        self._slot = threading.local()  # each pool thread drives at most one warm worker
+        self._workers: set[_WarmWorker] = set()
+        self._worker_count = 0
         self._python = python
         self._wrapper = str(wrapper_path)
         self._env = dict(env)
@@ -70,7 +130,8 @@ class LocalBackend(Backend):
 
     @classmethod
     def create(cls, config: Config, setup: BackendSetup) -> LocalBackend:
-        """Run ``config.max_workers`` jobs at once with ``config.python``.
+        """Run ``config.max_workers`` jobs at once with ``config.python``, warm or
+        cold as ``config.local_mode`` says (worker logs under the work dir's ``workers/``).
 
         Jobs get their secrets in their environment (``IDDS_FAT_JOB_SECRETS``),
         and the GPUs of ``config.gpu_devices`` (else those ``nvidia-smi -L`` lists).
@@ -86,6 +147,8 @@ class LocalBackend(Backend):
             max_workers=config.max_workers,
             gpus=gpus,
             on_start=setup.on_start,
+            mode=config.local_mode,
+            log_dir=setup.work_dir / "workers",
         )
 
     def check(self, resources: Resources) -> None:
@@ -155,6 +218,9 @@ class LocalBackend(Backend):
         if not wait and not cancel:
             self._detached.set()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            for worker in self._close_workers():  # each ends after the job it runs
+                # Reap it when it does: an unreaped zombie looks alive to a later adopt().
+                threading.Thread(target=worker.proc.wait, daemon=True).start()
             return
         if cancel:
             with self._lock:
@@ -162,6 +228,15 @@ class LocalBackend(Backend):
             # Queued jobs still pass through _run, which reports them as cancelled.
             self.cancel(live)
         self._pool.shutdown(wait=True)
+        for worker in self._close_workers():
+            worker.proc.wait()
+
+    def _close_workers(self) -> list[_WarmWorker]:
+        with self._lock:
+            workers, self._workers = list(self._workers), set()
+        for worker in workers:
+            worker.close()
+        return workers
 
     def _take_gpus(self, job: JobRequest) -> list[str] | None:
         wanted = job.resources.gpus or 0
@@ -203,12 +278,77 @@ class LocalBackend(Backend):
         self._report(job, outcome)
 
     def _report(self, job: JobRequest, outcome: JobExit) -> None:
+        if self._detached.is_set():
+            return  # nobody follows these jobs here any more; attach() watches them again
         try:
             self._on_exit(job, outcome)
         except Exception:  # the pool would swallow it silently
             logger.exception("handling the end of job %s failed", job.name)
 
     def _run_process(self, job: JobRequest, devices: list[str] | None) -> JobExit:
+        if self._mode == "warm" and devices is None:
+            return self._run_warm(job)
+        return self._run_cold(job, devices)
+
+    def _warm_worker(self) -> _WarmWorker:
+        worker: _WarmWorker | None = getattr(self._slot, "worker", None)
+        if worker is not None and worker.alive:
+            return worker
+        with self._lock:
+            self._worker_count += 1
+            number = self._worker_count
+        log_dir = self._log_dir or Path(tempfile.gettempdir())
+        worker = _WarmWorker(
+            [self._python, self._wrapper, "--worker"], self._env, log_dir / f"worker-{number}.log"
+        )
+        with self._lock:
+            self._workers.add(worker)
+        self._slot.worker = worker
+        return worker
+
+    def _retire(self, worker: _WarmWorker) -> int:
+        """Forget a worker that died (killed by a cancel or a walltime, or crashed)."""
+        with self._lock:
+            self._workers.discard(worker)
+        if getattr(self._slot, "worker", None) is worker:
+            self._slot.worker = None
+        worker.close()
+        return worker.proc.wait()
+
+    def _run_warm(self, job: JobRequest) -> JobExit:
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        worker = self._warm_worker()
+        with self._lock:
+            if job.job_id in self._cancelled:
+                return JobExit(None, "cancelled", cancelled=True)
+            self._procs[job.job_id] = worker.proc
+        if self._on_start is not None:
+            self._on_start(job, str(worker.proc.pid))
+        walltime = job.resources.walltime
+        expired = threading.Event()
+        timer = None
+        if walltime is not None:
+
+            def expire(pid: int = worker.proc.pid) -> None:
+                expired.set()
+                _kill_group(pid)
+
+            timer = threading.Timer(walltime, expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            status = worker.run(job)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if status is not None:
+            return JobExit(status)
+        returncode = self._retire(worker)
+        if expired.is_set():
+            return JobExit(returncode, f"walltime of {walltime:g} s exceeded")
+        return JobExit(returncode)  # the worker died with the job, which is how it ended
+
+    def _run_cold(self, job: JobRequest, devices: list[str] | None) -> JobExit:
         env = dict(self._env)
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)

@@ -795,18 +795,20 @@ class Workflow:
             if self._state is not None:
                 self._state.set_job_status(task_id, int(index), "cancelled", outcome.returncode)
             return
-        self._check_result(job, outcome)
+        checked = self._check_result(job, outcome)
         if future.done():
             return
-        if outcome.returncode == 0 and self._subscriber is not None and self._deadlines:
+        if outcome.returncode == 0 and self._deadlines and (self._subscriber or not checked):
             # A clean exit means a channel took the result. Over STOMP it may still
-            # be on its way (or the broker lost it): look again after a grace period.
+            # be on its way (or the broker lost it), or the store could not be read
+            # just now (it restarts): look again after a grace period.
             grace = self.config.result_grace_seconds
             self._deadlines.at(grace, lambda: self._result_overdue(job, outcome))
             return
         self._lose(job, outcome)
 
-    def _check_result(self, job: JobRequest, outcome: JobExit) -> None:
+    def _check_result(self, job: JobRequest, outcome: JobExit) -> bool:
+        """Read the REST store for the job's result; return False if it could not be read."""
         task_id, index = job.job_id.rsplit("/", 1)
         future = self._futures[(task_id, int(index))]
         if not future.done() and self._collector is not None:
@@ -816,6 +818,8 @@ class Workflow:
                 self._collector.drain()
             except ServiceError as exc:
                 logger.warning("could not check for the result of %s: %s", job.name, exc)
+                return False
+        return True
 
     def _result_overdue(self, job: JobRequest, outcome: JobExit) -> None:
         task_id, index = job.job_id.rsplit("/", 1)

@@ -77,20 +77,30 @@ def test_broker_killed_mid_map_every_result_arrives_once_via_rest(activemq_facto
     assert all(f.done() and not f.exception() for f in results.futures)
 
 
-def test_map_started_with_broker_down_moves_to_stomp_when_it_returns(activemq_factory):
+def test_map_started_with_broker_down_moves_to_stomp_when_it_returns(activemq_factory, tmp_path):
+    gate = tmp_path / "broker-back"
+
+    @work
+    def gated_plus_one(x):
+        # Jobs after the first 20 wait until the caller's subscription is back.
+        while x >= 20 and not os.path.exists(gate):
+            time.sleep(0.01)
+        return x + 1
+
     broker = activemq_factory()
     broker.stop(kill=True)
     n = 120
     with Workflow(**_broker_settings(broker)) as wf:
-        results = plus_one.map([{"x": i} for i in range(n)])
+        results = gated_plus_one.map([{"x": i} for i in range(n)])
         arrived = 0
         for _ in results.as_completed(timeout=300):
             arrived += 1
             if arrived == 20:
                 assert not wf._subscriber.up
                 broker.start()
+                _until(lambda: wf._subscriber.up, what="subscription after the restart")
+                gate.touch()
         values = results.results()
-        assert wf._subscriber.up
     assert values == list(range(1, n + 1))
     stats = wf.stats
     assert stats["rest"] >= 20 and stats["stomp"] > 0, stats

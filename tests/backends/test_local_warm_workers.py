@@ -1,0 +1,113 @@
+"""Warm and cold workers of the local backend: what each job sees, and how jobs end."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from idds_fat import JobLostError, Workflow, work
+
+
+@work
+def whoami(x=0):
+    return os.getpid(), x
+
+
+@work
+def chatty(x):
+    print(f"out {x}")
+    os.write(2, f"err {x}\n".encode())  # at the descriptor level, as C code would
+    return x
+
+
+def _wait_for(condition, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_warm_worker_runs_job_after_job_in_one_process():
+    with Workflow(max_workers=1, progress=False) as wf:
+        results = whoami.map([{"x": i} for i in range(6)]).results()
+    assert [x for _, x in results] == list(range(6))
+    assert len({pid for pid, _ in results}) == 1
+    assert wf.config.local_mode == "warm"
+
+
+def test_cold_mode_starts_an_interpreter_per_job():
+    with Workflow(max_workers=1, local_mode="cold", progress=False):
+        results = whoami.map([{"x": i} for i in range(4)]).results()
+    assert len({pid for pid, _ in results}) == 4
+
+
+def test_each_warm_job_keeps_its_own_stdout_and_stderr():
+    with Workflow(max_workers=1, progress=False) as wf:
+        assert chatty.map([{"x": 1}, {"x": 2}]).results() == [1, 2]
+        jobs = wf.work_dir / "jobs" / "t0001"
+    for index, x in enumerate((1, 2)):
+        assert (jobs / str(index) / "stdout.txt").read_text() == f"out {x}\n"
+        assert (jobs / str(index) / "stderr.txt").read_text() == f"err {x}\n"
+
+
+def test_cancelling_a_running_warm_job_replaces_its_worker(tmp_path):
+    started = tmp_path / "started"
+
+    @work
+    def stuck():
+        started.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+
+    with Workflow(max_workers=1, progress=False):
+        future = stuck.submit()
+        _wait_for(lambda: started.exists() and started.read_text(), what="the job to start")
+        stuck_pid = int(started.read_text())
+        assert future.cancel()
+        pid, _ = whoami(1)  # the next job runs, in a fresh worker
+    assert future.cancelled()
+    assert pid != stuck_pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(stuck_pid, 0)  # the worker that ran it was killed (and reaped)
+
+
+def test_a_warm_job_over_its_walltime_is_killed_and_the_next_one_runs(tmp_path):
+    @work(walltime=0.5)
+    def too_long():
+        while True:
+            time.sleep(0.05)
+
+    with Workflow(max_workers=1, progress=False):
+        with pytest.raises(JobLostError, match="walltime of 0.5 s exceeded"):
+            too_long()
+        assert whoami(7)[1] == 7
+
+
+def test_a_job_that_kills_its_warm_worker_is_lost_and_the_next_one_runs():
+    @work
+    def dies():
+        os._exit(17)
+
+    with Workflow(max_workers=1, progress=False):
+        with pytest.raises(JobLostError, match="exit status 17"):
+            dies()
+        assert whoami(3)[1] == 3
+
+
+def test_the_code_context_is_extracted_once_per_warm_worker(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "helper_mod.py").write_text("import os\nPID = os.getpid()\n")
+
+    @work
+    def where():
+        import helper_mod
+
+        return os.getcwd(), helper_mod.PID
+
+    with Workflow(source_dir=source, max_workers=1, progress=False):
+        first, second = where.map([{}, {}]).results()
+    assert first == second  # same extracted dir, and the module imported once
+    assert os.path.isdir(first[0]) is False  # removed when the worker ended
