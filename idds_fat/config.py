@@ -59,6 +59,10 @@ class Config:
             through the wrapper; ``"cold"``: one new interpreter per job, as on
             a batch slot. Jobs asking for GPUs or a non-current environment
             always run cold.
+        local_direct_results: warm local workers hand each result straight back
+            to the caller over their pipe (the caller keeps the REST store's copy)
+            when the workflow runs its own service and no broker; ``False`` makes
+            them deliver through the result channels like any job.
         broker: STOMP brokers, ``stomp://host1:61613,host2:61613``; ``None``
             (the default) delivers results over REST only.
         broker_user, broker_password: broker credentials (given to jobs with
@@ -109,6 +113,7 @@ class Config:
     publish_timeout: float = 120.0
     python: str = sys.executable
     local_mode: str = "warm"
+    local_direct_results: bool = True
     broker: str | None = None
     broker_user: str | None = None
     broker_password: str | None = field(default=None, repr=False)

@@ -705,11 +705,7 @@ def _get_object(spec: dict, secrets: dict, key: str) -> bytes:
     """Fetch cache object ``key`` (verified by its sha256); a warm worker keeps it."""
     if _warm is not None and key in _warm.objects:
         return _warm.objects[key]
-    urls = spec.get("urls") or {}
-    if key in urls:  # a presigned URL: it carries its own authorisation
-        data = fetch(urls[key], key, None)
-    else:
-        data = fetch(cache_object_location(spec["cache"], key), key, secrets["token"])
+    data = _fetch_object(spec, secrets, key)
     if _warm is not None:
         _warm.remember(key, data)
     return data
@@ -1061,32 +1057,38 @@ def _run_in_child(location: str, secrets: dict, workdir: Path) -> int:
     """Run one job cold, as a child process, handing it the secrets in its environment."""
     import subprocess
 
-    raw = {
-        "hmac_key": secrets["key"].hex(),
-        "token": secrets["token"],
-        "broker_user": secrets["broker_user"],
-        "broker_password": secrets["broker_password"],
-    }
-    env = {**os.environ, SECRETS_ENV: json.dumps(raw)}
     argv = [sys.executable, os.path.abspath(__file__), "--spec", location]
-    return subprocess.call(argv, cwd=workdir, env=env)
+    return subprocess.call(argv, cwd=workdir, env=_secrets_environment(secrets, ""))
 
 
-def _run_warm_job(location: str, secrets: dict, workdir: Path) -> int:
+def _run_warm_job(
+    location: str, secrets: dict, workdir: Path, reply: bool
+) -> tuple[int, bytes | None, dict | None]:
+    """Run one job in this worker; return ``(exit status, message, spec)``.
+
+    With ``reply``, the result is not delivered: the message that carries it
+    (the envelope, or a reference to it in the cache when large) is returned
+    for the caller, who is at the other end of this worker's pipe.
+    """
     try:
         spec = _load_spec(location, secrets["token"])
     except Exception as exc:
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
-        return EXIT_UNREPORTED
+        return EXIT_UNREPORTED, None, None
     if _needs_own_process(spec):
-        return _run_in_child(location, secrets, workdir)
+        return _run_in_child(location, secrets, workdir), None, None
     envelope = run_job(spec, secrets, workdir)
     try:
+        if reply:
+            deadline = time.monotonic() + float(spec["publish_timeout"])
+            if len(envelope) > int(spec.get("result_inline_bytes") or len(envelope)):
+                return 0, by_reference(envelope, spec, secrets, deadline), spec
+            return 0, envelope, spec
         deliver(envelope, spec, secrets)
-    except DeliveryError as exc:
+    except WrapperError as exc:
         print(f"idds-fat wrapper: {exc}", file=sys.stderr)
-        return EXIT_UNDELIVERED
-    return 0
+        return EXIT_UNDELIVERED, None, None
+    return 0, None, None
 
 
 def _point_output_at(stdout_fd: int, stderr_fd: int) -> None:
@@ -1101,11 +1103,14 @@ def serve_worker(secrets: dict) -> int:
     """Run jobs one after another as the caller sends them; return 0 when it stops sending.
 
     Protocol, one JSON object per line: the caller writes
-    ``{"spec": LOCATION, "workdir": DIR}`` to stdin; the worker runs the job in
-    ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``),
-    delivers its result as a cold job would, and answers ``{"exit": STATUS}``
-    on its original stdout. End of input ends the worker (after the job it is
-    running, so a caller that dies loses nothing that was started).
+    ``{"spec": LOCATION, "workdir": DIR, "reply": BOOL}`` to stdin; the worker
+    runs the job in ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and
+    ``DIR/stderr.txt``) and answers ``{"exit": STATUS}`` on its original stdout.
+    Without ``reply`` it delivers the result as a cold job would; with it, the
+    answer also carries the signed result message, base64-encoded, as
+    ``"result"`` (the caller verifies it like any other). If that answer cannot
+    be written (the caller died), the result is delivered the usual way. End
+    of input ends the worker, after the job it is running.
     """
     global _warm
     control = os.fdopen(os.dup(1), "w", buffering=1)
@@ -1126,16 +1131,27 @@ def serve_worker(secrets: dict) -> int:
                 open(workdir / "stderr.txt", "ab") as err,
             ):
                 _point_output_at(out.fileno(), err.fileno())
+            message = spec = None
             try:
                 os.chdir(workdir)
-                status = _run_warm_job(command["spec"], secrets, workdir)
+                status, message, spec = _run_warm_job(
+                    command["spec"], secrets, workdir, bool(command.get("reply"))
+                )
             except Exception:  # a bug of ours must not end the worker silently
                 traceback.print_exc()
                 status = EXIT_UNREPORTED
             finally:
                 os.chdir(home)
                 _point_output_at(idle_out, idle_err)
-            control.write(json.dumps({"exit": status}) + "\n")
+            answer = {"exit": status}
+            if message is not None:
+                answer["result"] = base64.b64encode(message).decode()
+            try:
+                control.write(json.dumps(answer) + "\n")
+            except OSError:  # the caller is gone: its result must still get out
+                if message is not None and spec is not None:
+                    deliver(message, spec, secrets)
+                break
     finally:
         _warm.leave_context()
         shutil.rmtree(root, ignore_errors=True)

@@ -80,11 +80,15 @@ class JobExit:
         returncode: the exit status (negative: killed by that signal); None if unknown.
         reason: a short human-readable cause when it is not a plain exit.
         cancelled: the job was cancelled on request.
+        result: the job's signed result message, when the backend got it straight
+            from the job (``BackendSetup.direct_results``) instead of the job
+            delivering it to a result channel; the workflow verifies it like any other.
     """
 
     returncode: int | None
     reason: str = ""
     cancelled: bool = False
+    result: bytes | None = field(default=None, repr=False)
 
 
 #: Called by a backend, from any thread, when a job has ended.
@@ -108,6 +112,9 @@ class BackendSetup:
         wrapper_url: where the wrapper can be fetched over HTTP, if it can.
         placement: the workflow's placement options (iDDS ``queue``, ``site``,
             ``cloud``, ...), for backends that use them.
+        direct_results: the backend may hand a job's result back in
+            ``JobExit.result`` rather than have the job deliver it (the local
+            backend's warm workers do, over their pipe).
     """
 
     work_dir: Path
@@ -117,6 +124,7 @@ class BackendSetup:
     on_start: StartCallback | None = None
     wrapper_url: str | None = None
     placement: Mapping[str, Any] = field(default_factory=dict)
+    direct_results: bool = False
 
 
 class Backend(abc.ABC):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from base64 import b64decode
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,16 +58,20 @@ class _WarmWorker:
         """Whether the process still runs."""
         return self.proc.poll() is None
 
-    def run(self, job: JobRequest) -> int | None:
-        """Run ``job``; return its exit status, or None if the worker died meanwhile."""
-        command = {"spec": job.spec_location, "workdir": str(job.workdir)}
+    def run(self, job: JobRequest, reply: bool) -> JobExit | None:
+        """Run ``job`` (with ``reply``, its result comes back here); None if the worker died."""
+        command = {"spec": job.spec_location, "workdir": str(job.workdir), "reply": reply}
         try:
             self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
-            answer = self.proc.stdout.readline()  # type: ignore[union-attr]
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError, ValueError):
             return None
-        return int(json.loads(answer)["exit"]) if answer else None
+        if not line:
+            return None
+        answer = json.loads(line)
+        result = answer.get("result")
+        return JobExit(int(answer["exit"]), result=None if result is None else b64decode(result))
 
     def close(self) -> None:
         """Tell the worker to exit after the job it runs (closing its input)."""
@@ -80,13 +85,15 @@ class LocalBackend(Backend):
     """Runs up to ``max_workers`` jobs at once in processes of this machine.
 
     Warm mode (``mode="warm"``) keeps one long-lived worker process per slot
-    that runs job after job; cold mode starts ``PYTHON WRAPPER --spec SPEC`` per
-    job. Either way a job runs in its own work dir, with stdout and stderr
-    kept in ``stdout.txt`` and ``stderr.txt`` there, and cancelling it kills
-    its process group (a warm worker is replaced by a fresh one). A job asking
-    for ``gpus=N`` runs cold, waits for N free devices of ``gpus`` and sees only
-    them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when
-    exceeded. ``cores`` and ``memory_mb`` are not enforced on this backend.
+    that runs job after job (with ``direct_results``, handing each result back
+    over its pipe instead of posting it); cold mode starts
+    ``PYTHON WRAPPER --spec SPEC`` per job. Either way a job runs in its own
+    work dir, with stdout and stderr kept in ``stdout.txt`` and ``stderr.txt``
+    there, and cancelling it kills its process group (a warm worker is
+    replaced by a fresh one). A job asking for ``gpus=N`` runs cold, waits for
+    N free devices of ``gpus`` and sees only them through
+    ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when exceeded.
+    ``cores`` and ``memory_mb`` are not enforced on this backend.
     """
 
     name = "local"
@@ -104,11 +111,13 @@ class LocalBackend(Backend):
         on_start: StartCallback | None = None,
         mode: str = "warm",
         log_dir: Path | None = None,
+        direct_results: bool = False,
     ) -> None:
         if mode not in ("warm", "cold"):
             raise ValueError(f"mode must be 'warm' or 'cold', not {mode!r}")
         self._mode = mode
         self._log_dir = log_dir
+        self._direct_results = direct_results
         self._slot = threading.local()  # each pool thread drives at most one warm worker
         self._workers: set[_WarmWorker] = set()
         self._worker_count = 0
@@ -149,6 +158,7 @@ class LocalBackend(Backend):
             on_start=setup.on_start,
             mode=config.local_mode,
             log_dir=setup.work_dir / "workers",
+            direct_results=setup.direct_results,
         )
 
     def check(self, resources: Resources) -> None:
@@ -278,7 +288,7 @@ class LocalBackend(Backend):
         self._report(job, outcome)
 
     def _report(self, job: JobRequest, outcome: JobExit) -> None:
-        if self._detached.is_set():
+        if self._detached.is_set() and outcome.result is None:
             return  # nobody follows these jobs here any more; attach() watches them again
         try:
             self._on_exit(job, outcome)
@@ -337,12 +347,12 @@ class LocalBackend(Backend):
             timer.daemon = True
             timer.start()
         try:
-            status = worker.run(job)
+            ended = worker.run(job, reply=self._direct_results)
         finally:
             if timer is not None:
                 timer.cancel()
-        if status is not None:
-            return JobExit(status)
+        if ended is not None:
+            return ended
         returncode = self._retire(worker)
         if expired.is_set():
             return JobExit(returncode, f"walltime of {walltime:g} s exceeded")

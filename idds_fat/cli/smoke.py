@@ -154,6 +154,9 @@ def run_smoke(timeout: float, config: Config | None = None) -> SmokeReport:
     started = time.monotonic()
     deadline = started + timeout
     runs = []
+    # The smoke test checks the channels a remote job uses: local warm workers
+    # must not hand results back over their pipe instead.
+    config = dataclasses.replace(config, local_direct_results=False)
     if config.broker:
         runs.append(_run_once(config, "stomp", deadline))
         # load_config ignores None overrides: replace() is how the broker goes away.

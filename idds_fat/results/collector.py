@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -51,14 +52,15 @@ class ResultCollector:
         self._stomp_up = False
         self._wake = threading.Event()
         self._cursor = 0
-        self._seen: set[tuple[str, int, int]] = set()
+        self._seen: dict[tuple[str, int, int], str] = {}  # -> the channel it came by first
+        self._local_copies: set[bytes] = set()  # sha256 of results handed over directly
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.received = 0
         self.duplicates = 0
         self.rejected = 0
-        self.by_channel: dict[str, int] = {"stomp": 0, "rest": 0}
+        self.by_channel: dict[str, int] = {"stomp": 0, "rest": 0, "local": 0}
         self.wait_seconds = 20.0
 
     def start(self) -> None:
@@ -144,6 +146,17 @@ class ResultCollector:
         Thread-safe; never raises for a bad message (it is counted in ``rejected``).
         ``by_channel`` counts the new results each channel brought first.
         """
+        if channel == "rest" and self._local_copies:
+            digest = hashlib.sha256(data).digest()
+            with self._lock:
+                if digest in self._local_copies:
+                    # The REST store's copy of a result handed over directly: the
+                    # caller put it there on purpose; reading it back is no duplicate.
+                    self._local_copies.discard(digest)
+                    return
+        elif channel == "local":
+            with self._lock:
+                self._local_copies.add(hashlib.sha256(data).digest())
         try:
             header, body = open_envelope(data, self._key)
         except IntegrityError as exc:
@@ -155,10 +168,10 @@ class ResultCollector:
             return
         ident = (str(header.get("task")), int(header.get("job", -1)), int(header.get("attempt", 0)))
         with self._lock:
-            seen = ident in self._seen
-            if seen:
+            first = ident in self._seen
+            if first:
                 self.duplicates += 1
-        if seen:
+        if first:
             return
         body: bytes | LazyValue
         if kind == "result-ref":
@@ -179,7 +192,7 @@ class ResultCollector:
             if ident in self._seen:
                 self.duplicates += 1
                 return
-            self._seen.add(ident)
+            self._seen[ident] = channel
             self.received += 1
             self.by_channel[channel] = self.by_channel.get(channel, 0) + 1
         if not self._dispatch(header, body):

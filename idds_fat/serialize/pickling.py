@@ -22,6 +22,7 @@ _registered: set[str] = set()
 # (root, module name, id(module)) already looked at: a call per job must not
 # resolve the path of every loaded module again (that took ~20 ms a call).
 _examined: set[tuple[str, str, int]] = set()
+_last_scan: dict[str, int] = {}  # root -> len(sys.modules) when it was last scanned
 
 
 def _library_roots() -> list[Path]:
@@ -45,12 +46,16 @@ def register_user_modules(source_dir: str | os.PathLike | None) -> list[str]:
     its ``sys.path``. ``__main__`` is always pickled by value by cloudpickle.
     """
     root = Path(source_dir or os.getcwd()).resolve()
+    where = str(root)
+    if _last_scan.get(where) == len(sys.modules):
+        return []  # nothing imported since the last call for this root
+    _last_scan[where] = len(sys.modules)
     libraries: list[Path] | None = None
     added = []
     for name, module in list(sys.modules.items()):
         if name in _registered or name == "__main__" or name.split(".")[0] == "idds_fat":
             continue
-        seen = (str(root), name, id(module))
+        seen = (where, name, id(module))
         if seen in _examined:
             continue
         _examined.add(seen)

@@ -144,7 +144,9 @@ def create_app(
     there; its ``/api`` routes need the token too, its pages do not.
 
     ``app.state.wakeups`` (a :class:`ResultWakeups`) lets an embedding server
-    release long-polling readers before shutting down.
+    release long-polling readers before shutting down; ``app.state.results``
+    (the :class:`ResultStore`, once the app has started) lets it store results
+    it got by other means.
     """
     cache = DirectoryStore(Path(cache_root))
     expected = ("Bearer " + token).encode() if token else None
@@ -257,6 +259,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await run_in_threadpool(ResultStore, Path(db_path), result_ttl_seconds)
         state["results"] = store
+        app.state.results = store
         wakeups.bind(asyncio.get_running_loop())
         await run_in_threadpool(store.purge)
         purger = asyncio.create_task(purge_periodically(store))

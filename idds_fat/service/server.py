@@ -14,11 +14,13 @@ import uvicorn
 
 from idds_fat.errors import ServiceError
 from idds_fat.service.app import create_app
+from idds_fat.service.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RESULT_TTL_SECONDS = 7 * 86400.0
 _GRACEFUL_SHUTDOWN_SECONDS = 5
+RESULTS_DB = "results.sqlite3"
 _START_TIMEOUT_SECONDS = 30.0
 
 
@@ -32,7 +34,7 @@ def _app_for(
     data_dir = Path(data_dir)
     return create_app(
         cache_root=data_dir / "cache",
-        db_path=data_dir / "results.sqlite3",
+        db_path=data_dir / RESULTS_DB,
         token=token,
         result_ttl_seconds=result_ttl_seconds,
         mirror=mirror,
@@ -133,6 +135,27 @@ class EmbeddedService:
         self._app = app
         logger.debug("embedded service running at %s", self._url)
         return self
+
+    def keep_result(self, workflow: str, envelope: bytes) -> None:
+        """Store a result envelope that reached the caller by another way (a warm worker's pipe).
+
+        Readers are not woken: the caller that got it needs no copy now, and
+        the copy is there for a later ``attach`` or ``idds-fat results``. When
+        the service is stopped (its caller detached), the copy goes straight into
+        the store's database, where a service started later on ``data_dir`` finds it.
+
+        Raises:
+            ValueError: ``envelope`` is not an envelope of ``workflow``.
+        """
+        app = self._app
+        if app is not None:
+            app.state.results.add(workflow, envelope)
+            return
+        store = ResultStore(self.data_dir / RESULTS_DB, self.result_ttl_seconds)
+        try:
+            store.add(workflow, envelope)
+        finally:
+            store.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving: release long polls, let requests finish, join the thread.

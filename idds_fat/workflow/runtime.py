@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -164,6 +165,7 @@ class Workflow:
         self._token: str | None = None
         self._started = False
         self._closed = False
+        self._detached = False
         self._lock = threading.Lock()
         self._futures: dict[tuple[str, int], AsyncResult] = {}
         self._tasks: dict[str, list[AsyncResult]] = {}
@@ -399,6 +401,11 @@ class Workflow:
             on_start=self._job_started,
             wrapper_url=wrapper_url,
             placement=self.placement,
+            # Straight back over the worker's pipe only when this caller keeps the
+            # REST copy itself; a broker, when configured, is what the user asked for.
+            direct_results=bool(
+                config.local_direct_results and self._service is not None and not config.broker
+            ),
         )
         self._backend = BACKENDS[config.backend].create(config, setup)
 
@@ -500,6 +507,7 @@ class Workflow:
             if self._closed:
                 return
             self._closed = True
+            self._detached = True
         try:
             if self._backend is not None:
                 self._backend.shutdown(cancel=False, wait=False)
@@ -746,10 +754,15 @@ class Workflow:
     def stats(self) -> dict[str, int]:
         """Counts of results: ``received`` (new), ``duplicates`` dropped, forged or
         corrupted ``rejected``, and how many new ones each channel (``stomp``,
-        ``rest``) brought first."""
+        ``rest``, ``local``: straight from a warm local worker) brought first."""
         c = self._collector
         if c is None:
-            return {"received": 0, "duplicates": 0, "rejected": 0, "stomp": 0, "rest": 0}
+            return {
+                "received": 0,
+                "duplicates": 0,
+                "rejected": 0,
+                **dict.fromkeys(("stomp", "rest", "local"), 0),
+            }
         return {
             "received": c.received,
             "duplicates": c.duplicates,
@@ -785,6 +798,17 @@ class Workflow:
             self._state.set_job_started(task_id, int(index), ref)
 
     def _job_ended(self, job: JobRequest, outcome: JobExit) -> None:
+        if outcome.result is not None and self._service is not None:
+            # The copy that attach() and `idds-fat results` read later; kept before
+            # the user sees the value, so a caller killed right after loses nothing.
+            try:
+                self._service.keep_result(self.id, outcome.result)
+            except (ValueError, OSError, sqlite3.Error) as exc:
+                logger.warning("could not keep a copy of the result of %s: %s", job.name, exc)
+        if self._detached:
+            return  # the copy waits for attach()
+        if outcome.result is not None and self._collector is not None:
+            self._collector.accept(outcome.result, "local")
         self._running.discard(job.job_id)
         task_id, index = job.job_id.rsplit("/", 1)
         future = self._futures.get((task_id, int(index)))

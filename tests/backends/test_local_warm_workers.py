@@ -111,3 +111,17 @@ def test_the_code_context_is_extracted_once_per_warm_worker(tmp_path):
         first, second = where.map([{}, {}]).results()
     assert first == second  # same extracted dir, and the module imported once
     assert os.path.isdir(first[0]) is False  # removed when the worker ended
+
+
+def test_warm_results_come_back_over_the_pipe_and_a_copy_stays_for_attach():
+    with Workflow(max_workers=2, progress=False) as wf:
+        values = whoami.map([{"x": i} for i in range(5)]).results()
+    assert wf.stats["local"] == 5 and wf.stats["rest"] == 0 and wf.stats["duplicates"] == 0
+    with Workflow.attach(wf.id) as again:  # reads the REST store's copies
+        assert again.tasks["t0001"].results(timeout=60) == values
+
+
+def test_without_direct_results_warm_jobs_deliver_over_rest():
+    with Workflow(max_workers=1, local_direct_results=False, progress=False) as wf:
+        assert whoami(4)[1] == 4
+    assert wf.stats["rest"] == 1 and wf.stats["local"] == 0

@@ -274,7 +274,7 @@ def test_smoke_runs_over_stomp_then_rest_when_a_broker_is_configured(activemq, m
     # A drain after a job exits may read the same REST page as the long-poll in
     # flight; dedupe absorbs that, so duplicates are not asserted here.
     stats = {k: v for k, v in rest["stats"].items() if k != "duplicates"}
-    assert stats == {"received": 5, "rejected": 0, "stomp": 0, "rest": 5}
+    assert stats == {"received": 5, "rejected": 0, "stomp": 0, "rest": 5, "local": 0}
 
 
 # --- results and cancel (they reattach with Workflow.attach) ---------------------------
