@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""The idds-fat job wrapper: runs one job of a task on any node.
+"""The idds-fat job wrapper: runs jobs of a task on any node.
 
 Usage::
 
-    python3 wrapper.py --spec LOCATION
+    python3 wrapper.py --spec LOCATION                 # one job (cold)
+    python3 wrapper.py --jobs-file FILE --pack N       # a pack of jobs, one interpreter
+    python3 wrapper.py --worker                        # warm: jobs sent on stdin
+
+A pack (Slurm array element, PanDA job with several inputs) and a warm worker
+run job after job in one interpreter: verified cache objects are kept, the
+code context is extracted once, and each result is published as soon as its
+job is done (see ``run_pack`` and ``serve_worker`` for their formats).
 
 ``LOCATION`` is a path or URL of the job spec, a JSON document in the content
 cache whose name is its sha256 (the wrapper checks it). The spec names every
@@ -1099,6 +1106,46 @@ def _point_output_at(stdout_fd: int, stderr_fd: int) -> None:
     os.dup2(stderr_fd, 2)
 
 
+def _run_command(
+    command: dict, secrets: dict, idle: tuple[int, int]
+) -> tuple[int, bytes | None, dict | None]:
+    """Run one job of a warm session in its work dir, its output in that dir's files."""
+    workdir = Path(command["workdir"])
+    home = Path.cwd()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (
+        open(workdir / "stdout.txt", "ab") as out,
+        open(workdir / "stderr.txt", "ab") as err,
+    ):
+        _point_output_at(out.fileno(), err.fileno())
+    try:
+        os.chdir(workdir)
+        return _run_warm_job(command["spec"], secrets, workdir, bool(command.get("reply")))
+    except Exception:  # a bug of ours must not end the session silently
+        traceback.print_exc()
+        return EXIT_UNREPORTED, None, None
+    finally:
+        os.chdir(home)
+        _point_output_at(*idle)
+
+
+class _WarmSession:
+    """Makes this process a warm worker for a ``with`` block (objects and context kept)."""
+
+    def __enter__(self) -> _WarmSession:
+        global _warm
+        self.root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-"))
+        _warm = WarmState(self.root)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        global _warm
+        if _warm is not None:
+            _warm.leave_context()
+        _warm = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def serve_worker(secrets: dict) -> int:
     """Run jobs one after another as the caller sends them; return 0 when it stops sending.
 
@@ -1112,37 +1159,15 @@ def serve_worker(secrets: dict) -> int:
     be written (the caller died), the result is delivered the usual way. End
     of input ends the worker, after the job it is running.
     """
-    global _warm
     control = os.fdopen(os.dup(1), "w", buffering=1)
-    idle_out, idle_err = os.dup(2), os.dup(2)  # between jobs everything goes to our stderr
-    _point_output_at(idle_out, idle_err)
+    idle = (os.dup(2), os.dup(2))  # between jobs everything goes to our stderr
+    _point_output_at(*idle)
     sys.stdin = open(os.devnull)  # jobs must not read the control channel
     commands = os.fdopen(os.dup(0), "r")
     os.dup2(sys.stdin.fileno(), 0)
-    root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-"))
-    _warm = WarmState(root)
-    home = Path.cwd()
-    try:
+    with _WarmSession():
         for line in commands:
-            command = json.loads(line)
-            workdir = Path(command["workdir"])
-            with (
-                open(workdir / "stdout.txt", "ab") as out,
-                open(workdir / "stderr.txt", "ab") as err,
-            ):
-                _point_output_at(out.fileno(), err.fileno())
-            message = spec = None
-            try:
-                os.chdir(workdir)
-                status, message, spec = _run_warm_job(
-                    command["spec"], secrets, workdir, bool(command.get("reply"))
-                )
-            except Exception:  # a bug of ours must not end the worker silently
-                traceback.print_exc()
-                status = EXIT_UNREPORTED
-            finally:
-                os.chdir(home)
-                _point_output_at(idle_out, idle_err)
+            status, message, spec = _run_command(json.loads(line), secrets, idle)
             answer = {"exit": status}
             if message is not None:
                 answer["result"] = base64.b64encode(message).decode()
@@ -1150,12 +1175,44 @@ def serve_worker(secrets: dict) -> int:
                 control.write(json.dumps(answer) + "\n")
             except OSError:  # the caller is gone: its result must still get out
                 if message is not None and spec is not None:
-                    deliver(message, spec, secrets)
+                    try:
+                        deliver(message, spec, secrets)
+                    except DeliveryError as exc:
+                        print(f"idds-fat wrapper: {exc}", file=sys.stderr)
                 break
-    finally:
-        _warm.leave_context()
-        shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def read_pack(jobs_file: str, pack: str) -> list[dict]:
+    """Return the jobs of pack ``pack`` in a jobs file, in order.
+
+    A jobs file has one line per job, ``PACK<TAB>WORKDIR<TAB>SPEC``; relative
+    work dirs are relative to the current directory.
+    """
+    jobs = []
+    with open(jobs_file, encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) == 3 and fields[0] == pack:
+                jobs.append({"workdir": os.path.abspath(fields[1]), "spec": fields[2]})
+    return jobs
+
+
+def run_pack(jobs: list[dict], secrets: dict) -> int:
+    """Run several jobs in this one process, each delivering its result as soon as it is done.
+
+    Each job's exit status goes to ``exit_status`` in its work dir (so a batch
+    system that sees one process still learns how each job ended); returns 0
+    when all of them delivered, else the first non-zero status.
+    """
+    idle = (os.dup(1), os.dup(2))
+    worst = 0
+    with _WarmSession():
+        for command in jobs:
+            status, _, _ = _run_command(command, secrets, idle)
+            Path(command["workdir"], "exit_status").write_text(f"{status}\n")
+            worst = worst or status
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1164,14 +1221,21 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--spec", help="path or URL of the job spec")
     mode.add_argument("--worker", action="store_true", help="run jobs sent on stdin")
+    mode.add_argument("--jobs-file", help="run the jobs of one pack of this jobs file")
+    parser.add_argument("--pack", help="which pack of --jobs-file to run")
     options = parser.parse_args(argv)
+    if options.jobs_file and options.pack is None:
+        parser.error("--jobs-file needs --pack")
     try:
         secrets = read_secrets()
+        jobs = read_pack(options.jobs_file, options.pack) if options.jobs_file else []
     except Exception as exc:
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
         return EXIT_UNREPORTED
     if options.worker:
         return serve_worker(secrets)
+    if options.jobs_file:
+        return run_pack(jobs, secrets)
     return run_one(options.spec, secrets, Path.cwd())
 
 

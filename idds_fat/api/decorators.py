@@ -53,6 +53,7 @@ class WorkFunction:
         memory_mb: int | None = None,
         gpus: int | None = None,
         walltime: float | None = None,
+        jobs_per_worker: int | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -62,7 +63,15 @@ class WorkFunction:
         self.container_options = container_options
         self.environment = None if environment is None else as_environment(environment)
         self.return_work = return_work
-        self.resources = Resources(cores=cores, memory_mb=memory_mb, gpus=gpus, walltime=walltime)
+        if jobs_per_worker is not None and jobs_per_worker < 1:
+            raise ValueError(f"jobs_per_worker must be at least 1, not {jobs_per_worker}")
+        self.resources = Resources(
+            cores=cores,
+            memory_mb=memory_mb,
+            gpus=gpus,
+            walltime=walltime,
+            jobs_per_worker=jobs_per_worker,
+        )
 
     def _submit(
         self,
@@ -154,7 +163,9 @@ def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     Usable bare (``@work``) or with options (``@work(map_results=True, gpus=1)``):
     ``map_results``, ``name``, ``return_work``, the resources ``cores``,
     ``memory_mb``, ``gpus`` and ``walltime`` (seconds), which override the
-    workflow's, ``environment`` (where the jobs run: ``Venv([...])``,
+    workflow's, ``jobs_per_worker`` (batch backends: jobs one batch job runs
+    in sequence; the local backend's warm workers do this anyway),
+    ``environment`` (where the jobs run: ``Venv([...])``,
     ``Conda("env.tar.gz")``, ``Container("image")``, ``Current()`` or a string
     form; docs/environments/), and the iDDS options ``init_env`` (a shell prefix
     run on the node before the job) and ``container_options``
@@ -164,6 +175,7 @@ def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
 
     Raises:
         TypeError: an unknown option.
+        ValueError: ``jobs_per_worker`` below 1.
     """
     if fn is None:
         return lambda f: WorkFunction(f, **options)

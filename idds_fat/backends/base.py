@@ -24,12 +24,17 @@ class Resources:
         memory_mb: memory in MiB.
         gpus: GPU devices of its own.
         walltime: seconds before the job is killed.
+        jobs_per_worker: on batch backends, how many jobs of a task one batch
+            job (a Slurm array element, a PanDA job) runs in sequence in one
+            interpreter, each result published as soon as it is done; the
+            resources above are then those of the batch job.
     """
 
     cores: int | None = None
     memory_mb: int | None = None
     gpus: int | None = None
     walltime: float | None = None
+    jobs_per_worker: int | None = None
 
     def merged(self, override: Resources) -> Resources:
         """Return these resources with every field that ``override`` sets replaced."""
@@ -38,7 +43,7 @@ class Resources:
                 getattr(override, name)
                 if getattr(override, name) is not None
                 else getattr(self, name)
-                for name in ("cores", "memory_mb", "gpus", "walltime")
+                for name in ("cores", "memory_mb", "gpus", "walltime", "jobs_per_worker")
             )
         )
 

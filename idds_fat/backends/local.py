@@ -97,7 +97,8 @@ class LocalBackend(Backend):
     """
 
     name = "local"
-    supported_parameters = frozenset({"gpus", "walltime"})
+    # jobs_per_worker: warm workers already run many jobs each.
+    supported_parameters = frozenset({"gpus", "walltime", "jobs_per_worker"})
 
     def __init__(
         self,

@@ -30,16 +30,11 @@ _TRANSIENT = re.compile(
 )
 _SCRIPT = """#!/bin/bash
 {directives}
-# idds-fat job array: each element runs the wrapper on its own job spec.
-line=$(awk -F'\\t' -v i="$SLURM_ARRAY_TASK_ID" '$1 == i {{print; exit}}' {jobs_file})
-workdir=$(printf '%s' "$line" | cut -f2)
-spec=$(printf '%s' "$line" | cut -f3)
-cd "$workdir" || exit 97
+# idds-fat job array: element N runs the jobs of pack N of the jobs file in one
+# interpreter; the wrapper writes each job's stdout, stderr and exit_status in
+# that job's dir.
 export {secrets_env}={secrets_file}
-{python} {wrapper} --spec "$spec" > stdout.txt 2> stderr.txt
-status=$?
-echo "$status" > exit_status
-exit "$status"
+exec {python} {wrapper} --jobs-file {jobs_file} --pack "$SLURM_ARRAY_TASK_ID"
 """
 
 
@@ -66,9 +61,11 @@ class SlurmBackend(Backend):
     Resources map to ``--cpus-per-task``, ``--mem``, ``--gres=gpu:N`` and
     ``--time``; ``queue`` (iDDS) or the ``slurm_partition`` setting to
     ``--partition``; ``slurm_account`` to ``--account``; ``slurm_options`` are
-    added as they are. Each element ``cd``\\ s to its job dir and runs the wrapper
-    with its spec; the job's secrets come from a 0600 file in the workflow's work
-    dir (its path, not its content, is in the script). The cache must be one
+    added as they are. Each element runs the wrapper on its pack of jobs (one
+    job, or ``jobs_per_worker`` of them in sequence in one interpreter, each
+    result published when done), each job in its own dir; the job's secrets
+    come from a 0600 file in the workflow's work dir (its path, not its
+    content, is in the script). The cache must be one
     the nodes can read (a shared directory or the HTTP service) and the result
     channel one they can reach.
 
@@ -80,7 +77,9 @@ class SlurmBackend(Backend):
     """
 
     name = "slurm"
-    supported_parameters = frozenset({"queue", "cores", "memory_mb", "gpus", "walltime"})
+    supported_parameters = frozenset(
+        {"queue", "cores", "memory_mb", "gpus", "walltime", "jobs_per_worker"}
+    )
 
     def __init__(
         self,
@@ -108,8 +107,9 @@ class SlurmBackend(Backend):
         self._poll_min, self._poll_max = poll_min, max(poll_min, poll_max)
         self._timeout = command_timeout
         self._lock = threading.Lock()
-        self._live: dict[tuple[str, int], JobRequest] = {}  # (array job id, index) -> job
-        self._where: dict[str, tuple[str, int]] = {}  # job id -> (array job id, index)
+        # (array job id, element) -> the jobs that element runs, not yet ended
+        self._live: dict[tuple[str, int], list[JobRequest]] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # job id -> (array job id, element)
         self._submissions = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -177,10 +177,11 @@ class SlurmBackend(Backend):
         with self._lock:
             self._submissions += 1
             number = self._submissions
-        indices = []
+        per_element = jobs[0].resources.jobs_per_worker or 1
+        indices = []  # the array element of each job
         lines = []
         for job in jobs:
-            index = int(job.job_id.rsplit("/", 1)[1])
+            index = int(job.job_id.rsplit("/", 1)[1]) // per_element
             indices.append(index)
             job.workdir.mkdir(parents=True, exist_ok=True)
             lines.append(f"{index}\t{job.workdir}\t{job.spec_location}\n")
@@ -189,7 +190,7 @@ class SlurmBackend(Backend):
         task = jobs[0].job_id.rsplit("/", 1)[0]
         directives = [
             f"--job-name=idds-fat-{task}",
-            f"--array={_array_spec(indices)}",
+            f"--array={_array_spec(sorted(set(indices)))}",
             f"--output={task_dir}/slurm-%A_%a.out",
             *self._options(jobs[0].resources),
         ]
@@ -212,26 +213,37 @@ class SlurmBackend(Backend):
                 self._on_start(job, f"{array_id}_{index}")
 
     def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
-        """Watch array elements (``ARRAYID_INDEX``), submitted here or by an earlier caller."""
+        """Watch array elements (``ARRAYID_ELEMENT``), submitted here or by an earlier caller."""
         with self._lock:
             for job, ref in jobs:
                 array_id, _, index = ref.partition("_")
-                self._live[(array_id, int(index))] = job
+                self._live.setdefault((array_id, int(index)), []).append(job)
                 self._where[job.job_id] = (array_id, int(index))
         self._poll_soon()
 
     def cancel(self, job_ids: Sequence[str]) -> None:
-        """``scancel`` these array elements; they are reported as cancelled at once."""
+        """Cancel jobs: they are reported cancelled at once; an element is ``scancel``\\ ed
+        when no job of its pack is left (the others of a pack run on, their results ignored).
+        """
+        cancelled, elements = [], []
         with self._lock:
-            targets = [(j, self._where[j]) for j in job_ids if self._where.get(j) in self._live]
-            jobs = [self._live.pop(where) for _, where in targets]
-        if not targets:
-            return
-        try:
-            self._run(["scancel", *(f"{a}_{i}" for _, (a, i) in targets)])
-        except SlurmError as exc:
-            logger.warning("scancel failed: %s", exc)
-        for job in jobs:
+            for job_id in job_ids:
+                where = self._where.get(job_id)
+                pack = self._live.get(where) if where is not None else None
+                job = next((j for j in pack or () if j.job_id == job_id), None)
+                if job is None:
+                    continue
+                pack.remove(job)  # type: ignore[union-attr]
+                cancelled.append(job)
+                if not pack:
+                    del self._live[where]  # type: ignore[arg-type]
+                    elements.append(where)
+        if elements:
+            try:
+                self._run(["scancel", *(f"{a}_{i}" for a, i in elements)])
+            except SlurmError as exc:
+                logger.warning("scancel failed: %s", exc)
+        for job in cancelled:
             self._report(job, JobExit(None, "cancelled", cancelled=True))
 
     def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
@@ -241,7 +253,7 @@ class SlurmBackend(Backend):
         """
         if cancel:
             with self._lock:
-                job_ids = [job.job_id for job in self._live.values()]
+                job_ids = [job.job_id for pack in self._live.values() for job in pack]
             self.cancel(job_ids)
         self._stop.set()
         self._wake.set()
@@ -284,14 +296,15 @@ class SlurmBackend(Backend):
                 if index.isdigit():
                     queued.add((array, int(index)))
         with self._lock:
-            ended = [(where, job) for where, job in self._live.items() if where not in queued]
+            ended = [(where, pack) for where, pack in self._live.items() if where not in queued]
             for where, _ in ended:
                 self._live.pop(where)
         if not ended:
             return
         states = self._final_states({array for (array, _), _ in ended})
-        for (array, index), job in ended:
-            self._report(job, self._outcome(job, states.get(f"{array}_{index}")))
+        for (array, index), pack in ended:
+            for job in pack:
+                self._report(job, self._outcome(job, states.get(f"{array}_{index}")))
 
     def _final_states(self, arrays: set[str]) -> dict[str, dict[str, str]]:
         """Ask ``scontrol`` what it still knows of these arrays' elements (one call each)."""

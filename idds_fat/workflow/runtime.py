@@ -58,7 +58,7 @@ INLINE_KWARGS_BYTES = 32 * 1024
 
 # iDDS parameter names -> our resource names.
 _IDDS_RESOURCES = {"core_count": "cores", "total_memory": "memory_mb", "max_walltime": "walltime"}
-_RESOURCE_NAMES = ("cores", "memory_mb", "gpus", "walltime")
+_RESOURCE_NAMES = ("cores", "memory_mb", "gpus", "walltime", "jobs_per_worker")
 # iDDS parameters that only some backends use.
 _PLACEMENT_PARAMETERS = ("queue", "site", "cloud", "init_env", "container_options")
 # Applied by the wrapper on every backend (docs/environments/), so never "ignored".

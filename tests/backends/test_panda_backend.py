@@ -827,3 +827,33 @@ def test_create_takes_wrapper_url_secrets_and_callback_from_the_setup(monkeypatc
     Setup.wrapper_url = None
     with pytest.raises(ConfigError, match="HTTP cache"):
         PandaBackend.create(None, Setup())  # type: ignore[arg-type]
+
+
+def test_jobs_per_worker_packs_entries_into_each_panda_job(client, exits) -> None:
+    backend = make_backend(client, exits)
+    packed = Resources(cores=1, jobs_per_worker=3)
+    params = backend.task_parameters(make_jobs(7, packed))
+    assert params["nFiles"] == 7 and params["nFilesPerJob"] == 3
+    assert len(params["pfnList"]) == 7  # one entry per job; JEDI groups them
+    assert backend.task_parameters(make_jobs(2, packed))["nFilesPerJob"] == 2
+
+
+@pytest.mark.parametrize("rendering", ["['{a}','{b}']", "{a},{b}"])
+def test_job_command_with_a_pack_runs_the_wrapper_on_a_jobs_file(
+    client, exits, tmp_path, node_cache, rendering
+) -> None:
+    wrapper_url, _ = node_cache
+    backend = make_backend(client, exits)
+    first, second = make_jobs(2)
+    (tmp_path / "panda_secrets.json").write_text(json.dumps({SECRET_NAME: json.dumps(JOB_SECRETS)}))
+    command = backend.job_command().replace(WRAPPER_URL, wrapper_url)
+    entries = rendering.format(a=pseudo_input(first), b=pseudo_input(second))
+    command = command.replace("${IN/L}", f'"{entries}"').replace("python3", sys.executable)
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    assert ran["argv"] == ["--jobs-file", "idds_fat_jobs.tsv", "--pack", "0"]
+    lines = (tmp_path / "idds_fat_jobs.tsv").read_text().splitlines()
+    assert lines == [f"0\tjob-0\t{spec_url(0)}", f"0\tjob-1\t{spec_url(1)}"]

@@ -127,3 +127,32 @@ def test_sbatch_refusal_is_a_clear_error_at_the_call(slurm_env):
     with Workflow(**_settings(slurm_partition="nosuchpartition")):
         with pytest.raises(SlurmError, match="sbatch failed: .*[Pp]artition"):
             block_until("/nonexistent", timeout=1)
+
+
+def test_jobs_per_worker_packs_jobs_into_array_elements(slurm_env):
+    @work(jobs_per_worker=3)
+    def packed(i):
+        if i == 4:
+            raise ValueError("job 4 fails on purpose")
+        print(f"job {i} says hello")
+        return i, os.getpid()
+
+    with Workflow(**_settings()) as wf:
+        results = packed.map([{"i": i} for i in range(7)])
+        results.wait(timeout=120)
+        elements = _slurm_ids(wf, results.futures)
+        job_dirs = [wf._jobs[f"{f.task_id}/{f.job}"].workdir for f in results.futures]
+    assert [index for _, index in elements] == [0, 0, 0, 1, 1, 1, 2]
+    assert len({array for array, _ in elements}) == 1  # one sbatch for the task
+    values = {i: results[i] for i in (0, 1, 2, 3, 5, 6)}
+    assert [v[0] for v in values.values()] == [0, 1, 2, 3, 5, 6]
+    # One interpreter per element: the jobs of a pack share a pid, packs do not.
+    pids = [values[0][1], values[3][1], values[6][1]]
+    assert values[1][1] == values[2][1] == pids[0] and values[5][1] == pids[1]
+    assert len(set(pids)) == 3
+    with pytest.raises(ValueError, match="job 4 fails on purpose"):
+        results[4]  # a failing job does not stop the rest of its pack (job 5 ran)
+    for i, job_dir in enumerate(job_dirs):
+        assert (job_dir / "exit_status").read_text() == "0\n"
+        if i != 4:
+            assert (job_dir / "stdout.txt").read_text() == f"job {i} says hello\n"

@@ -120,7 +120,16 @@ class PandaBackend(Backend):
 
     name = "panda"
     supported_parameters = frozenset(
-        {"cores", "memory_mb", "walltime", "queue", "site", "cloud", "container_options"}
+        {
+            "cores",
+            "memory_mb",
+            "walltime",
+            "queue",
+            "site",
+            "cloud",
+            "container_options",
+            "jobs_per_worker",
+        }
     )
 
     def __init__(
@@ -335,7 +344,8 @@ class PandaBackend(Backend):
             params["useSecrets"] = True
         params["noInput"] = True
         params["nFiles"] = len(jobs)
-        params["nFilesPerJob"] = 1
+        # Packing is JEDI's own: a PanDA job gets this many entries in ${IN/L}.
+        params["nFilesPerJob"] = min(resources.jobs_per_worker or 1, len(jobs))
         params["pfnList"] = [pseudo_input(job) for job in jobs]
         params["jobParameters"] = [{"type": "constant", "value": self.job_command()}]
         dataset = f"panda.idds_fat.{task_name}"

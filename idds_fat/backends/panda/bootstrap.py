@@ -15,8 +15,9 @@ name, wrapper_url, entry = sys.argv[1:4]
 def fail(message):
     sys.stderr.write("idds-fat bootstrap: %s\n" % message)
     sys.exit(2)
-entry = entry.strip("[]'\" ").split(",")[0]
-spec = json.loads(base64.urlsafe_b64decode(entry + "=" * (-len(entry) % 4)))["spec"]
+# ${IN/L} is one entry, or a list of them when a job packs several (nFilesPerJob).
+entries = [e.strip("[]'\" ") for e in entry.split(",") if e.strip("[]'\" ")]
+specs = [json.loads(base64.urlsafe_b64decode(e + "=" * (-len(e) % 4)))["spec"] for e in entries]
 if name != "-":
     value = os.environ.pop(name, None)
     if value is None and os.path.exists("panda_secrets.json"):
@@ -43,6 +44,13 @@ if len(key) == 64 and hashlib.sha256(data).hexdigest() != key:
     fail("the wrapper fetched from %s does not match its sha256" % wrapper_url)
 with open("idds_fat_wrapper.py", "wb") as handle:
     handle.write(data)
-os.execv(sys.executable, [sys.executable, "idds_fat_wrapper.py", "--spec", spec])
+if len(specs) == 1:
+    os.execv(sys.executable, [sys.executable, "idds_fat_wrapper.py", "--spec", specs[0]])
+with open("idds_fat_jobs.tsv", "w") as handle:
+    handle.writelines("0\tjob-%d\t%s\n" % (i, spec) for i, spec in enumerate(specs))
+os.execv(
+    sys.executable,
+    [sys.executable, "idds_fat_wrapper.py", "--jobs-file", "idds_fat_jobs.tsv", "--pack", "0"],
+)
 """
 BOOTSTRAP_B64 = base64.b64encode(_BOOTSTRAP.encode()).decode()
