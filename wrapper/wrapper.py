@@ -53,15 +53,12 @@ import pickle
 import shutil
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 
 WRAPPER_VERSION = 1
@@ -245,6 +242,8 @@ def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_0
 
     Raises UnsafeArchiveError, leaving only what was written before the refusal.
     """
+    import zipfile  # only jobs with a code context need it
+
     dest = Path(dest).resolve()
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -359,6 +358,8 @@ def cached_build(root: Path, name: str, build, label: str) -> Path:
 
 def _run_logged(command: list[str], log_path: Path, what: str, **options) -> None:
     """Run ``command`` with its output in ``log_path``; raise JobEnvironmentError naming it."""
+    import subprocess
+
     with open(log_path, "ab") as log:
         done = subprocess.run(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **options
@@ -571,6 +572,8 @@ def _run_container(command: list[str], child_env: dict, env: dict) -> int:
     the image) raise JobEnvironmentError with the runtime's message, so the
     caller gets a setup error instead of a lost job.
     """
+    import subprocess
+
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(command, env=child_env, stdin=subprocess.DEVNULL, stderr=err)
         err.seek(0)
@@ -755,6 +758,8 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
             _, body = unseal(raw, key)
             kwargs = {**kwargs, **cloudpickle.loads(body)}
     except Exception as exc:
+        import traceback  # only failures need it: a job that works never pays the import
+
         text = traceback.format_exc()
         print(f"idds-fat wrapper: job setup failed:\n{text}", file=sys.stderr)
         return "setup_error", _error_body(exc, text)
@@ -767,6 +772,8 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
     except BaseException as exc:  # noqa: B036 - SystemExit in user code is a result too
         tb = exc.__traceback__
         # Drop the wrapper's own frame: the user wants to see their function.
+        import traceback
+
         text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
         return "error", _error_body(exc, text)
     finally:
@@ -786,6 +793,8 @@ def run_job(spec: dict, secrets: dict, workdir: Path) -> bytes:
         except Exception as exc:
             status = "error"
             failure = TypeError(f"the function's return value could not be pickled: {exc}")
+            import traceback
+
             body = cloudpickle.dumps(_error_body(failure, traceback.format_exc()))
     else:
         body = cloudpickle.dumps(outcome)
@@ -1122,6 +1131,8 @@ def _run_command(
         os.chdir(workdir)
         return _run_warm_job(command["spec"], secrets, workdir, bool(command.get("reply")))
     except Exception:  # a bug of ours must not end the session silently
+        import traceback
+
         traceback.print_exc()
         return EXIT_UNREPORTED, None, None
     finally:

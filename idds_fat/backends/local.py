@@ -31,7 +31,7 @@ from idds_fat.backends.base import (
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.wrapper_source import launch_command, wrapper_module
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class LocalBackend(Backend):
         self._workers: set[_WarmWorker] = set()
         self._worker_count = 0
         self._python = python
-        self._wrapper = str(wrapper_path)
+        self._launch = launch_command(python, wrapper_path)
         self._env = dict(env)
         self._on_exit = on_exit
         self._on_start = on_start
@@ -310,7 +310,7 @@ class LocalBackend(Backend):
             number = self._worker_count
         log_dir = self._log_dir or Path(tempfile.gettempdir())
         worker = _WarmWorker(
-            [self._python, self._wrapper, "--worker"], self._env, log_dir / f"worker-{number}.log"
+            [*self._launch, "--worker"], self._env, log_dir / f"worker-{number}.log"
         )
         with self._lock:
             self._workers.add(worker)
@@ -369,7 +369,7 @@ class LocalBackend(Backend):
                 if job.job_id in self._cancelled:
                     return JobExit(None, "cancelled", cancelled=True)
                 proc = subprocess.Popen(
-                    [self._python, self._wrapper, "--spec", job.spec_location],
+                    [*self._launch, "--spec", job.spec_location],
                     cwd=job.workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,

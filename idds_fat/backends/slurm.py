@@ -18,7 +18,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from idds_fat.backends.base import Backend, BackendSetup, JobExit, JobRequest, Resources
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.wrapper_source import launch_command, wrapper_module
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _SCRIPT = """#!/bin/bash
 # interpreter; the wrapper writes each job's stdout, stderr and exit_status in
 # that job's dir.
 export {secrets_env}={secrets_file}
-exec {python} {wrapper} --jobs-file {jobs_file} --pack "$SLURM_ARRAY_TASK_ID"
+exec {launch} --jobs-file {jobs_file} --pack "$SLURM_ARRAY_TASK_ID"
 """
 
 
@@ -199,8 +199,7 @@ class SlurmBackend(Backend):
             jobs_file=shlex.quote(str(jobs_file)),
             secrets_env=wrapper_module().SECRETS_FILE_ENV,
             secrets_file=shlex.quote(str(self._secrets_file)),
-            python=shlex.quote(self._python),
-            wrapper=shlex.quote(str(self._wrapper)),
+            launch=shlex.join(launch_command(self._python, self._wrapper)),
         )
         script_file = task_dir / f"array-{number}.sh"
         script_file.write_text(script)

@@ -7,6 +7,8 @@ import hashlib
 
 from idds_fat.errors import IntegrityError
 
+_HEX = frozenset("0123456789abcdef")
+
 
 def content_key(data: bytes) -> str:
     """Return the key of ``data`` in any store: its hex sha256."""
@@ -15,7 +17,7 @@ def content_key(data: bytes) -> str:
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a 64-character lower-case hex sha256, else raise ValueError."""
-    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+    if len(key) != 64 or not _HEX.issuperset(key):
         raise ValueError(f"not a content key (64 hex digits): {key!r}")
     return key
 

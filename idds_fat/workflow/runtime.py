@@ -381,7 +381,8 @@ class Workflow:
     def _start_backend(self) -> None:
         config = self.config
         wrapper_key = self._cache.put(wrapper_bytes())
-        wrapper_file = self.work_dir / f"wrapper-{wrapper_key[:16]}.py"
+        # A module name: jobs import it, so its bytecode is cached (launch_command).
+        wrapper_file = self.work_dir / f"wrapper_{wrapper_key[:16]}.py"
         if not wrapper_file.exists():
             wrapper_file.write_bytes(self._cache.get(wrapper_key))
         job_secrets = {

@@ -280,6 +280,8 @@
         });
         const title = svgNode(group, "title");
         title.textContent = `${job.task}/${job.job} ${job.name}: ${job.status}`;
+        // The whole row answers clicks: a job of a millisecond has a bar too thin to hit.
+        svgNode(group, "rect", { x: 0, y, width, height: rowHeight, class: "hit" });
         if (rowHeight >= 9) {
           const text = svgNode(group, "text", { x: 0, y: y + rowHeight - 1, class: "label" });
           text.textContent = `${job.task}/${job.job}`;
