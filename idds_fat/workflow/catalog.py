@@ -224,6 +224,23 @@ def _state_path(work_dir: Path, workflow_id: str) -> Path:
     return _workflows_dir(work_dir) / workflow_id / STATE_FILE
 
 
+@contextlib.contextmanager
+def _reading(work_dir: Path, workflow_id: str) -> Iterator[tuple[str, sqlite3.Connection]]:
+    """Open the state of a workflow (id or unique prefix) read-only; yield its full id and db.
+
+    Raises:
+        WorkflowNotFound: no workflow matches, or several do.
+        IddsFatError: its state database cannot be read.
+    """
+    full_id = resolve_workflow_id(work_dir, workflow_id)
+    path = _state_path(work_dir, full_id)
+    try:
+        with _open_state(path) as db:
+            yield full_id, db
+    except sqlite3.Error as exc:
+        raise IddsFatError(f"cannot read {path}: {exc}") from exc
+
+
 def _recorded_ids(work_dir: Path) -> list[str]:
     root = _workflows_dir(work_dir)
     if not root.is_dir():
@@ -307,18 +324,14 @@ def task_summaries(work_dir: Path, workflow_id: str) -> list[TaskSummary]:
         WorkflowNotFound: no workflow matches, or several do.
         IddsFatError: its state database cannot be read.
     """
-    full_id = resolve_workflow_id(work_dir, workflow_id)
-    try:
-        with _open_state(_state_path(work_dir, full_id)) as db:
-            rows = db.execute(
-                "SELECT id, name, function, jobs, created FROM tasks ORDER BY created, id"
-            ).fetchall()
-            return [
-                TaskSummary(full_id, tid, name, function, jobs, created, _counts(db, tid))
-                for tid, name, function, jobs, created in rows
-            ]
-    except sqlite3.Error as exc:
-        raise IddsFatError(f"cannot read {_state_path(work_dir, full_id)}: {exc}") from exc
+    with _reading(work_dir, workflow_id) as (full_id, db):
+        rows = db.execute(
+            "SELECT id, name, function, jobs, created FROM tasks ORDER BY created, id"
+        ).fetchall()
+        return [
+            TaskSummary(full_id, tid, name, function, jobs, created, _counts(db, tid))
+            for tid, name, function, jobs, created in rows
+        ]
 
 
 def resolve_task_id(work_dir: Path, workflow_id: str, task: str) -> str:
@@ -359,21 +372,16 @@ def job_timings(work_dir: Path, workflow_id: str, limit: int | None = None) -> l
         WorkflowNotFound: no workflow matches, or several do.
         IddsFatError: its state database cannot be read.
     """
-    full_id = resolve_workflow_id(work_dir, workflow_id)
-    path = _state_path(work_dir, full_id)
-    try:
-        with _open_state(path) as db:
-            started, ended, value, _ = _later_columns(db)
-            order = "DESC" if limit is not None else ""
-            rows = db.execute(
-                f"SELECT j.task, j.job, j.name, j.status, t.created, {started}, {ended}, {value} "
-                f"FROM jobs AS j JOIN tasks AS t ON t.id = j.task "
-                f"ORDER BY t.created {order}, j.task {order}, j.job {order} "
-                + ("LIMIT ?" if limit is not None else ""),
-                (limit,) if limit is not None else (),
-            ).fetchall()
-    except sqlite3.Error as exc:
-        raise IddsFatError(f"cannot read {path}: {exc}") from exc
+    with _reading(work_dir, workflow_id) as (_, db):
+        started, ended, value, _ = _later_columns(db)
+        order = "DESC" if limit is not None else ""
+        rows = db.execute(
+            f"SELECT j.task, j.job, j.name, j.status, t.created, {started}, {ended}, {value} "
+            f"FROM jobs AS j JOIN tasks AS t ON t.id = j.task "
+            f"ORDER BY t.created {order}, j.task {order}, j.job {order} "
+            + ("LIMIT ?" if limit is not None else ""),
+            (limit,) if limit is not None else (),
+        ).fetchall()
     if limit is not None:
         rows.reverse()
     return [JobTiming(*row) for row in rows]
@@ -387,18 +395,13 @@ def task_values(work_dir: Path, workflow_id: str) -> dict[str, tuple[int, float,
         WorkflowNotFound: no workflow matches, or several do.
         IddsFatError: its state database cannot be read.
     """
-    full_id = resolve_workflow_id(work_dir, workflow_id)
-    path = _state_path(work_dir, full_id)
-    try:
-        with _open_state(path) as db:
-            if _later_columns(db)[2] == "NULL":
-                return {}
-            rows = db.execute(
-                "SELECT task, COUNT(value), MIN(value), MAX(value) FROM jobs "
-                "WHERE value IS NOT NULL GROUP BY task"
-            ).fetchall()
-    except sqlite3.Error as exc:
-        raise IddsFatError(f"cannot read {path}: {exc}") from exc
+    with _reading(work_dir, workflow_id) as (_, db):
+        if _later_columns(db)[2] == "NULL":
+            return {}
+        rows = db.execute(
+            "SELECT task, COUNT(value), MIN(value), MAX(value) FROM jobs "
+            "WHERE value IS NOT NULL GROUP BY task"
+        ).fetchall()
     return {task: (count, low, high) for task, count, low, high in rows}
 
 
@@ -419,10 +422,11 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
     Raises:
         WorkflowNotFound: no workflow matches, or several do.
         TaskNotFound: the workflow has no such task.
+        IddsFatError: its state database cannot be read.
     """
     full_id = resolve_workflow_id(work_dir, workflow_id)
     task_id = resolve_task_id(work_dir, full_id, task)
-    with _open_state(_state_path(work_dir, full_id)) as db:
+    with _reading(work_dir, full_id) as (_, db):
         rows = db.execute(
             f"SELECT job, name, status, returncode, updated, {', '.join(_later_columns(db))} "
             "FROM jobs WHERE task = ? ORDER BY job",
