@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import stat
+import sys
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
+from idds_fat.cache.base import check_key
 from idds_fat.errors import ContextError, ContextTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -62,10 +66,12 @@ class ContextArchive:
     ``data`` is the zip, ``sha256`` its hex digest (its key in the content
     cache), ``files`` the number of files in it, ``content_bytes`` their total
     uncompressed size, and ``source_dir`` the resolved directory it was built
-    from (information only: it does not affect ``data``).
+    from (information only: it does not affect ``data``). ``data`` is ``None``
+    when an index said the same tree was packed before (``build_context_archive``
+    with ``index_dir``): its zip is then known only by ``sha256``.
     """
 
-    data: bytes = field(repr=False)
+    data: bytes | None = field(repr=False)
     sha256: str
     files: int
     content_bytes: int
@@ -254,11 +260,33 @@ def iter_context_files(
     return iter([(e.rel, e.path) for e in entries])
 
 
+def _fingerprint(entries: list[_Entry]) -> str | None:
+    """Hash what decides the zip's bytes, each file's content standing in by its stat.
+
+    Size and mtime are what ``make`` and ``rsync`` trust; the inode change time
+    is added because no user can set it back, so a rewrite that restores the
+    mtime (``touch -d``, ``cp -p``) still counts as a change.
+    """
+    version = f"v1 {sys.version_info[0]}.{sys.version_info[1]} {zlib.ZLIB_RUNTIME_VERSION}\n"
+    digest = hashlib.sha256(version.encode())
+    for entry in entries:
+        try:
+            info = entry.read_from.stat()
+        except OSError:
+            return None  # the archive build will say what is wrong
+        digest.update(
+            f"{entry.rel}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\0"
+            f"{info.st_ino}\0{entry.executable}\n".encode()
+        )
+    return digest.hexdigest()
+
+
 def build_context_archive(
     source_dir: str | os.PathLike[str],
     exclude: Sequence[str] = (),
     max_bytes: int = 100 * 1024 * 1024,
     use_gitignore: bool = True,
+    index_dir: Path | None = None,
 ) -> ContextArchive:
     """Pack ``source_dir`` into a deterministic zip and return it with its sha256.
 
@@ -284,6 +312,12 @@ def build_context_archive(
     outside the tree or nowhere is skipped with a warning. Sockets, FIFOs and
     devices are skipped.
 
+    With ``index_dir``, a tree whose selected files all have the same paths,
+    sizes, modification and inode change times and inodes as one packed before
+    is not packed again: the archive returned has ``data=None``
+    and the earlier ``sha256``. The index is a file per tree state in
+    ``index_dir``; a tree packed anew is added to it.
+
     Raises:
         ContextError: ``source_dir`` is missing or not a directory, or a file or
             directory in it cannot be read.
@@ -295,6 +329,18 @@ def build_context_archive(
     total = sum(e.size for e in entries)
     if total > max_bytes:
         raise ContextTooLargeError(_too_large_message(root, entries, total, max_bytes))
+    fingerprint = _fingerprint(entries) if index_dir is not None else None
+    if fingerprint is not None:
+        known = _read_index(Path(index_dir) / f"{fingerprint}.json")  # type: ignore[arg-type]
+        if known is not None:
+            logger.info("code context %s unchanged since it was packed as %s", root, known[0])
+            return ContextArchive(
+                data=None,
+                sha256=known[0],
+                files=len(entries),
+                content_bytes=known[1],
+                source_dir=root,
+            )
 
     buffer = io.BytesIO()
     content_bytes = 0
@@ -330,9 +376,30 @@ def build_context_archive(
         _human(len(data)),
         digest,
     )
+    if fingerprint is not None:
+        _write_index(Path(index_dir) / f"{fingerprint}.json", digest, content_bytes)  # type: ignore[arg-type]
     return ContextArchive(
         data=data, sha256=digest, files=len(entries), content_bytes=content_bytes, source_dir=root
     )
+
+
+def _read_index(path: Path) -> tuple[str, int] | None:
+    try:
+        known = json.loads(path.read_text())
+        return check_key(known["sha256"]), int(known["content_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: pack the tree
+
+
+def _write_index(path: Path, sha256: str, content_bytes: int) -> None:
+    # Best effort: without an index entry the next workflow packs the tree again.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"sha256": sha256, "content_bytes": content_bytes}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not record the packed code context in %s: %s", path, exc)
 
 
 def _human(size: float) -> str:

@@ -262,7 +262,10 @@ class Workflow:
         _write_private(self.work_dir / "hmac.key", self._key)
         if self.source_dir is not None:
             self._archive = build_context_archive(
-                self.source_dir, self.exclude_source_files, config.max_context_bytes
+                self.source_dir,
+                self.exclude_source_files,
+                config.max_context_bytes,
+                index_dir=config.work_dir / "context-index",
             )
         if config.service_url:
             self.service_url, self._token = config.service_url.rstrip("/"), config.token
@@ -270,7 +273,13 @@ class Workflow:
             self._start_embedded_service(secrets.token_urlsafe(24), port=0)
         self._open_cache(config.cache)
         if self._archive is not None:
-            self._cache.put(self._archive.data)
+            if self._archive.data is None and not self._cache.exists(self._archive.sha256):
+                # Packed before, but not into this cache: pack it after all.
+                self._archive = build_context_archive(
+                    self.source_dir, self.exclude_source_files, config.max_context_bytes
+                )
+            if self._archive.data is not None:
+                self._cache.put(self._archive.data)
         self._state = WorkflowState(self.work_dir / "state.sqlite3")
         self._state.record_workflow(
             self.id,
