@@ -12,6 +12,8 @@ import contextlib
 import datetime
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,12 +301,53 @@ def _summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
     )
 
 
+def _state_stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever a state database does: its and its WAL's size and mtime."""
+    stamp: list[int] = []
+    for part in (path, path.with_name(path.name + "-wal")):
+        try:
+            info = part.stat()
+        except FileNotFoundError:
+            stamp += [-1, -1]
+            continue
+        except OSError:
+            return None
+        stamp += [info.st_size, info.st_mtime_ns]
+    return tuple(stamp)
+
+
+# (work dir, workflow id) -> (state stamp, summary): a monitoring page lists every
+# workflow each second, and most of them finished long ago.
+_listed: dict[tuple[Path, str], tuple[tuple[int, ...], WorkflowSummary]] = {}
+_listed_lock = threading.Lock()
+_SETTLED_NS = 5_000_000_000
+
+
+def _summary_if_changed(work_dir: Path, workflow_id: str) -> WorkflowSummary:
+    stamp = _state_stamp(_state_path(work_dir, workflow_id))
+    with _listed_lock:
+        known = _listed.get((work_dir, workflow_id))
+    # A database written in the last seconds is read again whatever its stamp:
+    # mtimes tick coarsely, and a WAL rewritten in place keeps its size.
+    settled = stamp is not None and time.time_ns() - max(stamp[1], stamp[3]) > _SETTLED_NS
+    if settled and known is not None and known[0] == stamp:
+        return known[1]
+    summary = _summary(work_dir, workflow_id)
+    if stamp is not None:
+        with _listed_lock:
+            _listed[(work_dir, workflow_id)] = (stamp, summary)
+    return summary
+
+
 def list_workflows(work_dir: Path) -> list[WorkflowSummary]:
     """Return a summary of every workflow recorded under ``work_dir``, newest first.
 
     A workflow whose database cannot be read is listed with status ``unreadable``.
+    Summaries are kept between calls and read again only from databases that
+    changed since (their size or mtime, or their WAL's).
     """
-    summaries = [_summary(Path(work_dir), i) for i in _recorded_ids(Path(work_dir))]
+    work_dir = Path(work_dir)
+    summaries = [_summary_if_changed(work_dir, i) for i in _recorded_ids(work_dir)]
     return sorted(summaries, key=lambda s: (s.created or 0.0, s.id), reverse=True)
 
 
