@@ -59,10 +59,11 @@ class Config:
             through the wrapper; ``"cold"``: one new interpreter per job, as on
             a batch slot. Jobs asking for GPUs or a non-current environment
             always run cold.
-        local_direct_results: warm local workers hand each result straight back
-            to the caller over their pipe (the caller keeps the REST store's copy)
-            when the workflow runs its own service and no broker; ``False`` makes
-            them deliver through the result channels like any job.
+        local_direct_results: local jobs hand each result straight back to the
+            caller (a warm worker over its pipe, a cold job in a file in its job
+            dir; the caller keeps the REST store's copy) when the workflow runs
+            its own service and no broker; ``False`` makes them deliver through
+            the result channels like any job.
         broker: STOMP brokers, ``stomp://host1:61613,host2:61613``; ``None``
             (the default) delivers results over REST only.
         broker_user, broker_password: broker credentials (given to jobs with

@@ -35,6 +35,9 @@ from idds_fat.wrapper_source import launch_command, wrapper_module
 
 logger = logging.getLogger(__name__)
 
+#: Where a cold job leaves its result for the caller (``wrapper --reply-file``).
+REPLY_FILE = "result.reply"
+
 
 class _WarmWorker:
     """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout."""
@@ -85,15 +88,16 @@ class LocalBackend(Backend):
     """Runs up to ``max_workers`` jobs at once in processes of this machine.
 
     Warm mode (``mode="warm"``) keeps one long-lived worker process per slot
-    that runs job after job (with ``direct_results``, handing each result back
-    over its pipe instead of posting it); cold mode starts
-    ``PYTHON WRAPPER --spec SPEC`` per job. Either way a job runs in its own
-    work dir, with stdout and stderr kept in ``stdout.txt`` and ``stderr.txt``
-    there, and cancelling it kills its process group (a warm worker is
-    replaced by a fresh one). A job asking for ``gpus=N`` runs cold, waits for
-    N free devices of ``gpus`` and sees only them through
-    ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when exceeded.
-    ``cores`` and ``memory_mb`` are not enforced on this backend.
+    that runs job after job; cold mode starts ``PYTHON WRAPPER --spec SPEC``
+    per job. With ``direct_results``, results come straight back instead of
+    being posted: over a warm worker's pipe, or in a cold job's
+    ``result.reply`` file (left only while the caller that started it lives).
+    Either way a job runs in its own work dir, with stdout and stderr kept in
+    ``stdout.txt`` and ``stderr.txt`` there, and cancelling it kills its
+    process group (a warm worker is replaced by a fresh one). A job asking for
+    ``gpus=N`` runs cold, waits for N free devices of ``gpus`` and sees only
+    them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when
+    exceeded. ``cores`` and ``memory_mb`` are not enforced on this backend.
     """
 
     name = "local"
@@ -217,7 +221,8 @@ class LocalBackend(Backend):
             self._live.discard(job.job_id)
         cancelled = job.job_id in self._cancelled
         reason = "cancelled" if cancelled else "it ended while no caller was watching"
-        self._report(job, JobExit(None, reason, cancelled=cancelled))
+        # A cold job whose caller died just after it checked may have left its result.
+        self._report(job, JobExit(None, reason, cancelled=cancelled, result=_take_reply(job)))
 
     def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
         """Wait for all jobs to end, cancelling them first if ``cancel``; stop the workers.
@@ -364,12 +369,16 @@ class LocalBackend(Backend):
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         job.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [*self._launch, "--spec", job.spec_location]
+        if self._direct_results:
+            (job.workdir / REPLY_FILE).unlink(missing_ok=True)
+            argv += ["--reply-file", str(job.workdir / REPLY_FILE)]
         with open(job.stdout_path, "wb") as out, open(job.stderr_path, "wb") as err:
             with self._lock:
                 if job.job_id in self._cancelled:
                     return JobExit(None, "cancelled", cancelled=True)
                 proc = subprocess.Popen(
-                    [*self._launch, "--spec", job.spec_location],
+                    argv,
                     cwd=job.workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -382,10 +391,25 @@ class LocalBackend(Backend):
                 self._on_start(job, str(proc.pid))
             walltime = job.resources.walltime
             try:
-                return JobExit(proc.wait(timeout=walltime))
+                returncode = proc.wait(timeout=walltime)
             except subprocess.TimeoutExpired:
                 _kill_group(proc.pid)
                 return JobExit(proc.wait(), f"walltime of {walltime:g} s exceeded")
+        return JobExit(returncode, result=_take_reply(job) if returncode == 0 else None)
+
+
+def _take_reply(job: JobRequest) -> bytes | None:
+    """Read and remove the result a cold job left in its work dir, if it left one."""
+    path = job.workdir / REPLY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("could not read the result %s left: %s", job.name, exc)
+        return None
+    path.unlink(missing_ok=True)
+    return data
 
 
 def _kill_group(pid: int) -> None:

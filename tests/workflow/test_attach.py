@@ -14,7 +14,7 @@ import pytest
 from idds_fat import IddsFatError, JobLostError, Workflow, work
 
 
-def _caller_script(tmp_path, gate, n):
+def _caller_script(tmp_path, gate, n, local_mode="warm"):
     script = tmp_path / "caller.py"
     script.write_text(
         textwrap.dedent(
@@ -29,7 +29,9 @@ def _caller_script(tmp_path, gate, n):
                         time.sleep(0.02)
                 return i * i
 
-            with Workflow(name="doomed", max_workers=4, publish_timeout=120) as wf:
+            with Workflow(
+                name="doomed", max_workers=4, publish_timeout=120, local_mode={local_mode!r}
+            ) as wf:
                 results = job.map([{{"i": i}} for i in range({n})])
                 job.map([{{"i": 100}}])  # queued behind the others: never starts here
                 done = 0
@@ -44,11 +46,14 @@ def _caller_script(tmp_path, gate, n):
     return script
 
 
-def test_results_survive_the_caller_being_killed_mid_map(tmp_path):
+@pytest.mark.parametrize("local_mode", ["warm", "cold"])
+def test_results_survive_the_caller_being_killed_mid_map(tmp_path, local_mode):
+    # Warm workers and cold jobs both hand results straight to a live caller; with
+    # the caller gone they must deliver through the service (which attach restarts).
     gate = tmp_path / "gate"
     n = 4  # max_workers=4: jobs 0-3 start; the second task's job is still queued
     caller = subprocess.Popen(
-        [sys.executable, str(_caller_script(tmp_path, gate, n))],
+        [sys.executable, str(_caller_script(tmp_path, gate, n, local_mode))],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -132,3 +132,14 @@ def test_wrapper_refuses_a_spec_whose_content_does_not_match_its_name(tmp_path):
     assert done.returncode == 2
     assert "does not match its sha256" in done.stderr
     assert "ab" * 32 not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--spec", "s", "--worker"], ["--jobs-file", "f"], ["--pack", "0"], ["--nope"], ["x"]],
+)
+def test_wrapper_refuses_a_bad_command_line_with_its_usage(argv, capsys):
+    from idds_fat.wrapper_source import wrapper_module
+
+    assert wrapper_module().main(argv) == wrapper_module().EXIT_UNREPORTED
+    assert capsys.readouterr().err.startswith("usage: wrapper.py --spec LOCATION")
