@@ -42,7 +42,10 @@ envelope format, which the SDK loads from here.
 
 from __future__ import annotations
 
-import base64
+# A cold job pays for every import, so modules a plain job does not need
+# (shutil, tempfile, subprocess, zipfile, the HTTP stack, stomp.py) are imported
+# where they are used (docs/performance.md, "Cold job").
+import binascii
 import getopt
 import hashlib
 import hmac
@@ -50,11 +53,8 @@ import io
 import json
 import os
 import pickle
-import shutil
-import socket
 import stat
 import sys
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -336,6 +336,7 @@ def cached_build(root: Path, name: str, build, label: str) -> Path:
     build appends a line to ``root/builds.log``. Raises what ``build`` raises.
     """
     import fcntl  # nodes are POSIX; only environments other than "current" need it
+    import shutil
 
     final = root / name
     if (final / _READY).exists():
@@ -356,7 +357,7 @@ def cached_build(root: Path, name: str, build, label: str) -> Path:
             raise
         seconds = round(time.monotonic() - started, 3)
         (final / _READY).write_text(json.dumps({"label": label, "seconds": seconds}))
-        record = {"name": name, "label": label, "host": socket.gethostname(), "pid": os.getpid()}
+        record = {"name": name, "label": label, "host": os.uname().nodename, "pid": os.getpid()}
         with open(root / BUILD_LOG, "a") as log:
             log.write(json.dumps(dict(record, seconds=seconds, at=time.time())) + "\n")
     return final
@@ -513,6 +514,8 @@ def find_container_runtime(named: str | None) -> str:
 
     Raises JobEnvironmentError when none (or not the named one) is on PATH.
     """
+    import shutil
+
     for candidate in [named] if named else CONTAINER_RUNTIMES:
         found = shutil.which(candidate)
         if found:
@@ -531,6 +534,8 @@ def container_command(
     as a copy in the work dir with the same arguments. Secrets pass by name
     (``-e NAME``: the runtime reads the value from its own environment).
     """
+    import shutil
+
     runtime = find_container_runtime(env.get("runtime"))
     flavour = Path(runtime).name
     wrapper_copy = workdir / ".idds-fat-wrapper.py"
@@ -579,6 +584,7 @@ def _run_container(command: list[str], child_env: dict, env: dict) -> int:
     caller gets a setup error instead of a lost job.
     """
     import subprocess
+    import tempfile
 
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(command, env=child_env, stdin=subprocess.DEVNULL, stderr=err)
@@ -611,6 +617,8 @@ def enter_environment(spec: dict, secrets: dict, spec_location: str, workdir: Pa
     argv = [str(Path(__file__).resolve()), "--spec", spec_location]
     try:
         if spec.get("init_env") and "init_env" not in done:
+            import shutil
+
             stages = ",".join([*done, "init_env"])
             script = spec["init_env"] + '\np=$1; shift; exec "${IDDS_FAT_PYTHON:-$p}" "$@"'
             # bash when there is one: iDDS strings say "source", which dash lacks.
@@ -734,6 +742,8 @@ def _context_dir(spec: dict, get, workdir: Path) -> Path:
         return workdir
     if _warm is not None:
         return _warm.context(archive, get)
+    import tempfile
+
     context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
     safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
     return context_dir
@@ -757,7 +767,7 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
         job_kwargs = spec.get("kwargs")
         if job_kwargs:
             raw = (
-                base64.b64decode(job_kwargs["inline"])
+                binascii.a2b_base64(job_kwargs["inline"])
                 if "inline" in job_kwargs
                 else get(job_kwargs["key"])
             )
@@ -811,7 +821,7 @@ def run_job(spec: dict, secrets: dict, workdir: Path) -> bytes:
         "job": spec["job"],
         "attempt": spec.get("attempt", 0),
         "status": status,
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,
         "pid": os.getpid(),
         "started": started,
         "finished": time.time(),
@@ -821,6 +831,8 @@ def run_job(spec: dict, secrets: dict, workdir: Path) -> bytes:
 
 def put_object(cache: str, data: bytes, token: str | None, deadline: float) -> str:
     """Store ``data`` in ``cache`` under its sha256 (skipped if present); return the key."""
+    import tempfile
+
     key = sha256_hex(data)
     if cache.startswith(("http://", "https://")):
         url = cache_object_location(cache, key)
@@ -1050,6 +1062,8 @@ def run_one(location: str, secrets: dict, workdir: Path, reply_file: str | None 
         return EXIT_UNDELIVERED
     finally:
         for leftover in workdir.glob("context-*"):
+            import shutil
+
             shutil.rmtree(leftover, ignore_errors=True)
     return 0
 
@@ -1085,6 +1099,8 @@ class WarmState:
 
     def context(self, archive: dict, get) -> Path:
         """Return the extracted dir of ``archive``, extracting it if it is not the current one."""
+        import tempfile
+
         if self._context is not None and self._context[0] == archive["key"]:
             return self._context[1]
         self.leave_context()
@@ -1095,6 +1111,8 @@ class WarmState:
 
     def leave_context(self) -> None:
         """Forget the current code context: its modules, its ``sys.path`` entry, its files."""
+        import shutil
+
         if self._context is None:
             return
         path = str(self._context[1])
@@ -1189,12 +1207,16 @@ class _WarmSession:
     """Makes this process a warm worker for a ``with`` block (objects and context kept)."""
 
     def __enter__(self) -> _WarmSession:
+        import tempfile
+
         global _warm
         self.root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-"))
         _warm = WarmState(self.root)
         return self
 
     def __exit__(self, *exc_info) -> None:
+        import shutil
+
         global _warm
         if _warm is not None:
             _warm.leave_context()
@@ -1226,7 +1248,7 @@ def serve_worker(secrets: dict) -> int:
             status, message, spec = _run_command(json.loads(line), secrets, idle)
             answer = {"exit": status}
             if message is not None:
-                answer["result"] = base64.b64encode(message).decode()
+                answer["result"] = binascii.b2a_base64(message, newline=False).decode()
             try:
                 control.write(json.dumps(answer) + "\n")
             except OSError:  # the caller is gone: its result must still get out
