@@ -1204,13 +1204,20 @@ def _run_command(
 
 
 class _WarmSession:
-    """Makes this process a warm worker for a ``with`` block (objects and context kept)."""
+    """Makes this process a warm worker for a ``with`` block (objects and context kept).
+
+    Its files live in a new directory under ``parent`` (default: the system's
+    temporary directory), removed when the block ends.
+    """
+
+    def __init__(self, parent: Path | None = None) -> None:
+        self.parent = parent
 
     def __enter__(self) -> _WarmSession:
         import tempfile
 
         global _warm
-        self.root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-"))
+        self.root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-", dir=self.parent))
         _warm = WarmState(self.root)
         return self
 
@@ -1243,7 +1250,9 @@ def serve_worker(secrets: dict) -> int:
     sys.stdin = open(os.devnull)  # jobs must not read the control channel
     commands = os.fdopen(os.dup(0), "r")
     os.dup2(sys.stdin.fileno(), 0)
-    with _WarmSession():
+    # The caller starts each worker in a directory of its own, which it removes
+    # should it have to kill the worker: nothing is left behind in /tmp.
+    with _WarmSession(Path.cwd()):
         for line in commands:
             status, message, spec = _run_command(json.loads(line), secrets, idle)
             answer = {"exit": status}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -40,13 +41,18 @@ REPLY_FILE = "result.reply"
 
 
 class _WarmWorker:
-    """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout."""
+    """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout.
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+    It runs in ``home`` (its files go there) and logs to ``home.log``.
+    """
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], home: Path) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home.with_name(home.name + ".log"), "ab") as log:
             self.proc = subprocess.Popen(
                 argv,
+                cwd=home,
                 env=dict(env),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -314,9 +320,7 @@ class LocalBackend(Backend):
             self._worker_count += 1
             number = self._worker_count
         log_dir = self._log_dir or Path(tempfile.gettempdir())
-        worker = _WarmWorker(
-            [*self._launch, "--worker"], self._env, log_dir / f"worker-{number}.log"
-        )
+        worker = _WarmWorker([*self._launch, "--worker"], self._env, log_dir / f"worker-{number}")
         with self._lock:
             self._workers.add(worker)
         self._slot.worker = worker
@@ -329,7 +333,10 @@ class LocalBackend(Backend):
         if getattr(self._slot, "worker", None) is worker:
             self._slot.worker = None
         worker.close()
-        return worker.proc.wait()
+        returncode = worker.proc.wait()
+        # Killed, it could not remove its files (the code context it extracted).
+        shutil.rmtree(worker.home, ignore_errors=True)
+        return returncode
 
     def _run_warm(self, job: JobRequest) -> JobExit:
         job.workdir.mkdir(parents=True, exist_ok=True)

@@ -61,14 +61,18 @@ def test_cancelling_a_running_warm_job_replaces_its_worker(tmp_path):
         while True:
             time.sleep(0.05)
 
-    with Workflow(max_workers=1, progress=False):
+    with Workflow(max_workers=1, progress=False) as wf:
         future = stuck.submit()
         _wait_for(lambda: started.exists() and started.read_text(), what="the job to start")
         stuck_pid = int(started.read_text())
+        assert (wf.work_dir / "workers" / "worker-1").is_dir()  # the worker's own files
         assert future.cancel()
         pid, _ = whoami(1)  # the next job runs, in a fresh worker
     assert future.cancelled()
     assert pid != stuck_pid
+    # The killed worker could not clean up after itself: the backend did.
+    assert not (wf.work_dir / "workers" / "worker-1").exists()
+    assert (wf.work_dir / "workers" / "worker-1.log").is_file()
     with pytest.raises(ProcessLookupError):
         os.kill(stuck_pid, 0)  # the worker that ran it was killed (and reaped)
 
