@@ -1294,7 +1294,13 @@ def run_pack(jobs: list[dict], secrets: dict) -> int:
     """
     idle = (os.dup(1), os.dup(2))
     worst = 0
-    with _WarmSession():
+    if not jobs:
+        return 0
+    # The pack's files (its extracted code context) go in its first job's dir:
+    # killed by the batch system, it leaves them there, not in the node's /tmp.
+    first = Path(jobs[0]["workdir"])
+    first.mkdir(parents=True, exist_ok=True)
+    with _WarmSession(first):
         for command in jobs:
             status, _, _ = _run_command(command, secrets, idle)
             Path(command["workdir"], "exit_status").write_text(f"{status}\n")
