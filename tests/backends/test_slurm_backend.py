@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,3 +157,29 @@ def test_jobs_per_worker_packs_jobs_into_array_elements(slurm_env):
         assert (job_dir / "exit_status").read_text() == "0\n"
         if i != 4:
             assert (job_dir / "stdout.txt").read_text() == f"job {i} says hello\n"
+
+
+def test_packed_jobs_in_a_venv_run_in_it_on_slurm(slurm_env, tmp_path):
+    from idds_fat import Venv
+    from idds_fat.testing import environments as build
+
+    wheels = build.make_wheelhouse(tmp_path / "wheels")
+    venv = Venv(["fatprobe"], pip_options=build.offline_pip_options(wheels))
+
+    @work(environment=venv, jobs_per_worker=2)
+    def probe(i):
+        import sys
+
+        import fatprobe  # only the job's venv has it
+
+        return i, fatprobe.VALUE, sys.executable
+
+    env_cache = tmp_path / "envs"
+    with Workflow(env_cache_dir=env_cache, **_settings()):
+        results = probe.map([{"i": i} for i in range(3)]).results(timeout=120)
+    assert [i for i, _, _ in results] == [0, 1, 2]
+    assert {value for _, value, _ in results} == {"only in the job's environment"}
+    assert {python for _, _, python in results} != {sys.executable}
+    assert all(python.startswith(str(env_cache)) for _, _, python in results)
+    builds = (env_cache / "builds.log").read_text().splitlines()
+    assert len(builds) == 1  # two elements, three jobs, one venv built
