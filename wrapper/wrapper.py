@@ -1245,7 +1245,8 @@ def serve_worker(secrets: dict) -> int:
     of input ends the worker, after the job it is running.
     """
     control = os.fdopen(os.dup(1), "w", buffering=1)
-    idle = (os.dup(2), os.dup(2))  # between jobs everything goes to our stderr
+    stderr = os.dup(2)
+    idle = (stderr, stderr)  # between jobs everything goes to our stderr
     _point_output_at(*idle)
     sys.stdin = open(os.devnull)  # jobs must not read the control channel
     commands = os.fdopen(os.dup(0), "r")
@@ -1292,10 +1293,10 @@ def run_pack(jobs: list[dict], secrets: dict) -> int:
     system that sees one process still learns how each job ended); returns 0
     when all of them delivered, else the first non-zero status.
     """
-    idle = (os.dup(1), os.dup(2))
-    worst = 0
     if not jobs:
         return 0
+    idle = (os.dup(1), os.dup(2))
+    worst = 0
     # The pack's files (its extracted code context) go in its first job's dir:
     # killed by the batch system, it leaves them there, not in the node's /tmp.
     first = Path(jobs[0]["workdir"])

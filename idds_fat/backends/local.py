@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from base64 import b64decode
 from collections.abc import Mapping, Sequence
@@ -118,16 +117,16 @@ class LocalBackend(Backend):
         env: Mapping[str, str],
         on_exit: ExitCallback,
         max_workers: int,
+        workers_dir: Path,
         gpus: Sequence[str] = (),
         on_start: StartCallback | None = None,
         mode: str = "warm",
-        log_dir: Path | None = None,
         direct_results: bool = False,
     ) -> None:
         if mode not in ("warm", "cold"):
             raise ValueError(f"mode must be 'warm' or 'cold', not {mode!r}")
         self._mode = mode
-        self._log_dir = log_dir
+        self._workers_dir = workers_dir  # warm worker N runs in worker-N/, logs to worker-N.log
         self._direct_results = direct_results
         self._slot = threading.local()  # each pool thread drives at most one warm worker
         self._workers: set[_WarmWorker] = set()
@@ -168,7 +167,7 @@ class LocalBackend(Backend):
             gpus=gpus,
             on_start=setup.on_start,
             mode=config.local_mode,
-            log_dir=setup.work_dir / "workers",
+            workers_dir=setup.work_dir / "workers",
             direct_results=setup.direct_results,
         )
 
@@ -319,8 +318,8 @@ class LocalBackend(Backend):
         with self._lock:
             self._worker_count += 1
             number = self._worker_count
-        log_dir = self._log_dir or Path(tempfile.gettempdir())
-        worker = _WarmWorker([*self._launch, "--worker"], self._env, log_dir / f"worker-{number}")
+        home = self._workers_dir / f"worker-{number}"
+        worker = _WarmWorker([*self._launch, "--worker"], self._env, home)
         with self._lock:
             self._workers.add(worker)
         self._slot.worker = worker

@@ -10,7 +10,7 @@ import re
 import shlex
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -51,7 +51,7 @@ def _time_option(seconds: float) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
-def _array_spec(indices: Sequence[int]) -> str:
+def _array_spec(indices: Iterable[int]) -> str:
     return ",".join(str(i) for i in sorted(indices))
 
 
@@ -190,7 +190,7 @@ class SlurmBackend(Backend):
         task = jobs[0].job_id.rsplit("/", 1)[0]
         directives = [
             f"--job-name=idds-fat-{task}",
-            f"--array={_array_spec(sorted(set(indices)))}",
+            f"--array={_array_spec(set(indices))}",
             f"--output={task_dir}/slurm-%A_%a.out",
             *self._options(jobs[0].resources),
         ]

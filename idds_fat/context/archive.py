@@ -85,6 +85,13 @@ class _Entry:
     read_from: Path  # what is opened: the link's resolved target for a file link
     size: int
     executable: bool
+    stamp: str  # size, mtime, ctime and inode: what the context index compares
+
+    @classmethod
+    def of(cls, rel: str, path: Path, read_from: Path, st: os.stat_result) -> _Entry:
+        """The entry of a file whose ``stat`` (of ``read_from``) the walk already made."""
+        stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+        return cls(rel, path, read_from, st.st_size, bool(st.st_mode & 0o111), stamp)
 
 
 class _Rules:
@@ -174,7 +181,7 @@ def _walk(
         elif entry.is_file(follow_symlinks=False):
             if not rules.excluded(rel, is_dir=False):
                 st = entry.stat(follow_symlinks=False)
-                out.append(_Entry(rel, path, path, st.st_size, bool(st.st_mode & 0o111)))
+                out.append(_Entry.of(rel, path, path, st))
         else:
             logger.debug("skipping %s: not a regular file or directory", path)
 
@@ -210,7 +217,7 @@ def _walk_link(
         _walk(path, target, rel + "/", rules, use_gitignore, root, ancestors | {target}, out)
     elif target.is_file():
         st = target.stat()
-        out.append(_Entry(rel, path, target, st.st_size, bool(st.st_mode & 0o111)))
+        out.append(_Entry.of(rel, path, target, st))
     else:
         logger.debug("skipping %s: it links to %s, not a regular file", path, target)
 
@@ -260,7 +267,7 @@ def iter_context_files(
     return iter([(e.rel, e.path) for e in entries])
 
 
-def _fingerprint(entries: list[_Entry]) -> str | None:
+def _fingerprint(entries: list[_Entry]) -> str:
     """Hash what decides the zip's bytes, each file's content standing in by its stat.
 
     Size and mtime are what ``make`` and ``rsync`` trust; the inode change time
@@ -270,14 +277,7 @@ def _fingerprint(entries: list[_Entry]) -> str | None:
     version = f"v1 {sys.version_info[0]}.{sys.version_info[1]} {zlib.ZLIB_RUNTIME_VERSION}\n"
     digest = hashlib.sha256(version.encode())
     for entry in entries:
-        try:
-            info = entry.read_from.stat()
-        except OSError:
-            return None  # the archive build will say what is wrong
-        digest.update(
-            f"{entry.rel}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\0"
-            f"{info.st_ino}\0{entry.executable}\n".encode()
-        )
+        digest.update(f"{entry.rel}\0{entry.stamp}\0{entry.executable}\n".encode())
     return digest.hexdigest()
 
 
@@ -329,9 +329,9 @@ def build_context_archive(
     total = sum(e.size for e in entries)
     if total > max_bytes:
         raise ContextTooLargeError(_too_large_message(root, entries, total, max_bytes))
-    fingerprint = _fingerprint(entries) if index_dir is not None else None
-    if fingerprint is not None:
-        known = _read_index(Path(index_dir) / f"{fingerprint}.json")  # type: ignore[arg-type]
+    indexed = None if index_dir is None else Path(index_dir) / f"{_fingerprint(entries)}.json"
+    if indexed is not None:
+        known = _read_index(indexed)
         if known is not None:
             logger.info("code context %s unchanged since it was packed as %s", root, known[0])
             return ContextArchive(
@@ -376,8 +376,8 @@ def build_context_archive(
         _human(len(data)),
         digest,
     )
-    if fingerprint is not None:
-        _write_index(Path(index_dir) / f"{fingerprint}.json", digest, content_bytes)  # type: ignore[arg-type]
+    if indexed is not None:
+        _write_index(indexed, digest, content_bytes)
     return ContextArchive(
         data=data, sha256=digest, files=len(entries), content_bytes=content_bytes, source_dir=root
     )

@@ -52,7 +52,7 @@ class ResultCollector:
         self._stomp_up = False
         self._wake = threading.Event()
         self._cursor = 0
-        self._seen: dict[tuple[str, int, int], str] = {}  # -> the channel it came by first
+        self._seen: set[tuple[str, int, int]] = set()
         self._local_copies: set[bytes] = set()  # sha256 of results handed over directly
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -168,10 +168,10 @@ class ResultCollector:
             return
         ident = (str(header.get("task")), int(header.get("job", -1)), int(header.get("attempt", 0)))
         with self._lock:
-            first = ident in self._seen
-            if first:
+            seen = ident in self._seen
+            if seen:
                 self.duplicates += 1
-        if first:
+        if seen:
             return
         body: bytes | LazyValue
         if kind == "result-ref":
@@ -192,7 +192,7 @@ class ResultCollector:
             if ident in self._seen:
                 self.duplicates += 1
                 return
-            self._seen[ident] = channel
+            self._seen.add(ident)
             self.received += 1
             self.by_channel[channel] = self.by_channel.get(channel, 0) + 1
         if not self._dispatch(header, body):

@@ -6,13 +6,22 @@ loopback (Debian ``activemq`` package required; see :meth:`ActiveMQBroker.availa
 :class:`SlurmCluster` starts a private single-node Slurm cluster reached through
 ``SLURM_CONF`` (Debian ``slurm-wlm`` and ``munge`` packages and root required; see
 :meth:`SlurmCluster.available`).
+
+:class:`S3Server` starts moto's S3 server on loopback. :func:`wait_until` polls a
+condition against a deadline.
 """
 
 from idds_fat.testing.activemq import ActiveMQBroker, BrokerError
+from idds_fat.testing.s3 import S3Server, S3ServerError
 from idds_fat.testing.slurm import SlurmCluster, SlurmError
+from idds_fat.testing.waiting import wait_until
 
-__all__ = ["ActiveMQBroker", "BrokerError", "SlurmCluster", "SlurmError"]
-
-from idds_fat.testing.s3 import S3Server, S3ServerError  # noqa: E402
-
-__all__ += ["S3Server", "S3ServerError"]
+__all__ = [
+    "ActiveMQBroker",
+    "BrokerError",
+    "S3Server",
+    "S3ServerError",
+    "SlurmCluster",
+    "SlurmError",
+    "wait_until",
+]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from idds_fat import JobLostError, Workflow, work
+from idds_fat.testing import wait_until
 
 
 @work
@@ -20,13 +21,6 @@ def chatty(x):
     print(f"out {x}")
     os.write(2, f"err {x}\n".encode())  # at the descriptor level, as C code would
     return x
-
-
-def _wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_a_warm_worker_runs_job_after_job_in_one_process():
@@ -63,7 +57,7 @@ def test_cancelling_a_running_warm_job_replaces_its_worker(tmp_path):
 
     with Workflow(max_workers=1, progress=False) as wf:
         future = stuck.submit()
-        _wait_for(lambda: started.exists() and started.read_text(), what="the job to start")
+        wait_until(lambda: started.exists() and started.read_text(), what="the job to start")
         stuck_pid = int(started.read_text())
         assert (wf.work_dir / "workers" / "worker-1").is_dir()  # the worker's own files
         assert future.cancel()

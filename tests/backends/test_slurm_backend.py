@@ -13,6 +13,7 @@ import pytest
 
 from idds_fat import JobLostError, Workflow, work, workflow
 from idds_fat.backends import SlurmError
+from idds_fat.testing import wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -37,13 +38,6 @@ def block_until(path, value=None, timeout=120):
             raise TimeoutError(path)
         time.sleep(0.02)
     return value
-
-
-def _until(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _slurm_ids(wf, futures):
@@ -72,7 +66,7 @@ def test_array_with_a_failing_and_a_killed_element_keeps_the_others(slurm_env, t
 
     with Workflow(**_settings()) as wf:
         results = element.map([{"i": i, "gate": str(tmp_path)} for i in range(5)])
-        _until(lambda: (tmp_path / "started").exists(), what="element 2 to start")
+        wait_until(lambda: (tmp_path / "started").exists(), what="element 2 to start")
         array, index = _slurm_ids(wf, [results.futures[2]])[0]
         subprocess.run(["scancel", f"{array}_{index}"], check=True)
         results.wait(timeout=120)
@@ -89,7 +83,7 @@ def test_resources_show_up_in_scontrol(slurm_env, tmp_path):
     sized = work(cores=1, memory_mb=200, walltime=150)(block_until.fn)
     with Workflow(**_settings()) as wf:
         future = sized.submit(str(gate), "sized")
-        _until(lambda: future.job is not None and wf._backend._where, what="submission")
+        wait_until(lambda: future.job is not None and wf._backend._where, what="submission")
         array, index = _slurm_ids(wf, [future])[0]
         shown = subprocess.run(
             ["scontrol", "show", "job", "-o", f"{array}_{index}"],
@@ -108,7 +102,7 @@ def test_resources_show_up_in_scontrol(slurm_env, tmp_path):
 def test_cancelling_a_task_scancels_every_element(slurm_env, tmp_path):
     with Workflow(**_settings()) as wf:
         results = block_until.map([{"path": str(tmp_path / "never")} for _ in range(3)])
-        _until(lambda: len(wf._backend._live) == 3, what="submission")
+        wait_until(lambda: len(wf._backend._live) == 3, what="submission")
         ids = _slurm_ids(wf, results.futures)
         assert results.cancel() == 3
 
@@ -120,7 +114,7 @@ def test_cancelling_a_task_scancels_every_element(slurm_env, tmp_path):
             ).stdout.split()
             return not set(listing) & {f"{a}_{i}" for a, i in ids}
 
-        _until(gone, what="scancel to take effect")
+        wait_until(gone, what="scancel to take effect")
     assert all(f.cancelled() for f in results.futures)
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from idds_fat import MapResult, Workflow, work
 from idds_fat.cli import main
+from idds_fat.testing import wait_until
 
 
 @work
@@ -55,16 +56,6 @@ class Running:
         return requests.post(self.url(path), headers=headers, timeout=60)
 
 
-def _until(condition, what: str, seconds: float = 60.0):
-    deadline = time.monotonic() + seconds
-    while True:
-        found = condition()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _states(running: Running, task: str) -> dict[str, int]:
     answer = running.get(f"/api/workflows/{running.wf.id}").json()
     return {t["id"]: t["job_states"] for t in answer["tasks"]}[task]
@@ -81,7 +72,7 @@ def running(tmp_path) -> Iterator[Running]:
         waiting = held.map([{"gate": str(gate), "i": i} for i in range(2)])
         token = json.loads((wf.work_dir / "connection.json").read_text())["token"]
         found = Running(wf, token, scores, waiting)
-        _until(lambda: _states(found, "t0002").get("running") == 2, "both held jobs to run")
+        wait_until(lambda: _states(found, "t0002").get("running") == 2, "both held jobs to run")
         yield found
     finally:
         gate.touch()
@@ -139,7 +130,7 @@ def test_a_failed_job_shows_its_remote_traceback_and_stderr_tail(running):
     with pytest.raises(ValueError):
         failed.results(timeout=60)
     wf = running.wf
-    job = _until(
+    job = wait_until(
         lambda: (
             (j := running.get(f"/api/workflows/{wf.id}/tasks/t0003/jobs/0").json())["error"] and j
         ),
@@ -159,7 +150,7 @@ def test_cancel_a_task_cancels_its_running_jobs_and_nothing_else(running):
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"workflow": wf.id, "task": "t0002", "cancelled": 2}
     assert all(f.cancelled() for f in running.waiting.futures)
-    _until(lambda: _states(running, "t0002") == {"cancelled": 2}, "the record to say cancelled")
+    wait_until(lambda: _states(running, "t0002") == {"cancelled": 2}, "the record to say cancelled")
     assert _states(running, "t0001") == {"done": 4}
     again = running.post(f"/api/workflows/{wf.id}/cancel").json()
     assert again["cancelled"] == 0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from idds_fat import Workflow, work
+from idds_fat.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,13 +19,6 @@ def trial(gate, x):
     while not os.path.exists(gate):
         time.sleep(0.02)
     return (x - 2.5) ** 2
-
-
-def _until(condition, what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _artefacts(tmp_path: Path) -> Path:
@@ -95,7 +89,9 @@ def test_page_shows_tasks_live_and_cancels_a_running_task(browser_page, tmp_path
         expect(third.locator('td[data-state="cancelled"]')).to_have_text("2")
         expect(third.locator('td[data-state="running"]')).to_have_text("0")
         expect(third.locator("button")).to_be_disabled()
-        _until(lambda: all(f.cancelled() for f in iterations[2].futures), "the futures to cancel")
+        wait_until(
+            lambda: all(f.cancelled() for f in iterations[2].futures), "the futures to cancel"
+        )
         assert [f.result() for f in iterations[0].futures] == [6.25, 2.25]
         expect(page.locator('#timeline g.cancelled[data-job-id^="t0003/"]')).to_have_count(2)
         assert page.evaluate("window.__sameDocument") is True
