@@ -17,19 +17,15 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import subprocess
 import time
 import urllib.parse
-import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 
 from idds_fat.errors import IddsFatError
-from idds_fat.testing.processes import file_tail, spawn_logged, stop_process
+from idds_fat.testing.processes import ServerProcess
 from idds_fat.testing.processes import free_port as _free_port
-from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
 
 logger = logging.getLogger(__name__)
@@ -41,8 +37,6 @@ HOST = "127.0.0.1"
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-_POLL_INTERVAL = 0.05
-_LOG_TAIL_LINES = 40
 
 _BEANS_NS = "http://www.springframework.org/schema/beans"
 _AMQ_NS = "http://activemq.apache.org/schema/core"
@@ -90,7 +84,7 @@ class BrokerError(IddsFatError):
     """
 
 
-class ActiveMQBroker:
+class ActiveMQBroker(ServerProcess):
     """One ActiveMQ broker process with a STOMP connector on ``127.0.0.1``.
 
     Args:
@@ -113,6 +107,9 @@ class ActiveMQBroker:
     Usable as a context manager: ``with ActiveMQBroker(tmp) as broker: ...``.
     """
 
+    _error = BrokerError
+    _label = "ActiveMQ"
+
     def __init__(
         self,
         base_dir: Path,
@@ -130,8 +127,6 @@ class ActiveMQBroker:
         self.heap_mb = heap_mb
         self.stomp_options = dict(stomp_options or {})
         self.log_path = self.base_dir / "activemq.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -143,14 +138,13 @@ class ActiveMQBroker:
         return f"stomp://{HOST}:{self.port}"
 
     @property
+    def _where(self) -> str:
+        return self.url
+
+    @property
     def host_and_ports(self) -> list[tuple[str, int]]:
         """``[("127.0.0.1", PORT)]``, the form stomp.py's ``Connection12`` takes."""
         return [(HOST, self.port)]
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process has been started and has not exited."""
-        return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -194,21 +188,15 @@ class ActiveMQBroker:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         command = self._command(config)
         began = time.monotonic()
-        self._process = spawn_logged(
-            command, self.base_dir, self.log_path, f"starting broker on {self.url}"
-        )
-        self._finalizer = weakref.finalize(self, _kill_process, self._process)
-        logger.debug("started ActiveMQ pid %d for %s", self._process.pid, self.url)
+        process = self._launch(command, self.base_dir, f"starting broker on {self.url}")
+        logger.debug("started ActiveMQ pid %d for %s", process.pid, self.url)
         try:
-            self._wait_until_ready(began, timeout)
+            self._wait_until_ready(self._stomp_answers, began, timeout, " STOMP")
         except BaseException:
             self._terminate(kill=True)
             raise
         logger.info(
-            "ActiveMQ up on %s in %.2f s (pid %d)",
-            self.url,
-            time.monotonic() - began,
-            self._process.pid,
+            "ActiveMQ up on %s in %.2f s (pid %d)", self.url, time.monotonic() - began, process.pid
         )
 
     def stop(self, kill: bool = False, timeout: float = STOP_TIMEOUT) -> None:
@@ -233,18 +221,6 @@ class ActiveMQBroker:
             "killed" if kill else "stopped",
             time.monotonic() - began,
         )
-
-    def __enter__(self) -> ActiveMQBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def write_config(self) -> Path:
         """Write ``conf/activemq.xml`` and ``conf/log4j.properties`` under base_dir.
@@ -271,10 +247,6 @@ class ActiveMQBroker:
         (conf_dir / "log4j.properties").write_text(_LOG4J_PROPERTIES, encoding="utf-8")
         return path
 
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """Return the last ``lines`` lines of the broker's log ("" if none yet)."""
-        return file_tail(self.log_path, lines)
-
     def _command(self, config: Path) -> list[str]:
         java = shutil.which("java") or "java"
         conf = self.base_dir / "conf"
@@ -296,40 +268,14 @@ class ActiveMQBroker:
             f"xbean:file:{config}",
         ]
 
-    def _wait_until_ready(self, began: float, timeout: float) -> None:
-        assert self._process is not None
-        deadline = began + timeout
+    def _stomp_answers(self, seconds: float) -> bool:
         login = next(iter(self.users.items())) if self.users else None
-        while True:
-            code = self._process.poll()
-            if code is not None:
-                raise BrokerError(
-                    f"ActiveMQ for {self.url} exited with code {code} while starting; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(
-                    f"ActiveMQ for {self.url} did not answer STOMP within {timeout:.0f} s; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            reply = _stomp_probe(self.port, login, timeout=min(2.0, remaining))
-            if reply == "CONNECTED":
-                return
-            if reply == "ERROR":
-                # STOMP is up but refused the probe's login: the broker is usable,
-                # the credentials in `users` are what is wrong.
-                logger.warning("ActiveMQ on %s refused the readiness login", self.url)
-                return
-            time.sleep(_POLL_INTERVAL)
-
-    def _terminate(self, kill: bool, timeout: float = STOP_TIMEOUT) -> None:
-        process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if process is not None:
-            stop_process(process, timeout, kill=kill)
+        reply = _stomp_probe(self.port, login, timeout=seconds)
+        if reply == "ERROR":
+            # STOMP is up but refused the probe's login: the broker is usable,
+            # the credentials in `users` are what is wrong.
+            logger.warning("ActiveMQ on %s refused the readiness login", self.url)
+        return reply in ("CONNECTED", "ERROR")
 
 
 def render_config(

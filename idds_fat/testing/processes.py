@@ -7,9 +7,18 @@ import os
 import signal
 import socket
 import subprocess
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 HOST = "127.0.0.1"
+_POLL_INTERVAL = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +110,92 @@ def file_tail(path: Path, lines: int) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerProcess:
+    """What a test server with one logged process has in common: start it, probe
+    it until ready, stop it, and never leave it behind.
+
+    A subclass sets ``log_path`` and calls ``_launch`` then ``_wait_until_ready``
+    from its ``start``; its ``stop`` calls ``_terminate``. ``_error`` is the
+    exception it raises, ``_label`` names it in messages and ``_where`` is its
+    address.
+    """
+
+    log_path: Path
+    _error: type[Exception] = RuntimeError
+    _label = "server"
+    _log_tail_lines = 40
+    _process: subprocess.Popen[bytes] | None = None
+    _finalizer: weakref.finalize | None = None
+
+    @property
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process has been started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server and wait until its process is gone."""
+        raise NotImplementedError
+
+    def log_tail(self, lines: int | None = None) -> str:
+        """Return the last ``lines`` lines of the server's log ("" if none yet)."""
+        return file_tail(self.log_path, lines or self._log_tail_lines)
+
+    def _launch(self, command: list[str], cwd: Path, banner: str) -> subprocess.Popen[bytes]:
+        # The finalizer kills the process if this object goes away while it runs.
+        self._process = spawn_logged(command, cwd, self.log_path, banner)
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
+        return self._process
+
+    def _wait_until_ready(
+        self, probe: Callable[[float], bool], began: float, timeout: float, what: str = ""
+    ) -> None:
+        """Call ``probe(seconds_left)`` until it says ready; raise ``_error`` with the
+        log's tail if the process exits or ``timeout`` passes first."""
+        assert self._process is not None
+        deadline = began + timeout
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise self._error(
+                    f"{self._label} for {self._where} exited with code {code} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._error(
+                    f"{self._label} for {self._where} did not answer{what} within "
+                    f"{timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if probe(min(2.0, remaining)):
+                return
+            time.sleep(_POLL_INTERVAL)
+
+    def _terminate(self, kill: bool = False, timeout: float = 10.0) -> None:
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is not None:
+            stop_process(process, timeout, kill=kill)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

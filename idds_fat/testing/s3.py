@@ -16,21 +16,17 @@ import importlib.util
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from idds_fat.errors import IddsFatError
-from idds_fat.testing.processes import file_tail, spawn_logged, stop_process
+from idds_fat.testing.processes import ServerProcess
 from idds_fat.testing.processes import free_port as _free_port
-from idds_fat.testing.processes import kill_process as _kill_process
 from idds_fat.testing.processes import port_in_use as _port_in_use
 
 logger = logging.getLogger(__name__)
@@ -41,16 +37,13 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-_POLL_INTERVAL = 0.05
-_LOG_TAIL_LINES = 40
 
 
 class S3ServerError(IddsFatError):
     """The moto server could not be started; the message carries its log's last lines."""
 
 
-class S3Server:
+class S3Server(ServerProcess):
     """One ``moto_server`` process serving S3 on ``http://127.0.0.1:PORT``.
 
     Args:
@@ -64,6 +57,9 @@ class S3Server:
     process.
     """
 
+    _error = S3ServerError
+    _label = "moto"
+
     def __init__(self, base_dir: Path | None = None, port: int | None = None) -> None:
         self._own_dir = base_dir is None
         self.base_dir = (
@@ -73,8 +69,6 @@ class S3Server:
         )
         self.port = port if port is not None else _free_port()
         self.log_path = self.base_dir / "moto.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -86,9 +80,8 @@ class S3Server:
         return f"http://{HOST}:{self.port}"
 
     @property
-    def running(self) -> bool:
-        """Whether the server process has been started and has not exited."""
-        return self._process is not None and self._process.poll() is None
+    def _where(self) -> str:
+        return self.endpoint_url
 
     @staticmethod
     def available() -> bool:
@@ -122,12 +115,11 @@ class S3Server:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         command = [str(_moto_server_path()), "-H", HOST, "-p", str(self.port)]
         began = time.monotonic()
-        self._process = spawn_logged(
-            command, self.base_dir, self.log_path, f"starting moto on {self.endpoint_url}"
-        )
-        self._finalizer = weakref.finalize(self, _kill_process, self._process)
+        process = self._launch(command, self.base_dir, f"starting moto on {self.endpoint_url}")
         try:
-            self._wait_until_ready(began, timeout)
+            self._wait_until_ready(
+                lambda seconds: _answers(self.endpoint_url + "/moto-api/", seconds), began, timeout
+            )
         except BaseException:
             self._terminate()
             raise
@@ -135,7 +127,7 @@ class S3Server:
             "moto S3 up on %s in %.2f s (pid %d)",
             self.endpoint_url,
             time.monotonic() - began,
-            self._process.pid,
+            process.pid,
         )
 
     def stop(self) -> None:
@@ -144,18 +136,6 @@ class S3Server:
         self._terminate()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> S3Server:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def client(self) -> Any:
         """Return a boto3 S3 client for this server with the dummy credentials
@@ -191,38 +171,6 @@ class S3Server:
         finally:
             client.close()
         return name
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """Return the last ``lines`` lines of the server's log ("" if none yet)."""
-        return file_tail(self.log_path, lines)
-
-    def _wait_until_ready(self, began: float, timeout: float) -> None:
-        assert self._process is not None
-        deadline = began + timeout
-        while True:
-            code = self._process.poll()
-            if code is not None:
-                raise S3ServerError(
-                    f"moto for {self.endpoint_url} exited with code {code} while starting; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise S3ServerError(
-                    f"moto for {self.endpoint_url} did not answer within {timeout:.0f} s; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            if _answers(self.endpoint_url + "/moto-api/", timeout=min(2.0, remaining)):
-                return
-            time.sleep(_POLL_INTERVAL)
-
-    def _terminate(self) -> None:
-        process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if process is not None:
-            stop_process(process, STOP_TIMEOUT)
 
 
 def _moto_server_path() -> Path:

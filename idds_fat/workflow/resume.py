@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idds_fat.backends import JobExit, JobRequest, Resources
+from idds_fat.backends import JobExit, Resources
 from idds_fat.config import load_config
 from idds_fat.errors import IddsFatError, ServiceError
 from idds_fat.results import AsyncResult
@@ -134,14 +134,8 @@ def _rebuild_futures(workflow: Workflow) -> list[tuple[str, str | None]]:
         for index, name, spec_key, status, returncode, ref in jobs:
             spec = json.loads(workflow._cache.get(spec_key))
             kwargs = _job_kwargs(workflow, spec)
-            job_id = f"{task_id}/{index}"
-            request = JobRequest(
-                job_id=job_id,
-                name=f"{workflow.id}/{task_id}/{name}",
-                spec_location=workflow._node_location(spec_key),
-                workdir=workflow.work_dir / "jobs" / task_id / str(index),
-                resources=workflow.resources,
-            )
+            request = workflow._job_request(task_id, index, name, spec_key, workflow.resources)
+            job_id = request.job_id
             future = AsyncResult(
                 task_id, index, kwargs, name=request.name, canceller=workflow._cancel_future
             )

@@ -380,6 +380,18 @@ class Workflow:
         spec["result_object"] = name
         spec["result_put_url"] = self._cache.presigned_put(name)  # type: ignore[union-attr]
 
+    def _job_request(
+        self, task_id: str, index: int, name: str, spec_key: str, resources: Resources
+    ) -> JobRequest:
+        """What the backend is given to run job ``index`` of a task, named ``name``."""
+        return JobRequest(
+            job_id=f"{task_id}/{index}",
+            name=f"{self.id}/{task_id}/{name}",
+            spec_location=self._node_location(spec_key),
+            workdir=self.work_dir / "jobs" / task_id / str(index),
+            resources=resources,
+        )
+
     def _fetch_result_ref(self, ref: dict[str, Any]) -> bytes:
         """Read the large result a verified reference names (by content key or by name)."""
         assert self._cache is not None
@@ -698,14 +710,7 @@ class Workflow:
                 )
             self._add_node_urls(spec)
             spec_key = self._cache.put(json.dumps(spec, sort_keys=True).encode())
-            job_id = f"{task_id}/{index}"
-            request = JobRequest(
-                job_id=job_id,
-                name=f"{self.id}/{task_id}/{task_name}[{index}]",
-                spec_location=self._node_location(spec_key),
-                workdir=self.work_dir / "jobs" / task_id / str(index),
-                resources=job_resources,
-            )
+            request = self._job_request(task_id, index, spec["name"], spec_key, job_resources)
             future = AsyncResult(
                 task_id, index, entry, name=request.name, canceller=self._cancel_future
             )
