@@ -749,6 +749,19 @@ def _context_dir(spec: dict, get, workdir: Path) -> Path:
     return context_dir
 
 
+def install_sources(sources: dict | None) -> None:
+    """Give linecache the caller's source of the code pickled by value.
+
+    The call's header maps each file name to its text (the caller's module, the
+    ``__main__`` script, a notebook cell), so a traceback shows the user's lines
+    even where no such file exists. An entry with no mtime is never evicted.
+    """
+    import linecache
+
+    for name, text in (sources or {}).items():
+        linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
+
+
 def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object]:
     """Fetch, verify, extract and run; return ``(status, value_or_error_body)``."""
     cloudpickle = _pickler()
@@ -762,6 +775,7 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
         raise_environment_failure(spec)
         context_dir = _context_dir(spec, get, workdir)
         header, payload = unseal(get(spec["payload"]["key"]), key)
+        sources = header.get("sources")
         check_interpreter(header, spec, cloudpickle)
         fn, args, kwargs = cloudpickle.loads(payload)
         job_kwargs = spec.get("kwargs")
@@ -790,6 +804,8 @@ def _run_function(spec: dict, secrets: dict, workdir: Path) -> tuple[str, object
         # Drop the wrapper's own frame: the user wants to see their function.
         import traceback
 
+        # Only now: a job that works never pays for linecache's imports.
+        install_sources(sources)
         text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
         return "error", _error_body(exc, text)
     finally:

@@ -2,6 +2,7 @@
 
 from idds_fat.serialize.envelope import ENVELOPE_VERSION, open_envelope, peek_header, seal
 from idds_fat.serialize.pickling import (
+    PickledCall,
     dumps_call,
     dumps_job_kwargs,
     dumps_value,
@@ -11,6 +12,7 @@ from idds_fat.serialize.pickling import (
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "PickledCall",
     "dumps_call",
     "dumps_job_kwargs",
     "dumps_value",

@@ -1,14 +1,24 @@
-"""cloudpickle with the user's own code by value, size caps, and named failures."""
+"""cloudpickle with the user's own code by value, size caps, and named failures.
+
+Code pickled by value keeps its file name (cloudpickle 3.1 and later would
+write ``<dynamic-code>``), and a call carries the source text of those files,
+so a remote traceback names the user's file and shows the raising line.
+"""
 
 from __future__ import annotations
 
 import inspect
+import io
+import linecache
 import logging
+import marshal
 import os
 import site
 import sys
 import sysconfig
+import types
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +90,68 @@ def register_user_modules(source_dir: str | os.PathLike | None) -> list[str]:
     return added
 
 
+# Sources travel in the call's header; past this much a file goes without (its
+# traceback lines still name it, only the source line is missing).
+MAX_SOURCE_BYTES = 1 << 20
+
+
+class _CodePickler(cloudpickle.Pickler):
+    """cloudpickle that pickles code objects whole, and notes their file names.
+
+    cloudpickle 3.1 replaces ``co_filename`` with ``<dynamic-code>`` (for
+    deterministic pickles); a remote traceback then names no file. marshal keeps
+    every field, and ``marshal.loads`` is all the node needs to rebuild it. The
+    interpreter check (same Python major.minor on both ends) is what makes
+    marshal's format safe to share.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=cloudpickle.DEFAULT_PROTOCOL)
+        self.code_files: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            self.code_files.add(obj.co_filename)
+            try:
+                return marshal.loads, (marshal.dumps(obj),)
+            except ValueError:  # a hand-made code object with unmarshallable constants
+                pass
+        return super().reducer_override(obj)
+
+
+def _dumps(obj: Any) -> tuple[bytes, set[str]]:
+    buffer = io.BytesIO()
+    pickler = _CodePickler(buffer)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.code_files
+
+
+def _sources(files: set[str]) -> dict[str, str]:
+    """The source text of each file (a module, the ``__main__`` script, a notebook cell)."""
+    sources: dict[str, str] = {}
+    total = 0
+    for name in sorted(files):
+        # linecache also knows IPython's cells, which exist in no file.
+        text = "".join(linecache.getlines(name))
+        if text and total + len(text) <= MAX_SOURCE_BYTES:
+            sources[name] = text
+            total += len(text)
+    return sources
+
+
+@dataclass(frozen=True)
+class PickledCall:
+    """A pickled call ``(fn, args, kwargs)`` and the source of its by-value code.
+
+    ``sources`` maps each file name that code pickled by value came from to that
+    file's text; it goes into the call's header, and the node shows its lines
+    in a remote traceback.
+    """
+
+    body: bytes
+    sources: dict[str, str] = field(default_factory=dict)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -95,7 +167,7 @@ def dumps_value(value: Any, name: str, max_bytes: int) -> bytes:
         ArgumentError: it does not pickle, or its pickle is larger than ``max_bytes``.
     """
     try:
-        data = cloudpickle.dumps(value)
+        data, _ = _dumps(value)
     except Exception as exc:
         raise ArgumentError(
             f"argument {name} cannot be pickled: {type(exc).__name__}: {exc}", name
@@ -127,8 +199,10 @@ def _named_arguments(
 
 def dumps_call(
     fn: Callable, args: Sequence[Any], kwargs: Mapping[str, Any], max_bytes: int
-) -> bytes:
+) -> PickledCall:
     """Pickle the call ``fn(*args, **kwargs)`` as one object under a size cap.
+
+    Returns the pickle and the source text of the code it carries by value.
 
     Raises:
         ArgumentError: naming the argument (or the function) that does not pickle
@@ -136,11 +210,11 @@ def dumps_call(
     """
     call = (fn, tuple(args), dict(kwargs))
     try:
-        data = cloudpickle.dumps(call)
+        data, files = _dumps(call)
     except Exception:
-        data = None
+        data, files = None, set()
     if data is not None and len(data) <= max_bytes:
-        return data
+        return PickledCall(data, _sources(files))
     # Something failed or is too big: find which part, so the message can name it.
     dumps_value(fn, f"function {getattr(fn, '__qualname__', fn)!r}", max_bytes)
     sizes = [(len(dumps_value(v, n, max_bytes)), n) for n, v in _named_arguments(fn, args, kwargs)]
@@ -168,7 +242,7 @@ def dumps_job_kwargs(kwargs: Mapping[str, Any], index: int, max_bytes: int) -> b
             f"multi_jobs_kwargs_list[{index}]",
         )
     try:
-        data = cloudpickle.dumps(dict(kwargs))
+        data, _ = _dumps(dict(kwargs))
     except Exception:
         data = None
     if data is not None and len(data) <= max_bytes:

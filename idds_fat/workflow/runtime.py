@@ -673,8 +673,14 @@ class Workflow:
             task_id = f"t{self._task_count:04d}"
         payload_key = self._cache.put(
             seal(
-                {"kind": "call", "workflow": self.id, "task": task_id, **caller_versions()},
-                call,
+                {
+                    "kind": "call",
+                    "workflow": self.id,
+                    "task": task_id,
+                    **caller_versions(),
+                    "sources": call.sources,
+                },
+                call.body,
                 self._key,
             )
         )

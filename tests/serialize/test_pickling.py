@@ -17,7 +17,7 @@ def target(data, label="x", *rest, **extra):
 
 
 def test_call_round_trips():
-    fn, args, kwargs = loads(dumps_call(target, [1, "a"], {"k": 2}, 10**6))
+    fn, args, kwargs = loads(dumps_call(target, [1, "a"], {"k": 2}, 10**6).body)
     assert fn(*args, **kwargs) == 1
 
 
