@@ -16,6 +16,7 @@ from pathlib import Path
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from idds_fat.backends.base import Backend, BackendSetup, JobExit, JobRequest, Resources
+from idds_fat.backends.watcher import WATCHER
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError
 from idds_fat.wrapper_source import launch_command, wrapper_module
@@ -69,8 +70,9 @@ class SlurmBackend(Backend):
     the nodes can read (a shared directory or the HTTP service) and the result
     channel one they can reach.
 
-    One watcher thread asks ``squeue`` about all of the workflow's arrays in one
-    call, backing off from ``poll_min`` to ``poll_max`` seconds; an element that
+    The process-wide status watcher (``backends/watcher.py``) asks ``squeue``
+    about all of the workflow's arrays in one call, backing off from
+    ``poll_min`` to ``poll_max`` seconds while nothing ends; an element that
     left the queue is reported with the exit status its script wrote, or with
     the state and exit code ``scontrol`` still knows (a job killed by Slurm never
     writes one).
@@ -111,10 +113,7 @@ class SlurmBackend(Backend):
         self._live: dict[tuple[str, int], list[JobRequest]] = {}
         self._where: dict[str, tuple[str, int]] = {}  # job id -> (array job id, element)
         self._submissions = 0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="idds-fat-slurm", daemon=True)
-        self._watcher.start()
+        self._watch = WATCHER.watch(self._poll, self._poll_min, self._poll_max, "Slurm jobs")
 
     @classmethod
     def create(cls, config: Config, setup: BackendSetup) -> SlurmBackend:
@@ -254,33 +253,19 @@ class SlurmBackend(Backend):
             with self._lock:
                 job_ids = [job.job_id for pack in self._live.values() for job in pack]
             self.cancel(job_ids)
-        self._stop.set()
-        self._wake.set()
-        self._watcher.join(self._timeout)
+        self._watch.close()
 
     # --- watching --------------------------------------------------------------------
 
     def _poll_soon(self) -> None:
-        self._wake.set()
+        self._watch.poll_soon()
 
-    def _watch(self) -> None:
-        interval = self._poll_min
-        while not self._stop.is_set():
-            woken = self._wake.wait(interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            interval = self._poll_min if woken else min(interval * 2, self._poll_max)
-            try:
-                self._poll()
-            except Exception:
-                logger.exception("watching Slurm jobs failed; will try again")
-
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
+        """One ``squeue`` for every array; report the elements that left the queue."""
         with self._lock:
             arrays = sorted({array for array, _ in self._live})
         if not arrays:
-            return
+            return False
         try:
             listing = self._run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)])
         except SlurmError as exc:
@@ -299,11 +284,12 @@ class SlurmBackend(Backend):
             for where, _ in ended:
                 self._live.pop(where)
         if not ended:
-            return
+            return False
         states = self._final_states({array for (array, _), _ in ended})
         for (array, index), pack in ended:
             for job in pack:
                 self._report(job, self._outcome(job, states.get(f"{array}_{index}")))
+        return True
 
     def _final_states(self, arrays: set[str]) -> dict[str, dict[str, str]]:
         """Ask ``scontrol`` what it still knows of these arrays' elements (one call each)."""

@@ -29,7 +29,6 @@ import os
 import re
 import secrets as _random
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from idds_fat.backends.panda.auth import PandaAuth
 from idds_fat.backends.panda.bootstrap import BOOTSTRAP_B64
 from idds_fat.backends.panda.client import _SHELL_SAFE, PandaClient
 from idds_fat.backends.panda.errors import PandaError
+from idds_fat.backends.watcher import WATCHER, Watch
 from idds_fat.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -82,14 +82,15 @@ class PandaBackend(Backend):
 
     A submit of N jobs inserts one task whose pseudo input has N entries, each
     the URL of one job's spec, so JEDI makes N jobs; each job's command fetches
-    the wrapper from ``wrapper_url`` and runs it on its spec. One poller thread
-    asks PanDA for the status of every unfinished task (one call per task, not
-    per job), backing off from ``poll_min`` to ``poll_max`` seconds while
-    nothing changes. The documented calls give task-level states only, so jobs
-    are reported when their task reaches a final state: ``done`` means every
-    job succeeded (exit 0); ``finished``, ``failed``, ``broken`` and
-    ``exhausted`` report each job without a result as failed, with the task's
-    state and job statistics in the reason.
+    the wrapper from ``wrapper_url`` and runs it on its spec. The process-wide
+    status watcher (``backends/watcher.py``) asks PanDA for the status of every
+    unfinished task (one call per task, not per job), backing off from
+    ``poll_min`` to ``poll_max`` seconds while nothing changes. The documented
+    calls give task-level states only, so jobs are reported when their task
+    reaches a final state: ``done`` means every job succeeded (exit 0);
+    ``finished``, ``failed``, ``broken`` and ``exhausted`` report each job
+    without a result as failed, with the task's state and job statistics in
+    the reason.
 
     Args:
         on_exit: called with ``(job, JobExit)`` when a job has ended.
@@ -201,9 +202,7 @@ class PandaBackend(Backend):
         self._changed = threading.Condition(self._lock)
         self._tasks: dict[int, _Task] = {}
         self._secret_stored = False
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._watch: Watch | None = None
         self._closed = False
 
     @classmethod
@@ -416,22 +415,19 @@ class PandaBackend(Backend):
         the tasks still running need it.
         """
         if not wait and not cancel:
-            self._stop.set()
-            self._wake.set()
+            self._stop_polling(wait=False)
             return
         if cancel:
             with self._lock:
                 open_ids = [j.job_id for t in self._tasks.values() for j in t.open_jobs]
             self.cancel(open_ids)
-        self._wake.set()  # poll soon rather than after a long backoff
+        if self._watch is not None:
+            self._watch.poll_soon(within=self._poll_min)  # rather than after a long backoff
         with self._changed:
             while any(task.open_jobs for task in self._tasks.values()):
                 self._changed.wait()
             self._closed = True
-        self._stop.set()
-        self._wake.set()
-        if self._poller is not None:
-            self._poller.join()
+        self._stop_polling(wait=True)
         if self._secret_stored:
             try:
                 self._client.set_user_secret(self._secret_name, None)
@@ -519,30 +515,19 @@ class PandaBackend(Backend):
 
     def _start_poller(self) -> None:
         with self._lock:
-            if self._poller is None:
-                self._poller = threading.Thread(
-                    target=self._poll_loop, name="idds-fat-panda-poller", daemon=True
+            if self._watch is None:
+                self._watch = WATCHER.watch(
+                    self.poll, self._poll_min, self._poll_max, "PanDA tasks"
                 )
-                self._poller.start()
-        self._wake.set()
+            watch = self._watch
+        # New work: poll within poll_min (JEDI needs that long), whatever the backoff was.
+        watch.poll_soon(within=self._poll_min)
 
-    def _poll_loop(self) -> None:
-        interval = self._poll_min
-        next_poll = time.monotonic() + interval
-        while not self._stop.is_set():
-            if self._wake.wait(max(0.0, next_poll - time.monotonic())):
-                # New work or a shutdown: poll within poll_min, whatever the backoff was.
-                self._wake.clear()
-                interval = self._poll_min
-                next_poll = min(next_poll, time.monotonic() + interval)
-                continue
-            try:
-                changed = self.poll()
-            except Exception:  # the poller must outlive any surprise
-                logger.exception("PanDA status poll failed")
-                changed = False
-            interval = self._poll_min if changed else min(interval * 2, self._poll_max)
-            next_poll = time.monotonic() + interval
+    def _stop_polling(self, wait: bool) -> None:
+        with self._lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close(wait=wait)
 
 
 def _exit_mapping(task: _Task, status: str | None, detail: str) -> Callable[[JobRequest], JobExit]:
