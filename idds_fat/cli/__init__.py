@@ -74,7 +74,9 @@ def serve(
     mirror_queue: str | None,
 ) -> None:
     """Run the idds-fat service (cache, result store, monitoring page) until interrupted."""
+    from idds_fat.monitor import monitor_routes
     from idds_fat.service.server import serve as run_service
+    from idds_fat.workflow import Workflow
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -89,6 +91,9 @@ def serve(
                 "user": config.broker_user,
                 "password": config.broker_password,
             }
+        logging.getLogger(__name__).info(
+            "monitoring page at http://%s:%d/ for %s", host, port, config.work_dir
+        )
         run_service(
             host=host,
             port=port,
@@ -99,7 +104,7 @@ def serve(
             )
             * 86400.0,
             mirror=mirror,
-            work_dir=config.work_dir,
+            routes=lambda guarded: monitor_routes(config.work_dir, guarded, Workflow.attach),
         )
     except IddsFatError as exc:
         raise click.ClickException(str(exc)) from exc

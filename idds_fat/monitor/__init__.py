@@ -1,11 +1,20 @@
 """The monitoring page: workflows, their tasks and jobs, live in a browser, and steering.
 
-The service mounts :func:`monitor_routes`: HTML pages at ``/`` and
-``/workflows/ID``, their script and style sheet under ``/static``, and the data
-they show as JSON under ``/api`` (read from the work dir's workflow records by
-:mod:`idds_fat.workflow.catalog`). The pages hold no data: their script fetches
-it with the service's bearer token, which the page asks for and keeps in the
-browser tab's session storage, never in a URL.
+How data moves through it::
+
+    browser --GET /, /workflows/ID----> pages.py     (HTML shells: no data, no token)
+    script  --GET /api/... + token----> routes.py -> views.py -> workflow.catalog
+                                                     (each workflow's state.sqlite3)
+    script  --POST /api/.../cancel----> routes.py -> steering.cancel_jobs
+                                          open here:  Workflow.cancel
+                                          elsewhere:  attach(id), cancel, detach
+
+Whoever builds the service app mounts :func:`monitor_routes` (the workflow's
+embedded service, ``idds-fat serve``) and gives it ``attach``
+(:meth:`Workflow.attach`), so this package needs no import of the workflow
+runtime. The pages' script fetches the data with the service's bearer token,
+which the page asks for and keeps in the browser tab's session storage, never
+in a URL.
 """
 
 from idds_fat.monitor.routes import monitor_routes

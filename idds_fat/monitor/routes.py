@@ -1,4 +1,4 @@
-"""The monitoring page's routes, mounted by the service app (:func:`monitor_routes`).
+"""The monitoring page's routes (:func:`monitor_routes`), mounted by whoever builds the service app.
 
 - ``GET /``, ``GET /workflows/{id}``: the pages (open: they hold no data).
 - ``GET /static/...``: their script and style sheet (package data).
@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from idds_fat.errors import IddsFatError
 from idds_fat.monitor import pages, views
-from idds_fat.monitor.steering import cancel_jobs
+from idds_fat.monitor.steering import Attach, cancel_jobs
 from idds_fat.workflow.catalog import TaskNotFound, WorkflowNotFound
 
 logger = logging.getLogger(__name__)
@@ -63,11 +63,14 @@ async def _answer(call: Callable[[], Any]) -> Response:
         return _json({"error": str(exc).strip("'\"")}, 409)
 
 
-def monitor_routes(work_dir: Path, guarded: Callable[[Handler], Handler]) -> list[BaseRoute]:
+def monitor_routes(
+    work_dir: Path, guarded: Callable[[Handler], Handler], attach: Attach
+) -> list[BaseRoute]:
     """Return the monitoring page's routes for the workflows recorded under ``work_dir``.
 
     ``guarded`` wraps a handler in the service's bearer-token check; every
-    ``/api`` route goes through it.
+    ``/api`` route goes through it. ``attach`` (:meth:`Workflow.attach`) reconnects
+    to a workflow that is not open in this process, to cancel its jobs.
     """
     work_dir = Path(work_dir)
 
@@ -95,7 +98,7 @@ def monitor_routes(work_dir: Path, guarded: Callable[[Handler], Handler]) -> lis
         workflow_id = request.path_params["workflow"]
         task = request.path_params.get("task")
         logger.info("cancel requested from the monitor: workflow %s, task %s", workflow_id, task)
-        return await _answer(lambda: cancel_jobs(work_dir, workflow_id, task))
+        return await _answer(lambda: cancel_jobs(work_dir, workflow_id, task, attach))
 
     return [
         Route("/", index, methods=["GET"]),

@@ -12,8 +12,10 @@ token is set):
   to ``wait`` seconds (at most 60) for a result newer than ``since``.
 - ``GET /healthz``: ``{"ok": true}``.
 
-With a work dir, it also serves the monitoring page (:mod:`idds_fat.monitor`):
-``/``, ``/workflows/{id}``, ``/static/...`` and the ``/api/...`` they read.
+Whoever builds the app may mount more routes behind the same token check
+(``routes``): the workflow's embedded service and ``idds-fat serve`` mount the
+monitoring page (:mod:`idds_fat.monitor`) this way, so this package imports
+nothing of the monitor.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import hmac
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from idds_fat.cache.base import check_key, content_key
 from idds_fat.cache.directory import DirectoryStore
@@ -47,6 +49,10 @@ MAX_LIMIT = 10_000
 PURGE_INTERVAL_SECONDS = 3600.0
 
 Handler = Callable[[Request], Awaitable[Response]]
+#: Wraps a handler in the service's bearer-token check.
+Guard = Callable[[Handler], Handler]
+#: Given the service's token check, the extra routes to mount (e.g. the monitoring page's).
+ExtraRoutes = Callable[[Guard], Sequence[BaseRoute]]
 
 
 class ResultWakeups:
@@ -128,7 +134,7 @@ def create_app(
     token: str | None,
     result_ttl_seconds: float,
     mirror: dict[str, Any] | None = None,
-    work_dir: Path | None = None,
+    routes: ExtraRoutes | None = None,
 ) -> Starlette:
     """Return the service as an ASGI application.
 
@@ -140,8 +146,9 @@ def create_app(
     (the keyword arguments of :class:`~idds_fat.service.mirror.BrokerMirror`
     but the store: ``brokers``, ``destination``, ``user``, ``password``), the
     app also keeps a copy of every result sent to that broker destination.
-    With ``work_dir``, it serves the monitoring page of the workflows recorded
-    there; its ``/api`` routes need the token too, its pages do not.
+    ``routes``, given the token check (a :data:`Guard`), returns more routes to
+    mount after the service's own: the monitoring page's, whose ``/api`` routes
+    go through the check and whose pages do not.
 
     ``app.state.wakeups`` (a :class:`ResultWakeups`) lets an embedding server
     release long-polling readers before shutting down; ``app.state.results``
@@ -285,17 +292,13 @@ def create_app(
                 await purger
             store.close()
 
-    routes = [
+    own_routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/cache/{key}", guarded(put_object), methods=["PUT"]),
         Route("/cache/{key}", guarded(get_object), methods=["GET", "HEAD"]),
         Route("/results/{workflow}", guarded(post_result), methods=["POST"]),
         Route("/results/{workflow}", guarded(get_results), methods=["GET"]),
     ]
-    if work_dir is not None:
-        from idds_fat.monitor import monitor_routes  # the page is optional: import it only here
-
-        routes += monitor_routes(Path(work_dir), guarded)
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=[*own_routes, *(routes(guarded) if routes else ())], lifespan=lifespan)
     app.state.wakeups = wakeups
     return app

@@ -13,7 +13,7 @@ from types import TracebackType
 import uvicorn
 
 from idds_fat.errors import ServiceError
-from idds_fat.service.app import create_app
+from idds_fat.service.app import ExtraRoutes, create_app
 from idds_fat.service.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def _app_for(
     token: str | None,
     result_ttl_seconds: float,
     mirror: dict | None = None,
-    work_dir: Path | None = None,
+    routes: ExtraRoutes | None = None,
 ):
     data_dir = Path(data_dir)
     return create_app(
@@ -38,7 +38,7 @@ def _app_for(
         token=token,
         result_ttl_seconds=result_ttl_seconds,
         mirror=mirror,
-        work_dir=work_dir,
+        routes=routes,
     )
 
 
@@ -50,10 +50,10 @@ class EmbeddedService:
     finds what an earlier one stored. ``port`` 0 (the default) takes a free
     port; a given port lets a restarted service come back at the same URL.
     ``mirror`` (``brokers``, ``destination``, ``user``, ``password``) keeps a
-    copy of the results sent to that broker destination. It serves the
-    monitoring page of the workflows recorded under ``work_dir`` (default:
-    ``data_dir``, which is the work dir when a workflow starts the service).
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    copy of the results sent to that broker destination. ``routes`` mounts more
+    routes behind the token check (:func:`~idds_fat.service.app.create_app`):
+    a workflow mounts its monitoring page there. Use as a context manager, or
+    call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -63,10 +63,10 @@ class EmbeddedService:
         result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS,
         mirror: dict | None = None,
         port: int = 0,
-        work_dir: Path | None = None,
+        routes: ExtraRoutes | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.work_dir = Path(work_dir) if work_dir is not None else self.data_dir
+        self.routes = routes
         self.port = port
         self.token = token
         self.result_ttl_seconds = result_ttl_seconds
@@ -92,9 +92,7 @@ class EmbeddedService:
         """
         if self._thread is not None:
             raise ServiceError(f"the embedded service is already running at {self._url}")
-        app = _app_for(
-            self.data_dir, self.token, self.result_ttl_seconds, self.mirror, self.work_dir
-        )
+        app = _app_for(self.data_dir, self.token, self.result_ttl_seconds, self.mirror, self.routes)
         # Bind here (port 0) and hand the socket over: no window where another
         # process could take the port between choosing and binding it.
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says
@@ -208,13 +206,14 @@ def serve(
     token: str | None,
     result_ttl_seconds: float,
     mirror: dict | None = None,
-    work_dir: Path | None = None,
+    routes: ExtraRoutes | None = None,
 ) -> None:
     """Run the service in the foreground until interrupted (Ctrl-C or SIGTERM).
 
     With ``mirror`` (``brokers``, ``destination``, ``user``, ``password``) it
-    also keeps a copy of every result sent to that broker destination. With
-    ``work_dir``, it serves the monitoring page of the workflows recorded there.
+    also keeps a copy of every result sent to that broker destination.
+    ``routes`` mounts more routes behind the token check (``idds-fat serve``
+    mounts the monitoring page there).
 
     Raises:
         ServiceError: ``host`` is not a loopback address and no ``token`` is set:
@@ -231,10 +230,8 @@ def serve(
             "put a TLS proxy in front for untrusted networks",
             host,
         )
-    app = _app_for(data_dir, token, result_ttl_seconds, mirror, work_dir)
+    app = _app_for(data_dir, token, result_ttl_seconds, mirror, routes)
     logger.info("idds-fat service on http://%s:%d, data in %s", host, port, data_dir)
-    if work_dir is not None:
-        logger.info("monitoring page at http://%s:%d/ for %s", host, port, work_dir)
     uvicorn.run(
         app,
         host=host,

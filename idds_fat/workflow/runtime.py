@@ -309,6 +309,7 @@ class Workflow:
         logger.info("workflow %s started in %s", self.id, self.work_dir)
 
     def _start_embedded_service(self, token: str, port: int) -> None:
+        from idds_fat.monitor import monitor_routes
         from idds_fat.service import EmbeddedService
 
         config = self.config
@@ -319,6 +320,7 @@ class Workflow:
             config.result_ttl_days * 86400,
             mirror=self._mirror_settings(),
             port=port,
+            routes=lambda guarded: monitor_routes(config.work_dir, guarded, type(self).attach),
         )
         self._service.start()
         self.service_url = self._service.url

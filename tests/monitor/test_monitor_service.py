@@ -14,7 +14,9 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from idds_fat import Workflow
 from idds_fat.cli import main
+from idds_fat.monitor import monitor_routes
 from idds_fat.service import EmbeddedService
 from idds_fat.workflow import WorkflowState, catalog
 
@@ -24,7 +26,11 @@ TOKEN = "monitor-service-token"
 @pytest.fixture
 def service(tmp_path, isolated_settings) -> Iterator[EmbeddedService]:
     """A service whose data lives apart from the work dir it monitors, like `idds-fat serve`."""
-    with EmbeddedService(tmp_path / "service", TOKEN, work_dir=isolated_settings) as running:
+
+    def page(guarded):
+        return monitor_routes(isolated_settings, guarded, Workflow.attach)
+
+    with EmbeddedService(tmp_path / "service", TOKEN, routes=page) as running:
         yield running
 
 
