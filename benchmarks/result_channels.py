@@ -78,14 +78,14 @@ class Publisher:
         self.w = w
         self.spec: dict[str, Any] = {
             "result_url": f"{wf.service_url}/results/{wf.id}",
-            "stomp": wf._stomp_spec(),
+            "stomp": wf.options.stomp_spec(wf.id),
             "result_inline_bytes": 1 << 20,
             "publish_timeout": 30,
-            "cache": wf._cache.location,  # type: ignore[union-attr]
+            "cache": wf.parts.cache.location,  # type: ignore[union-attr]
         }
         self.secrets: dict[str, Any] = {
-            "key": wf._key,
-            "token": wf._token,
+            "key": wf.parts.key,
+            "token": wf.parts.token,
             "broker_user": USER,
             "broker_password": PASSWORD,
         }
@@ -113,8 +113,7 @@ class Publisher:
                     on_done(job)
 
             future.add_done_callback(done)
-            with self.wf._lock:
-                self.wf._futures[(TASK, job)] = future
+            self.wf.tracker.add_task(TASK, "publish", [future])
             out.append((job, slot))
         return out
 
@@ -129,7 +128,7 @@ class Publisher:
             "status": "ok",
         }
         envelope = self.w.seal(
-            header, cloudpickle.dumps(value if value is not None else job), self.wf._key
+            header, cloudpickle.dumps(value if value is not None else job), self.wf.parts.key
         )
         slot["sent"] = time.perf_counter()
         channel = self.w.deliver(envelope, self.spec, self.secrets)
@@ -229,7 +228,7 @@ def run_stomp(base: Path, url: str, args: argparse.Namespace) -> ChannelResult:
         broker_password=PASSWORD,
     ) as wf:
         deadline = time.monotonic() + 30.0
-        while not (wf._subscriber is not None and wf._subscriber.up):
+        while not (wf.parts.subscriber is not None and wf.parts.subscriber.up):
             if time.monotonic() > deadline:
                 raise RuntimeError("the STOMP subscription did not come up within 30 s")
             time.sleep(0.02)
@@ -238,7 +237,7 @@ def run_stomp(base: Path, url: str, args: argparse.Namespace) -> ChannelResult:
 
 def run_rest(base: Path, args: argparse.Namespace) -> ChannelResult:
     with Workflow("bench-rest", work_dir=base / "rest") as wf:
-        if wf._stomp_spec() is not None:
+        if wf.options.stomp_spec(wf.id) is not None:
             raise RuntimeError("the REST workflow has a broker configured (IDDS_FAT_BROKER?)")
         return run_channel("REST", wf, args)
 

@@ -87,7 +87,8 @@ def _submission(work_dir: Path, tree: Path, workers: int) -> dict[str, Any]:
             work(trivial)(1)
             called = time.perf_counter()
         total = time.perf_counter() - start
-    archive_key = wf._archive.sha256 if wf._archive is not None else ""
+    archive = wf.parts.archive
+    archive_key = archive.sha256 if archive is not None else ""
     return {
         "start_s": started - start,
         "call_s": called - started,

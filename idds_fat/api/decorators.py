@@ -10,7 +10,7 @@ from idds_fat.backends import BACKENDS, Resources
 from idds_fat.context.environment import Environment, as_environment
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.workflow import Workflow, current_workflow
-from idds_fat.workflow.runtime import warn_ignored
+from idds_fat.workflow.options import warn_ignored
 
 
 def _done(ok: bool, value: Any, kwargs: Mapping[str, Any] | None, name: str) -> AsyncResult:

@@ -58,6 +58,8 @@ class JobRequest:
         spec_location: path or URL of the job spec (the wrapper's ``--spec``).
         workdir: the job's directory; its stdout and stderr go there.
         resources: what it asks for.
+        spec_key: the cache key of the job spec, for the workflow to read it back
+            (to run the job again, or after attaching); backends need not use it.
     """
 
     job_id: str
@@ -65,6 +67,7 @@ class JobRequest:
     spec_location: str
     workdir: Path
     resources: Resources = field(default_factory=Resources)
+    spec_key: str = ""
 
     @property
     def stdout_path(self) -> Path:

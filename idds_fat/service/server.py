@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 import uvicorn
+from starlette.applications import Starlette
 
 from idds_fat.errors import ServiceError
 from idds_fat.service.app import ExtraRoutes, create_app
@@ -75,7 +76,7 @@ class EmbeddedService:
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self._url: str | None = None
-        self._app = None
+        self._app: Starlette | None = None
 
     @property
     def url(self) -> str:
@@ -83,6 +84,12 @@ class EmbeddedService:
         if self._url is None:
             raise ServiceError("the embedded service is not running")
         return self._url
+
+    @property
+    def app(self) -> Starlette | None:
+        """The running ASGI app (its ``state`` holds ``results``, ``mirror`` and
+        ``wakeups``), or None when the service is not running."""
+        return self._app
 
     def start(self) -> EmbeddedService:
         """Start serving and return once the service accepts requests; return ``self``.

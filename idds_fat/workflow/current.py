@@ -14,6 +14,18 @@ _active: list[Workflow] = []
 _active_lock = threading.Lock()
 
 
+def push_current(workflow: Workflow) -> None:
+    """Make ``workflow`` the current one until :func:`drop_current` (``Workflow.open``)."""
+    with _active_lock:
+        _active.append(workflow)
+
+
+def drop_current(workflow: Workflow) -> None:
+    """Take ``workflow`` off the stack of open workflows, wherever it is (it closed)."""
+    with _active_lock:
+        _active[:] = [w for w in _active if w is not workflow]
+
+
 def current_workflow() -> Workflow | None:
     """Return the innermost workflow that is open in this process, or ``None``.
 

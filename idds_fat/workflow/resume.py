@@ -1,8 +1,13 @@
-"""Reconnecting to a workflow whose caller went away: ``Workflow.attach``."""
+"""Reconnecting to a workflow whose caller went away: what ``Workflow.attach`` does.
+
+``find_workflow`` finds its directory and record; ``resume`` reopens its parts
+(:class:`~idds_fat.workflow.parts.WorkflowParts`), books its tasks again in the
+job tracker from their specs, catches up on the results stored meanwhile, and
+hands the unfinished jobs back to the backend.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -10,13 +15,10 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idds_fat.backends import JobExit, Resources
-from idds_fat.config import load_config
-from idds_fat.errors import IddsFatError, ServiceError
-from idds_fat.results import AsyncResult
-from idds_fat.serialize import loads, open_envelope
+from idds_fat.backends import JobExit, JobRequest
+from idds_fat.config import Config, load_config
+from idds_fat.errors import IddsFatError
 from idds_fat.workflow.state import WorkflowState
-from idds_fat.workflow.workdir import _write_private
 
 if TYPE_CHECKING:
     from idds_fat.workflow.runtime import Workflow
@@ -43,15 +45,22 @@ def _refuse_if_followed(workflow_dir: Path) -> None:
     )
 
 
-def attach(
-    cls: type[Workflow],
+def find_workflow(
     workflow_id: str,
     *,
     work_dir: str | os.PathLike | None = None,
     force: bool = False,
     **settings: Any,
-) -> Workflow:
-    """Do what :meth:`Workflow.attach` documents (``cls`` is the class to build)."""
+) -> tuple[Path, Config, dict[str, Any]]:
+    """Find the workflow ``workflow_id`` (or a unique prefix) to attach to.
+
+    Returns its directory, the configuration to attach with (``settings`` over
+    the backend and broker it recorded) and its record (``name``, ``settings``).
+
+    Raises:
+        IddsFatError: no such workflow or several, its state is unreadable, or the
+            process following it is still alive here (unless ``force``).
+    """
     config = load_config(work_dir=work_dir, **settings)
     root = config.work_dir / "workflows"
     matches = sorted(p for p in root.glob(f"{workflow_id}*") if p.is_dir())
@@ -73,93 +82,60 @@ def attach(
     config = config.replace(backend=settings.get("backend") or recorded.get("backend"))
     if recorded.get("broker") and "broker" not in settings:
         config = config.replace(broker=recorded["broker"])
-    wf = cls(record["name"], config=config, **recorded.get("placement", {}))
-    wf.resources = Resources(**recorded.get("resources", {}))
-    with wf._lock:
-        try:
-            _resume(wf, workflow_dir)
-        except BaseException:
-            wf._stop_parts()
-            raise
-        wf._started = True
-    return wf
+    return workflow_dir, config, record
 
 
-def _resume(workflow: Workflow, workflow_dir: Path) -> None:
-    workflow.id = workflow_dir.name
-    workflow.work_dir = workflow_dir
-    workflow._key = (workflow_dir / "hmac.key").read_bytes()
-    connection = json.loads((workflow_dir / "connection.json").read_text())
-    connection["caller"] = {"host": socket.gethostname(), "pid": os.getpid()}
-    _write_private(workflow_dir / "connection.json", json.dumps(connection).encode())
-    if connection["embedded"] and not workflow.config.service_url:
-        port = int(connection["service_url"].rsplit(":", 1)[1])
-        try:
-            workflow._start_embedded_service(connection["token"], port=port)
-        except (OSError, ServiceError) as exc:
-            # Jobs still running would not reach a service elsewhere; results
-            # already stored are read all the same.
-            logger.warning("port %d is taken (%s); starting on another", port, exc)
-            workflow._start_embedded_service(connection["token"], port=0)
-    else:
-        workflow.service_url = workflow.config.service_url or connection["service_url"]
-        workflow._token = workflow.config.token or connection["token"]
-    workflow._open_cache(connection["cache"])
-    workflow._state = WorkflowState(workflow_dir / "state.sqlite3")
-    workflow._state.set_workflow_status("running")
-    pending = _rebuild_futures(workflow)
-    workflow._start_channels()
-    workflow._collector.drain()  # settle what finished while nobody listened
-    workflow._start_backend()
-    running = [(workflow._jobs[j], ref) for j, ref in pending if ref]
-    never_started = [workflow._jobs[j] for j, ref in pending if not ref]
+def resume(workflow: Workflow, workflow_dir: Path) -> None:
+    """Make ``workflow`` (new, not started) follow the one recorded in ``workflow_dir``.
+
+    Reopens its parts, rebuilds every task's futures from their specs, settles
+    the results that arrived meanwhile, watches the jobs still running and runs
+    the jobs that never started.
+
+    Raises:
+        ServiceError: its service cannot be reached or started.
+        OSError: its work dir cannot be read.
+    """
+    parts = workflow.parts
+    parts.reopen(workflow_dir)
+    pending = _rebuild_tasks(workflow)
+    parts.start(workflow.tracker, catch_up=True)
+    assert parts.backend is not None
+    running = [(job, ref) for job, ref in pending if ref]
+    never_started = [job for job, ref in pending if not ref]
     if running:
-        workflow._backend.adopt(running)
+        parts.backend.adopt(running)
     if never_started:
-        workflow._backend.submit(never_started)
+        parts.backend.submit(never_started)
     logger.info(
         "attached to %s: %d jobs running, %d started again",
-        workflow.id,
+        parts.workflow_id,
         len(running),
         len(never_started),
     )
 
 
-def _rebuild_futures(workflow: Workflow) -> list[tuple[str, str | None]]:
-    """Recreate every job's future from its spec; return unfinished (job id, ref)."""
-    assert workflow._state is not None and workflow._cache is not None
+def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
+    """Book every recorded task again from its jobs' specs; return the unfinished
+    jobs with the backend's reference to each (None: it never started)."""
+    parts, specs, tracker = workflow.parts, workflow.specs, workflow.tracker
+    assert parts.state is not None
     pending = []
-    for task_id, task_name, jobs in workflow._state.tasks():
-        futures = []
-        for index, name, spec_key, status, returncode, ref in jobs:
-            spec = json.loads(workflow._cache.get(spec_key))
-            kwargs = _job_kwargs(workflow, spec)
-            request = workflow._job_request(task_id, index, name, spec_key, workflow.resources)
-            job_id = request.job_id
-            future = AsyncResult(
-                task_id, index, kwargs, name=request.name, canceller=workflow._cancel_future
-            )
-            workflow._futures[(task_id, index)] = future
-            workflow._jobs[job_id] = request
-            futures.append(future)
+    for task_id, task_name, jobs in parts.state.tasks():
+        requests, futures = [], []
+        for index, name, spec_key, _status, _returncode, _ref in jobs:
+            request = specs.request(task_id, index, name, spec_key, workflow.resources)
+            kwargs = specs.job_kwargs(specs.read(request))
+            requests.append(request)
+            futures.append(tracker.new_future(task_id, index, kwargs, request.name))
+        tracker.add_task(task_id, task_name, futures, requests, restored=True)
+        for (*_, status, returncode, ref), request, future in zip(
+            jobs, requests, futures, strict=True
+        ):
             if status == "cancelled":
                 future.mark_cancelled()
             elif status == "lost":
-                workflow._lose(request, JobExit(returncode, "lost before the caller went away"))
+                tracker.lose(request, JobExit(returncode, "lost before the caller went away"))
             elif status in ("queued", "running"):
-                pending.append((job_id, ref))
-        workflow._tasks[task_id] = futures
-        workflow._task_names[task_id] = task_name
-        workflow._task_count += 1
+                pending.append((request, ref))
     return pending
-
-
-def _job_kwargs(workflow: Workflow, spec: dict[str, Any]) -> dict[str, Any] | None:
-    entry = spec.get("kwargs")
-    if not entry:
-        return None
-    if "inline" in entry:
-        raw = base64.b64decode(entry["inline"])
-    else:
-        raw = workflow._cache.get(entry["key"])
-    return loads(open_envelope(raw, workflow._key)[1])

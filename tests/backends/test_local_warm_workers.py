@@ -128,7 +128,7 @@ def test_without_direct_results_warm_jobs_deliver_over_rest():
 def test_cold_jobs_leave_their_results_in_a_file_for_a_live_caller():
     with Workflow(max_workers=2, local_mode="cold", progress=False) as wf:
         values = whoami.map([{"x": i} for i in range(3)]).results()
-        job_dirs = [request.workdir for request in wf._jobs.values()]
+        job_dirs = [request.workdir for request in wf.tracker.requests()]
     assert [x for _, x in values] == [0, 1, 2]
     assert wf.stats["local"] == 3 and wf.stats["rest"] == 0
     assert not any((d / "result.reply").exists() for d in job_dirs)  # read and removed

@@ -41,7 +41,7 @@ def block_until(path, value=None, timeout=120):
 
 
 def _slurm_ids(wf, futures):
-    return [wf._backend._where[f"{f.task_id}/{f.job}"] for f in futures]
+    return [wf.parts.backend._where[f"{f.task_id}/{f.job}"] for f in futures]
 
 
 def test_hpo_example_loop_runs_on_slurm(slurm_env):
@@ -83,7 +83,7 @@ def test_resources_show_up_in_scontrol(slurm_env, tmp_path):
     sized = work(cores=1, memory_mb=200, walltime=150)(block_until.fn)
     with Workflow(**_settings()) as wf:
         future = sized.submit(str(gate), "sized")
-        wait_until(lambda: future.job is not None and wf._backend._where, what="submission")
+        wait_until(lambda: future.job is not None and wf.parts.backend._where, what="submission")
         array, index = _slurm_ids(wf, [future])[0]
         shown = subprocess.run(
             ["scontrol", "show", "job", "-o", f"{array}_{index}"],
@@ -102,7 +102,7 @@ def test_resources_show_up_in_scontrol(slurm_env, tmp_path):
 def test_cancelling_a_task_scancels_every_element(slurm_env, tmp_path):
     with Workflow(**_settings()) as wf:
         results = block_until.map([{"path": str(tmp_path / "never")} for _ in range(3)])
-        wait_until(lambda: len(wf._backend._live) == 3, what="submission")
+        wait_until(lambda: len(wf.parts.backend._live) == 3, what="submission")
         ids = _slurm_ids(wf, results.futures)
         assert results.cancel() == 3
 
@@ -136,7 +136,7 @@ def test_jobs_per_worker_packs_jobs_into_array_elements(slurm_env):
         results = packed.map([{"i": i} for i in range(7)])
         results.wait(timeout=120)
         elements = _slurm_ids(wf, results.futures)
-        job_dirs = [wf._jobs[f"{f.task_id}/{f.job}"].workdir for f in results.futures]
+        job_dirs = [wf.tracker.request(f"{f.task_id}/{f.job}").workdir for f in results.futures]
     assert [index for _, index in elements] == [0, 0, 0, 1, 1, 1, 2]
     assert len({array for array, _ in elements}) == 1  # one sbatch for the task
     values = {i: results[i] for i in (0, 1, 2, 3, 5, 6)}

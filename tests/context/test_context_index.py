@@ -70,8 +70,9 @@ def test_a_second_workflow_on_the_same_tree_reuses_the_archive(tmp_path):
         assert read_helper() == "first"
     with Workflow(source_dir=source, progress=False) as second:
         assert read_helper() == "first"
-    assert first._archive.data is not None
-    assert second._archive.data is None and second._archive.sha256 == first._archive.sha256
+    assert first.parts.archive.data is not None
+    assert second.parts.archive.data is None
+    assert second.parts.archive.sha256 == first.parts.archive.sha256
 
 
 def test_an_index_hit_for_an_archive_the_cache_lacks_packs_it_again(tmp_path):
@@ -81,4 +82,4 @@ def test_an_index_hit_for_an_archive_the_cache_lacks_packs_it_again(tmp_path):
     # Same work dir (so the same index), another cache that never saw the archive.
     with Workflow(source_dir=source, cache=str(tmp_path / "cache-b"), progress=False) as wf:
         assert read_helper() == "first"
-    assert wf._archive.data is not None
+    assert wf.parts.archive.data is not None

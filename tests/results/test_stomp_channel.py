@@ -40,10 +40,10 @@ def _broker_settings(running_broker, **extra):
 
 def test_results_arrive_over_stomp_and_are_mirrored(activemq):
     with Workflow(**_broker_settings(activemq)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         results = plus_one.map([{"x": i} for i in range(20)])
         assert results.results(timeout=60) == list(range(1, 21))
-        mirror = wf._service._app.state.mirror
+        mirror = wf.parts.service.app.state.mirror
         wait_until(lambda: mirror.stored == 20, what="mirror copies")
     assert wf.stats["received"] == 20
     assert wf.stats["stomp"] >= 1
@@ -54,7 +54,7 @@ def test_broker_killed_mid_map_every_result_arrives_once_via_rest(activemq_facto
     broker = activemq_factory()
     n = 200
     with Workflow(**_broker_settings(broker)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         results = plus_one.map([{"x": i} for i in range(n)])
         arrived = 0
         for _ in results.as_completed(timeout=300):
@@ -90,9 +90,9 @@ def test_map_started_with_broker_down_moves_to_stomp_when_it_returns(activemq_fa
         for _ in results.as_completed(timeout=300):
             arrived += 1
             if arrived == 20:
-                assert not wf._subscriber.up
+                assert not wf.parts.subscriber.up
                 broker.start()
-                wait_until(lambda: wf._subscriber.up, what="subscription after the restart")
+                wait_until(lambda: wf.parts.subscriber.up, what="subscription after the restart")
                 gate.touch()
         values = results.results()
     assert values == list(range(1, n + 1))
@@ -105,7 +105,7 @@ def test_forged_result_from_a_broker_user_is_rejected_and_the_real_one_wins(acti
     import stomp
 
     with Workflow(**_broker_settings(activemq)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         forged = seal(
             {
                 "kind": "result",
@@ -132,7 +132,7 @@ def test_forged_result_from_a_broker_user_is_rejected_and_the_real_one_wins(acti
 def test_wrong_broker_password_falls_back_to_rest(activemq):
     with Workflow(**_broker_settings(activemq, broker_password="wrong")) as wf:
         assert plus_one(1) == 2
-        assert not wf._subscriber.up
+        assert not wf.parts.subscriber.up
     assert wf.stats["rest"] == 1 and wf.stats["stomp"] == 0
 
 
@@ -140,7 +140,7 @@ def test_failover_list_skips_a_dead_broker(activemq):
     dead = f"127.0.0.1:{_free_port()}"
     url = activemq.url.replace("stomp://", f"stomp://{dead},")
     with Workflow(**_broker_settings(activemq, broker=url)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         assert plus_one.map([{"x": i} for i in range(5)]).results(timeout=60) == [1, 2, 3, 4, 5]
     assert wf.stats["stomp"] >= 1
 
@@ -172,7 +172,7 @@ def test_result_of_50_mb_travels_by_reference(activemq):
         return bytes(range(256)) * (50 * 1024 * 1024 // 256)
 
     with Workflow(**_broker_settings(activemq)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         value = big()
     assert len(value) == 50 * 1024 * 1024
     expected = hashlib.sha256(bytes(range(256)) * (50 * 1024 * 1024 // 256)).hexdigest()
@@ -185,10 +185,10 @@ def test_heartbeats_detect_a_frozen_broker_and_rest_takes_over(activemq_factory)
 
     broker = activemq_factory()
     with Workflow(**_broker_settings(broker, broker_heartbeat_ms=500, broker_timeout=1.0)) as wf:
-        wait_until(lambda: wf._subscriber.up, what="subscription")
+        wait_until(lambda: wf.parts.subscriber.up, what="subscription")
         os.kill(broker.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: not wf._subscriber.up, timeout=30, what="heart-beat timeout")
+            wait_until(lambda: not wf.parts.subscriber.up, timeout=30, what="heart-beat timeout")
             assert plus_one(1) == 2
         finally:
             os.kill(broker.pid, signal.SIGCONT)

@@ -34,7 +34,7 @@ def test_standalone_service_mirrors_every_workflow_through_a_wildcard(activemq, 
         settings.update(broker_user=USER, broker_password=PASSWORD)
         with Workflow(**settings) as wf:
             deadline = time.monotonic() + 30
-            while not wf._subscriber.up:
+            while not wf.parts.subscriber.up:
                 assert time.monotonic() < deadline, "caller never subscribed"
                 time.sleep(0.01)
             assert square.map([{"x": i} for i in range(10)]).results(timeout=60) == [

@@ -90,22 +90,15 @@ def test_attached_workflow_reports_a_job_that_died_meanwhile(tmp_path):
         open(path, "w").write(str(os.getpid()))
         time.sleep(600)
 
-    wf = Workflow(max_workers=2).start()
-    from idds_fat.workflow import runtime
-
-    with runtime._active_lock:
-        runtime._active.append(wf)
+    wf = Workflow(max_workers=2).open()
     future = dies_later.submit(str(pid_file))
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     job_pid = int(pid_file.read_text())
-    # Simulate the caller vanishing: stop its parts without telling the backend.
-    wf._stop_parts()
-    with runtime._active_lock:
-        runtime._active.remove(wf)
-    wf._closed = True
+    # The caller stops following, as if it had died: the job runs on, watched by nobody.
+    wf.detach()
     assert not future.done()
 
     attached = Workflow.attach(wf.id)

@@ -22,8 +22,8 @@ from idds_fat import (
     current_workflow,
     work,
 )
+from idds_fat.workflow import options as options_module
 from idds_fat.workflow import require_workflow
-from idds_fat.workflow import runtime as runtime_module
 
 
 @work
@@ -179,7 +179,7 @@ def test_work_dir_comes_from_configuration(isolated_settings):
 
 
 def test_idds_parameters_are_accepted_and_unused_ones_warned_once(monkeypatch):
-    monkeypatch.setattr(runtime_module, "_warned", set())
+    monkeypatch.setattr(options_module, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):

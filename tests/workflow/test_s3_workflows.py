@@ -51,7 +51,7 @@ def test_jobs_read_context_and_payload_through_presigned_urls(s3_cache, tmp_path
     (source / "data.txt").write_text("from s3")
     read = work(lambda suffix: open("data.txt").read() + suffix)
     with Workflow(cache=s3_cache, source_dir=source) as wf:
-        assert wf._cache.location == s3_cache
+        assert wf.parts.cache.location == s3_cache
         assert read.map([{"suffix": "!"}, {"suffix": "?"}]).results(timeout=60) == [
             "from s3!",
             "from s3?",
@@ -62,10 +62,10 @@ def test_the_wrapper_needs_no_credentials_on_the_node(s3_cache):
     with Workflow(cache=s3_cache) as wf:
         future = work(lambda: 41 + 1).submit()
         assert future.result(timeout=60) == 42
-        spec_url = wf._jobs["t0001/0"].spec_location
+        spec_url = wf.tracker.request("t0001/0").spec_location
         assert "X-Amz-Signature" in spec_url or "Signature" in spec_url
         # Run the same job again by hand with an environment holding no AWS anything.
-        secrets = {"hmac_key": wf._key.hex(), "token": wf._token}
+        secrets = {"hmac_key": wf.parts.key.hex(), "token": wf.parts.token}
         env = {"PATH": os.environ["PATH"], "IDDS_FAT_JOB_SECRETS": json.dumps(secrets)}
         done = subprocess.run(
             [sys.executable, str(wrapper_path()), "--spec", spec_url],
@@ -76,7 +76,7 @@ def test_the_wrapper_needs_no_credentials_on_the_node(s3_cache):
             timeout=120,
         )
         assert done.returncode == 0, done.stderr
-        wf._collector.drain()  # the wrapper exited after the store took its result
+        wf.parts.collector.drain()  # the wrapper exited after the store took its result
         assert wf.stats["duplicates"] >= 1 and wf.stats["received"] == 1
 
 
@@ -91,12 +91,12 @@ def test_a_200_mb_argument_shared_by_20_jobs_is_put_once(s3_cache):
         return i, hashlib.sha256(blob).hexdigest()
 
     with Workflow(cache=s3_cache, max_argument_bytes=300 * MB) as wf:
-        uploads = _count_uploads(wf._cache)
+        uploads = _count_uploads(wf.parts.cache)
         results = check(shared, multi_jobs_kwargs_list=[{"i": i} for i in range(20)])
         assert [results[i] for i in range(20)] == [(i, digest) for i in range(20)]
     big = [k for k in uploads if "/named/" not in k]
     sizes = {
-        k: wf._cache.client.head_object(Bucket=s3_cache.split("/")[2], Key=k)["ContentLength"]
+        k: wf.parts.cache.client.head_object(Bucket=s3_cache.split("/")[2], Key=k)["ContentLength"]
         for k in big
     }
     assert sum(1 for size in sizes.values() if size > 100 * MB) == 1  # the payload, once
@@ -110,7 +110,7 @@ def test_a_100_mb_result_travels_by_reference_and_is_fetched_lazily(s3_cache):
     with Workflow(cache=s3_cache) as wf:
         future = big.submit()
         value = future.result(timeout=120)
-        store = wf._cache
+        store = wf.parts.cache
     assert len(value) == 100 * MB
     assert (
         hashlib.sha256(value).digest()
@@ -128,7 +128,7 @@ def test_a_tampered_large_result_is_refused_when_used(s3_cache):
     with Workflow(cache=s3_cache) as wf:
         future = big.submit()
         future.exception(timeout=60)  # done, without touching the value yet
-        store = wf._cache
+        store = wf.parts.cache
         (name,) = [
             o["Key"]
             for o in store.client.list_objects_v2(Bucket=store.bucket)["Contents"]

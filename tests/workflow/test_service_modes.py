@@ -19,11 +19,11 @@ def test_http_cache_serves_wrapper_objects_and_specs_with_a_token(tmp_path):
     (source / "data.txt").write_text("via http")
     read = work(lambda: open("data.txt").read())
     with Workflow(cache="service", source_dir=source) as wf:
-        assert wf._cache.location.startswith("http://127.0.0.1:")
+        assert wf.parts.cache.location.startswith("http://127.0.0.1:")
         assert read() == "via http"
         assert double.map([{"x": i} for i in range(3)]).results(timeout=60) == [0, 2, 4]
     spec_lines = (wf.work_dir / "state.sqlite3").read_bytes()
-    assert wf._token.encode() not in spec_lines
+    assert wf.parts.token.encode() not in spec_lines
 
 
 def test_workflow_uses_a_running_service_given_by_url_and_token(tmp_path):
@@ -34,4 +34,4 @@ def test_workflow_uses_a_running_service_given_by_url_and_token(tmp_path):
         # The service keeps the result after the workflow closed.
         with Workflow(service_url=service.url, token="wrong") as bad:
             with pytest.raises(Exception, match="401|unauthor|Unauthor"):
-                bad._collector.drain()
+                bad.parts.collector.drain()

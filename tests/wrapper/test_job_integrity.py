@@ -36,7 +36,7 @@ def test_tampered_archive_fails_the_job_with_integrity_error(tmp_path):
     source.mkdir()
     (source / "data.txt").write_text("genuine")
     with Workflow(source_dir=source) as wf:
-        archive = _cached(wf, wf._archive.sha256)
+        archive = _cached(wf, wf.parts.archive.sha256)
         tampered = bytearray(archive.read_bytes())
         tampered[len(tampered) // 2] ^= 0xFF
         archive.write_bytes(bytes(tampered))
@@ -65,7 +65,7 @@ def test_forged_result_is_rejected_counted_and_the_real_one_still_arrives():
         response = requests.post(
             f"{wf.service_url}/results/{wf.id}",
             data=forged,
-            headers={"Authorization": f"Bearer {wf._token}"},
+            headers={"Authorization": f"Bearer {wf.parts.token}"},
             timeout=10,
         )
         assert response.status_code == 201
@@ -84,11 +84,11 @@ def test_results_delivered_twice_reach_the_user_once():
         # Replay the stored envelope as a second delivery (e.g. REST after STOMP).
         stored = requests.get(
             f"{wf.service_url}/results/{wf.id}",
-            headers={"Authorization": f"Bearer {wf._token}"},
+            headers={"Authorization": f"Bearer {wf.parts.token}"},
             timeout=10,
         ).json()["results"][0]["envelope"]
         envelope = base64.b64decode(stored)
-        wf._collector.accept(envelope)
+        wf.parts.collector.accept(envelope)
         assert wf.stats == {
             "received": 1,
             "duplicates": 1,

@@ -1,0 +1,321 @@
+"""The parts a running workflow has: service, cache, state record, result channels, backend.
+
+A new workflow creates them (:meth:`WorkflowParts.create`), one attached to
+later reopens them from its work dir (:meth:`WorkflowParts.reopen`); both then
+start listening and the backend (:meth:`WorkflowParts.start`), and
+:meth:`WorkflowParts.stop` stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from idds_fat.backends import BACKENDS, Backend, BackendSetup
+from idds_fat.cache import ContentStore, DirectoryStore, HttpStore, open_store
+from idds_fat.context import ContextArchive, build_context_archive
+from idds_fat.errors import ServiceError
+from idds_fat.results import RestResultSource, ResultCollector
+from idds_fat.results.stomp import StompResultSubscriber
+from idds_fat.workflow.deadlines import Deadlines
+from idds_fat.workflow.specs import node_location, presigns
+from idds_fat.workflow.state import WorkflowState
+from idds_fat.workflow.workdir import _slug, _write_private
+from idds_fat.wrapper_source import wrapper_bytes
+
+if TYPE_CHECKING:
+    from idds_fat.monitor.steering import Attach
+    from idds_fat.service import EmbeddedService
+    from idds_fat.workflow.options import WorkflowOptions
+    from idds_fat.workflow.tracker import JobTracker
+
+logger = logging.getLogger(__name__)
+
+
+def _caller() -> dict[str, Any]:
+    """Who follows the workflow now: ``attach`` refuses while this process lives."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+class WorkflowParts:
+    """The parts one workflow runs, and its identity; all empty until it starts.
+
+    Attributes:
+        workflow_id: the workflow's id (``""`` until it starts).
+        work_dir: its directory (logs, state, key); None until it starts.
+        key: the HMAC key that signs its payloads and results.
+        token: the bearer token of its service.
+        service_url: the base URL of its service (embedded or given).
+        service: the embedded service, when this process runs it.
+        archive: the packed code context, when there is a ``source_dir``.
+        cache: the content store that objects travel through.
+        state: its state record (``state.sqlite3``), read by ``attach`` and the monitor.
+        collector: receives, verifies and dedupes its results.
+        subscriber: its STOMP subscription, when a broker is configured.
+        deadlines: runs the checks due after a job ended (result grace periods).
+        backend: runs its jobs.
+    """
+
+    def __init__(self, options: WorkflowOptions, attach: Attach) -> None:
+        self.options = options
+        self._attach = attach  # for the monitoring page of the embedded service
+        self.workflow_id = ""
+        self.work_dir: Path | None = None
+        self.key = b""
+        self.token: str | None = None
+        self.service_url = ""
+        self.service: EmbeddedService | None = None
+        self.archive: ContextArchive | None = None
+        self.cache: ContentStore | None = None
+        self.state: WorkflowState | None = None
+        self.collector: ResultCollector | None = None
+        self.subscriber: StompResultSubscriber | None = None
+        self.deadlines: Deadlines | None = None
+        self.backend: Backend | None = None
+
+    def create(self, name: str) -> None:
+        """Create a new workflow named ``name``: its id, work dir and key, its packed
+        code context, its service (embedded unless one is configured), cache and
+        state record, and the connection file a later ``attach`` reads.
+
+        Raises:
+            ContextError: the code context cannot be packed.
+            ServiceError: the service cannot be reached or started.
+        """
+        options = self.options
+        config = options.config
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        self.workflow_id = f"{_slug(name)}-{stamp}-{secrets.token_hex(3)}"
+        self.work_dir = config.work_dir / "workflows" / self.workflow_id
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.key = secrets.token_bytes(32)
+        _write_private(self.work_dir / "hmac.key", self.key)
+        source_dir = options.source_dir
+        if source_dir is not None:
+            self.archive = build_context_archive(
+                source_dir,
+                options.exclude_source_files,
+                config.max_context_bytes,
+                index_dir=config.work_dir / "context-index",
+            )
+        if config.service_url:
+            self.service_url, self.token = config.service_url.rstrip("/"), config.token
+        else:
+            self._start_embedded_service(secrets.token_urlsafe(24), port=0)
+        cache = self._open_cache(config.cache)
+        if self.archive is not None and source_dir is not None:
+            if self.archive.data is None and not cache.exists(self.archive.sha256):
+                # Packed before, but not into this cache: pack it after all.
+                self.archive = build_context_archive(
+                    source_dir, options.exclude_source_files, config.max_context_bytes
+                )
+            if self.archive.data is not None:
+                cache.put(self.archive.data)
+        self.state = WorkflowState(self.work_dir / "state.sqlite3")
+        self.state.record_workflow(
+            self.workflow_id,
+            name,
+            {
+                "backend": config.backend,
+                "source_dir": str(source_dir) if source_dir else None,
+                "context_sha256": self.archive.sha256 if self.archive else None,
+                "service_url": self.service_url,
+                "cache": cache.location,
+                "broker": config.broker,
+                "resources": options.resources.__dict__,
+                "placement": options.placement,
+            },
+        )
+        # What a later attach() needs to reconnect; the token makes it private.
+        connection = {
+            "service_url": self.service_url,
+            "token": self.token,
+            "embedded": self.service is not None,
+            "cache": cache.location,
+            "caller": _caller(),
+        }
+        _write_private(self.work_dir / "connection.json", json.dumps(connection).encode())
+
+    def reopen(self, workflow_dir: Path) -> None:
+        """Reconnect to the workflow created earlier in ``workflow_dir``: take its key,
+        become its follower, restart its embedded service at the same address (so
+        its jobs can still deliver; elsewhere if that port is taken), and open its
+        cache and state record.
+
+        Raises:
+            OSError: its key or connection file cannot be read.
+            ServiceError: its service cannot be reached or started.
+        """
+        config = self.options.config
+        self.workflow_id = workflow_dir.name
+        self.work_dir = workflow_dir
+        self.key = (workflow_dir / "hmac.key").read_bytes()
+        connection = json.loads((workflow_dir / "connection.json").read_text())
+        connection["caller"] = _caller()
+        _write_private(workflow_dir / "connection.json", json.dumps(connection).encode())
+        if connection["embedded"] and not config.service_url:
+            port = int(connection["service_url"].rsplit(":", 1)[1])
+            try:
+                self._start_embedded_service(connection["token"], port=port)
+            except (OSError, ServiceError) as exc:
+                # Jobs still running would not reach a service elsewhere; results
+                # already stored are read all the same.
+                logger.warning("port %d is taken (%s); starting on another", port, exc)
+                self._start_embedded_service(connection["token"], port=0)
+        else:
+            self.service_url = config.service_url or connection["service_url"]
+            self.token = config.token or connection["token"]
+        self._open_cache(connection["cache"])
+        self.state = WorkflowState(workflow_dir / "state.sqlite3")
+        self.state.set_workflow_status("running")
+
+    def start(self, tracker: JobTracker, catch_up: bool = False) -> None:
+        """Start listening for results (handed to ``tracker``) and the backend (whose
+        job starts and ends go to ``tracker``). With ``catch_up``, settle the results
+        that arrived while nobody listened before the backend starts.
+
+        Raises:
+            ServiceError: ``catch_up`` could not read the result store.
+        """
+        self._start_channels(tracker)
+        if catch_up:
+            assert self.collector is not None
+            self.collector.drain()
+        self._start_backend(tracker)
+
+    def result_counts(self) -> dict[str, int]:
+        """Return the collector's counts: ``received``, ``duplicates``, ``rejected``, and
+        how many new results each channel (``stomp``, ``rest``, ``local``) brought first."""
+        c = self.collector
+        if c is None:
+            return {
+                "received": 0,
+                "duplicates": 0,
+                "rejected": 0,
+                "stomp": 0,
+                "rest": 0,
+                "local": 0,
+            }
+        return {
+            "received": c.received,
+            "duplicates": c.duplicates,
+            "rejected": c.rejected,
+            **c.by_channel,
+        }
+
+    def _start_embedded_service(self, token: str, port: int) -> None:
+        from idds_fat.monitor import monitor_routes
+        from idds_fat.service import EmbeddedService
+
+        config = self.options.config
+        self.token = token
+        self.service = EmbeddedService(
+            config.work_dir,
+            token,
+            config.result_ttl_days * 86400,
+            mirror=self.options.mirror_settings(self.workflow_id),
+            port=port,
+            routes=lambda guarded: monitor_routes(config.work_dir, guarded, self._attach),
+        )
+        self.service.start()
+        self.service_url = self.service.url
+
+    def _open_cache(self, location: str | None) -> ContentStore:
+        if location is None:
+            self.cache = DirectoryStore(self.options.config.work_dir / "cache")
+        elif location == "service":
+            self.cache = HttpStore(self.service_url + "/cache", self.token)
+        elif location.startswith("s3://"):
+            from idds_fat.cache.s3 import S3Store
+
+            self.cache = S3Store(location, url_lifetime=self.options.config.cache_url_lifetime)
+        else:
+            self.cache = open_store(location, self.token)
+        return self.cache
+
+    def _start_channels(self, tracker: JobTracker) -> None:
+        config = self.options.config
+        source = RestResultSource(self.service_url, self.workflow_id, self.token)
+        self.collector = ResultCollector(
+            source, self.workflow_id, self.key, tracker.dispatch, fetch_ref=self._fetch_result_ref
+        )
+        self.collector.start()
+        self.deadlines = Deadlines(f"idds-fat-deadlines-{self.workflow_id}")
+        if config.broker:
+            self.subscriber = StompResultSubscriber(
+                config.brokers,
+                self.options.result_queue(self.workflow_id),
+                on_message=self.collector.accept,
+                on_state=self.collector.stomp_state,
+                user=config.broker_user,
+                password=config.broker_password,
+                heartbeat_ms=config.broker_heartbeat_ms,
+            )
+            self.subscriber.start()
+
+    def _fetch_result_ref(self, ref: dict[str, Any]) -> bytes:
+        """Read the large result a verified reference names (by content key or by name)."""
+        assert self.cache is not None
+        if ref.get("ref_name"):
+            return self.cache.get_named(str(ref["ref_name"]))  # type: ignore[attr-defined]
+        return self.cache.get(str(ref["ref"]))
+
+    def _start_backend(self, tracker: JobTracker) -> None:
+        config, cache, work_dir = self.options.config, self.cache, self.work_dir
+        assert cache is not None and work_dir is not None
+        wrapper_key = cache.put(wrapper_bytes())
+        # A module name: jobs import it, so its bytecode is cached (launch_command).
+        wrapper_file = work_dir / f"wrapper_{wrapper_key[:16]}.py"
+        if not wrapper_file.exists():
+            wrapper_file.write_bytes(cache.get(wrapper_key))
+        job_secrets = {
+            "hmac_key": self.key.hex(),
+            "token": self.token,
+            "broker_user": config.broker_user,
+            "broker_password": config.broker_password,
+        }
+        wrapper_url = None
+        if presigns(cache) or cache.location.startswith(("http://", "https://")):
+            wrapper_url = node_location(cache, wrapper_key)
+        setup = BackendSetup(
+            work_dir=work_dir,
+            wrapper_path=wrapper_file,
+            secrets=job_secrets,
+            on_exit=tracker.job_ended,
+            on_start=tracker.job_started,
+            wrapper_url=wrapper_url,
+            placement=self.options.placement,
+            # Straight back over the worker's pipe only when this caller keeps the
+            # REST copy itself; a broker, when configured, is what the user asked for.
+            direct_results=bool(
+                config.local_direct_results and self.service is not None and not config.broker
+            ),
+        )
+        self.backend = BACKENDS[config.backend].create(config, setup)
+
+    def stop(self) -> None:
+        """Stop what was started, in reverse (the backend is shut down by the caller
+        first: waiting for its jobs or not is the caller's choice). Safe to call on
+        parts that never started."""
+        if self.deadlines is not None:
+            self.deadlines.stop()
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        if self.collector is not None:
+            self.collector.stop(timeout=0.0)
+        if self.service is not None:
+            self.service.stop()
+        if self.collector is not None:
+            # The embedded service woke the long poll as it stopped; a remote one
+            # answers within the poll's wait, and the daemon thread then ends alone.
+            self.collector.stop(timeout=0.5)
+        if self.cache is not None:
+            self.cache.close()
+        if self.state is not None:
+            self.state.close()

@@ -1,0 +1,261 @@
+"""A workflow's job specs: built in one function, stored in the cache, read back by their key.
+
+A job spec is the JSON document a job's wrapper starts from (``--spec``): where
+the call, its arguments and the code context are in the cache, where to deliver
+the result, which environment to run in (docs/contracts.md). Its cache key
+travels on the job's :class:`JobRequest` (``spec_key``), so whoever runs a job
+again, or attaches to it, reads the spec back by that key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from idds_fat.backends import BACKENDS, JobRequest, Resources
+from idds_fat.cache import ContentStore
+from idds_fat.context.environment import (
+    EnvironmentSettings,
+    caller_versions,
+    environment_spec,
+    task_environment,
+)
+from idds_fat.serialize import loads, open_envelope, seal
+from idds_fat.wrapper_source import wrapper_module
+
+if TYPE_CHECKING:
+    from idds_fat.serialize.pickling import PickledCall
+    from idds_fat.workflow.options import WorkflowOptions
+    from idds_fat.workflow.parts import WorkflowParts
+
+#: Pickled job arguments up to this size travel inside the job spec, larger ones by key.
+INLINE_KWARGS_BYTES = 32 * 1024
+
+
+def presigns(cache: ContentStore) -> bool:
+    """Return whether ``cache`` hands out presigned URLs (S3): nodes then need no credentials."""
+    return hasattr(cache, "presigned_get")
+
+
+def node_location(cache: ContentStore, key: str) -> str:
+    """Return where a job reads cache object ``key``: a presigned URL on S3, else the cache path."""
+    if presigns(cache):
+        return cache.presigned_get(key)  # type: ignore[attr-defined]
+    return wrapper_module().cache_object_location(cache.location, key)
+
+
+def job_name(task_name: str, index: int) -> str:
+    """Return the readable name of job ``index`` of a task (``fn[3]``)."""
+    return f"{task_name}[{index}]"
+
+
+class JobSpecs:
+    """Builds, stores and reads back one workflow's job specs, and the requests that carry them.
+
+    It reads the running workflow's identity, cache and service from ``parts``,
+    so it is used once the workflow has started.
+    """
+
+    def __init__(self, options: WorkflowOptions, parts: WorkflowParts) -> None:
+        self._options = options
+        self._parts = parts
+
+    @property
+    def _cache(self) -> ContentStore:
+        assert self._parts.cache is not None, "the workflow has not started"
+        return self._parts.cache
+
+    def environment(
+        self, environment: Any = None, container_options: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Return the environment spec of a task's jobs: ``environment`` (default the
+        workflow's) with the iDDS ``container_options`` of the task or the workflow,
+        its archive (a packed environment) stored in the cache.
+
+        Raises:
+            ConfigError: a malformed environment.
+            ContextError: an environment archive cannot be read or packed.
+        """
+        options = self._options
+        config = options.config
+        return environment_spec(
+            task_environment(
+                environment,
+                container_options,
+                options.environment,
+                options.placement.get("container_options"),
+                "container_options" in BACKENDS[config.backend].supported_parameters,
+            ),
+            self._cache,
+            EnvironmentSettings(
+                config.env_cache_dir, config.container_runtime, config.container_run_options
+            ),
+        )
+
+    def store_task(
+        self,
+        task_id: str,
+        task_name: str,
+        call: PickledCall,
+        job_kwargs: Sequence[bytes | None],
+        environment: dict[str, Any],
+        init_env: str | None,
+        resources: Resources,
+    ) -> list[JobRequest]:
+        """Store a task's call and one spec per entry of ``job_kwargs`` (pickled
+        arguments, or None); return the jobs' requests in the same order.
+
+        Raises:
+            CacheError: the cache refused an object.
+        """
+        parts = self._parts
+        payload = seal(
+            {
+                "kind": "call",
+                "workflow": parts.workflow_id,
+                "task": task_id,
+                **caller_versions(),
+                "sources": call.sources,
+            },
+            call.body,
+            parts.key,
+        )
+        payload_key = self._cache.put(payload)
+        requests = []
+        for index, body in enumerate(job_kwargs):
+            kwargs = self._kwargs_entry(task_id, index, body)
+            spec = self.job_spec(
+                task_id, index, task_name, payload_key, kwargs, environment, init_env
+            )
+            requests.append(self.request(task_id, index, spec["name"], self.store(spec), resources))
+        return requests
+
+    def job_spec(
+        self,
+        task_id: str,
+        index: int,
+        task_name: str,
+        payload_key: str,
+        kwargs: dict[str, str] | None,
+        environment: dict[str, Any],
+        init_env: str | None,
+    ) -> dict[str, Any]:
+        """Return the spec of job ``index`` of a task, attempt 0: the one place a job spec is built.
+
+        ``kwargs`` says where its pickled arguments are (``{"inline": base64}``
+        or ``{"key": cache key}``; None: it has none of its own); ``environment``
+        is the task's environment spec; ``init_env`` (default: the workflow's)
+        a shell line the wrapper runs first.
+        """
+        parts, config = self._parts, self._options.config
+        archive = parts.archive
+        return {
+            "version": wrapper_module().WRAPPER_VERSION,
+            "workflow": parts.workflow_id,
+            "task": task_id,
+            "job": index,
+            "attempt": 0,
+            "name": job_name(task_name, index),
+            "cache": self._cache.location,
+            "archive": None
+            if archive is None
+            else {"key": archive.sha256, "max_bytes": config.max_context_bytes},
+            "payload": {"key": payload_key},
+            "kwargs": kwargs,
+            "result_url": f"{parts.service_url}/results/{parts.workflow_id}",
+            "stomp": self._options.stomp_spec(parts.workflow_id),
+            "result_inline_bytes": config.result_inline_bytes,
+            "publish_timeout": config.publish_timeout,
+            "environment": environment,
+            "init_env": init_env or self._options.placement.get("init_env"),
+        }
+
+    @staticmethod
+    def rows(task_name: str, requests: Sequence[JobRequest]) -> list[tuple[int, str, str]]:
+        """Return what the state record keeps of a task's jobs: (index, name, spec key)."""
+        return [(i, job_name(task_name, i), r.spec_key) for i, r in enumerate(requests)]
+
+    def _kwargs_entry(self, task_id: str, index: int, body: bytes | None) -> dict[str, str] | None:
+        if body is None:
+            return None
+        sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, self._parts.key)
+        if len(sealed) <= INLINE_KWARGS_BYTES:
+            return {"inline": base64.b64encode(sealed).decode()}
+        return {"key": self._cache.put(sealed)}
+
+    def store(self, spec: dict[str, Any]) -> str:
+        """Put ``spec`` in the cache (with presigned URLs on S3); return its key."""
+        self._add_node_urls(spec)
+        return self._cache.put(json.dumps(spec, sort_keys=True).encode())
+
+    def _add_node_urls(self, spec: dict[str, Any]) -> None:
+        """On S3, give the job presigned URLs: nodes have neither credentials nor boto3."""
+        cache = self._cache
+        if not presigns(cache):
+            return
+        keys = [spec["payload"]["key"]]
+        if spec.get("archive"):
+            keys.append(spec["archive"]["key"])
+        if spec["environment"].get("archive"):
+            keys.append(spec["environment"]["archive"]["key"])
+        if spec.get("kwargs") and "key" in spec["kwargs"]:
+            keys.append(spec["kwargs"]["key"])
+        spec["urls"] = {key: node_location(cache, key) for key in keys}
+        name = f"results/{spec['workflow']}/{spec['task']}/{spec['job']}.{spec['attempt']}"
+        spec["result_object"] = name
+        spec["result_put_url"] = cache.presigned_put(name)  # type: ignore[attr-defined]
+
+    def request(
+        self, task_id: str, index: int, name: str, spec_key: str, resources: Resources
+    ) -> JobRequest:
+        """Return what the backend is given to run job ``index`` of a task, named ``name``."""
+        parts = self._parts
+        assert parts.work_dir is not None, "the workflow has not started"
+        return JobRequest(
+            job_id=f"{task_id}/{index}",
+            name=f"{parts.workflow_id}/{task_id}/{name}",
+            spec_location=node_location(self._cache, spec_key),
+            workdir=parts.work_dir / "jobs" / task_id / str(index),
+            resources=resources,
+            spec_key=spec_key,
+        )
+
+    def read(self, job: JobRequest) -> dict[str, Any]:
+        """Return the spec ``job`` runs, read back from the cache.
+
+        Raises:
+            CacheError: the spec is not in the cache.
+        """
+        return json.loads(self._cache.get(job.spec_key))
+
+    def again(self, job: JobRequest, attempt: int) -> JobRequest:
+        """Store ``job``'s spec as ``attempt`` and return the request that runs it
+        (in a work dir of its own, next to the first one's)."""
+        spec = self.read(job)
+        spec["attempt"] = attempt
+        key = self.store(spec)
+        return JobRequest(
+            job_id=job.job_id,
+            name=f"{job.name}#{attempt}",
+            spec_location=node_location(self._cache, key),
+            workdir=job.workdir.with_name(f"{job.workdir.name}.{attempt}"),
+            resources=job.resources,
+            spec_key=key,
+        )
+
+    def job_kwargs(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """Return the keyword arguments a spec's job is called with (None: none of its own).
+
+        Raises:
+            IntegrityError: they are not signed with this workflow's key.
+        """
+        entry = spec.get("kwargs")
+        if not entry:
+            return None
+        if "inline" in entry:
+            raw = base64.b64decode(entry["inline"])
+        else:
+            raw = self._cache.get(entry["key"])
+        return loads(open_envelope(raw, self._parts.key)[1])
