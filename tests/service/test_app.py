@@ -44,7 +44,7 @@ def decoded(answer: dict) -> list[bytes]:
 
 
 def wait_for_waiting_reader(service: EmbeddedService, workflow: str) -> None:
-    wakeups = service._app.state.wakeups
+    wakeups = service.app.state.wakeups
     deadline = time.monotonic() + 10
     while not wakeups.waiting(workflow):
         assert time.monotonic() < deadline, "the long poll never started waiting"

@@ -25,7 +25,7 @@ def test_standalone_service_mirrors_every_workflow_through_a_wildcard(activemq, 
         "password": PASSWORD,
     }
     with EmbeddedService(tmp_path / "service", token="tok", mirror=mirror) as service:
-        mirrored = service._app.state.mirror
+        mirrored = service.app.state.mirror
         deadline = time.monotonic() + 30
         while not mirrored.up:
             assert time.monotonic() < deadline, "mirror never subscribed"
