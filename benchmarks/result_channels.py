@@ -34,15 +34,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import cloudpickle
 
 from idds_fat import Workflow
+from idds_fat.node.deliver import deliver
+from idds_fat.node.envelope import seal
+from idds_fat.node.spec import JobSpec
 from idds_fat.results import AsyncResult
 from idds_fat.testing import ActiveMQBroker
-from idds_fat.wrapper_source import wrapper_module
 
 TASK = "bench"
 USER, PASSWORD = "idds", "pw"
@@ -73,16 +74,20 @@ def _quantile(values: list[float], q: float) -> float:
 class Publisher:
     """Publishes results into one workflow the way a job does, and times their arrival."""
 
-    def __init__(self, wf: Workflow, w: ModuleType) -> None:
+    def __init__(self, wf: Workflow) -> None:
         self.wf = wf
-        self.w = w
-        self.spec: dict[str, Any] = {
-            "result_url": f"{wf.service_url}/results/{wf.id}",
-            "stomp": wf.options.stomp_spec(wf.id),
-            "result_inline_bytes": 1 << 20,
-            "publish_timeout": 30,
-            "cache": wf.parts.cache.location,  # type: ignore[union-attr]
-        }
+        # Only what delivery reads is real: no job runs on this spec.
+        self.spec = JobSpec(
+            workflow=wf.id,
+            task=TASK,
+            job=0,
+            cache=wf.parts.cache.location,  # type: ignore[union-attr]
+            payload={},
+            result_url=f"{wf.service_url}/results/{wf.id}",
+            publish_timeout=30,
+            stomp=wf.options.stomp_spec(wf.id),
+            result_inline_bytes=1 << 20,
+        )
         self.secrets: dict[str, Any] = {
             "key": wf.parts.key,
             "token": wf.parts.token,
@@ -127,11 +132,11 @@ class Publisher:
             "attempt": 0,
             "status": "ok",
         }
-        envelope = self.w.seal(
+        envelope = seal(
             header, cloudpickle.dumps(value if value is not None else job), self.wf.parts.key
         )
         slot["sent"] = time.perf_counter()
-        channel = self.w.deliver(envelope, self.spec, self.secrets)
+        channel = deliver(envelope, self.spec, self.secrets)
         slot["delivered"] = time.perf_counter()
         with self._lock:
             self.sent += 1
@@ -205,7 +210,7 @@ def measure_throughput(
 
 def run_channel(name: str, wf: Workflow, args: argparse.Namespace) -> ChannelResult:
     """Warm up, then measure latency and throughput through one open workflow."""
-    pub = Publisher(wf, wrapper_module())
+    pub = Publisher(wf)
     result = ChannelResult(name)
     measure_latency(pub, WARMUP)  # connections, imports, JIT in the broker
     result.latencies, result.publish_times = measure_latency(pub, args.latency_messages)

@@ -3,25 +3,24 @@
 Every exception the SDK raises on purpose derives from :class:`IddsFatError`, so
 ``except IddsFatError`` catches them all; a remote exception raised by the user's
 own function re-raises as its own type instead (see :class:`RemoteTraceback`).
+
+The errors a job can raise on its node (``IntegrityError``, ``UnsafeArchiveError``,
+``JobEnvironmentError``, ``InterpreterMismatchError``) and the root are defined
+in ``idds_fat.node.errors``, which must run without the SDK; they are the same
+classes here.
 """
 
 from __future__ import annotations
 
-
-class IddsFatError(Exception):
-    """Base class of the errors idds-fat raises itself."""
+from idds_fat.node.errors import IddsFatError as IddsFatError
+from idds_fat.node.errors import IntegrityError as IntegrityError
+from idds_fat.node.errors import InterpreterMismatchError as InterpreterMismatchError
+from idds_fat.node.errors import JobEnvironmentError as JobEnvironmentError
+from idds_fat.node.errors import UnsafeArchiveError as UnsafeArchiveError
 
 
 class ConfigError(IddsFatError, ValueError):
     """A setting is missing, unknown or has a value of the wrong kind."""
-
-
-class IntegrityError(IddsFatError):
-    """Bytes did not match their sha256 or HMAC: tampered, corrupted or forged."""
-
-
-class UnsafeArchiveError(IntegrityError):
-    """An archive tried to write outside its tree, hold a link, or expand too far."""
 
 
 class ArgumentError(IddsFatError, ValueError):
@@ -42,18 +41,6 @@ class ContextError(IddsFatError):
 
 class ContextTooLargeError(ContextError):
     """The code context is larger than its cap; the message lists the largest entries."""
-
-
-class JobEnvironmentError(IddsFatError):
-    """The job's environment (venv, conda, container, init_env) could not be built or entered."""
-
-
-class InterpreterMismatchError(JobEnvironmentError):
-    """The job's Python (major.minor) or cloudpickle differs from the caller's.
-
-    Raised before anything is unpickled; the message names both versions and
-    the environment the job ran in.
-    """
 
 
 class CacheError(IddsFatError):

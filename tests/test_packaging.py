@@ -1,16 +1,19 @@
-"""A plain (non-editable) install carries the wrapper inside the package."""
+"""A plain (non-editable) install carries what it needs inside the package."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from idds_fat.wrapper_source import wrapper_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_carries_the_wrapper_and_finds_it(tmp_path):
+def test_wheel_builds_the_same_wrapper_as_the_source_tree(tmp_path):
     subprocess.run(
         [
             sys.executable,
@@ -31,17 +34,16 @@ def test_wheel_carries_the_wrapper_and_finds_it(tmp_path):
     (wheel,) = tmp_path.glob("idds_fat-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert "idds_fat/_wrapper/wrapper.py" in names
-        assert (
-            archive.read("idds_fat/_wrapper/wrapper.py")
-            == (REPO / "wrapper/wrapper.py").read_bytes()
-        )
+        for source in sorted((REPO / "idds_fat/node").glob("*.py")):
+            assert f"idds_fat/node/{source.name}" in names
         archive.extractall(tmp_path / "site")
-    found = subprocess.run(
+    # Jobs get the wrapper built from the installed sources: the same bytes, so the same key.
+    built = subprocess.run(
         [
             sys.executable,
             "-c",
-            "from idds_fat.wrapper_source import wrapper_path; print(wrapper_path())",
+            "import hashlib, idds_fat.wrapper_source as w; "
+            "print(w.NODE_DIR); print(hashlib.sha256(w.wrapper_bytes()).hexdigest())",
         ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
@@ -50,7 +52,9 @@ def test_wheel_carries_the_wrapper_and_finds_it(tmp_path):
         check=True,
         timeout=60,
     )
-    assert found.stdout.strip() == str(tmp_path / "site/idds_fat/_wrapper/wrapper.py")
+    node_dir, key = built.stdout.split()
+    assert node_dir == str(tmp_path / "site/idds_fat/node")
+    assert key == hashlib.sha256(wrapper_bytes()).hexdigest()
 
 
 def test_wheel_carries_the_monitoring_page_files(tmp_path):

@@ -31,7 +31,8 @@ from idds_fat.backends.base import (
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
-from idds_fat.wrapper_source import launch_command, wrapper_module
+from idds_fat.node.spec import SECRETS_ENV
+from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class LocalBackend(Backend):
         and the GPUs of ``config.gpu_devices`` (else those ``nvidia-smi -L`` lists).
         """
         env = dict(os.environ)
-        env[wrapper_module().SECRETS_ENV] = json.dumps(dict(setup.secrets))
+        env[SECRETS_ENV] = json.dumps(dict(setup.secrets))
         gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
         return cls(
             python=config.python,

@@ -19,7 +19,8 @@ from idds_fat.backends.base import Backend, BackendSetup, JobExit, JobRequest, R
 from idds_fat.backends.watcher import WATCHER
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError
-from idds_fat.wrapper_source import launch_command, wrapper_module
+from idds_fat.node.spec import SECRETS_FILE_ENV
+from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class SlurmBackend(Backend):
         script = _SCRIPT.format(
             directives="\n".join(f"#SBATCH {d}" for d in directives),
             jobs_file=shlex.quote(str(jobs_file)),
-            secrets_env=wrapper_module().SECRETS_FILE_ENV,
+            secrets_env=SECRETS_FILE_ENV,
             secrets_file=shlex.quote(str(self._secrets_file)),
             launch=shlex.join(launch_command(self._python, self._wrapper)),
         )

@@ -12,7 +12,7 @@ default with ``Workflow(environment=...)``):
 
 Each becomes the ``environment`` object of the job spec (see ``docs/contracts.md``);
 tarballs go into the content cache by sha256 and travel like the code context.
-The wrapper applies the spec on the node (``enter_environment`` in ``wrapper.py``).
+The wrapper applies the spec on the node (``idds_fat.node.environments``).
 A string form is accepted too: ``"current"``, ``"venv:numpy==1.26 scipy"``,
 ``"venv:packed.tar.gz"``, ``"conda:NAME-OR-PATH"``, ``"container:IMAGE"``.
 """

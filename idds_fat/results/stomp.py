@@ -6,12 +6,12 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.node.deliver import StompEvents
 
 logger = logging.getLogger(__name__)
 
 
-class _Listener(wrapper_module().StompEvents):
+class _Listener(StompEvents):
     """The wrapper's STOMP event listener, plus message handling for one connection."""
 
     def __init__(self, subscriber: StompResultSubscriber, conn: object) -> None:

@@ -1,22 +1,17 @@
 """The signed envelope every pickled object travels in.
 
-The wire format is defined once, in the job wrapper (which must run alone on a
-node); this module is the SDK's face of it, raising the SDK's own errors.
+The wire format is defined once, in ``idds_fat.node.envelope`` (which jobs run
+too); this module is the SDK's face of it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from idds_fat.errors import IntegrityError
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.node.envelope import WRAPPER_VERSION, peek, unseal
+from idds_fat.node.envelope import seal as seal
 
-ENVELOPE_VERSION: int = wrapper_module().WRAPPER_VERSION
-
-
-def seal(header: dict[str, Any], body: bytes, key: bytes) -> bytes:
-    """Return ``body`` sealed with ``header``, its sha256 and an HMAC-SHA256 under ``key``."""
-    return wrapper_module().seal(header, body, key)
+ENVELOPE_VERSION: int = WRAPPER_VERSION
 
 
 def open_envelope(data: bytes, key: bytes) -> tuple[dict[str, Any], bytes]:
@@ -25,11 +20,7 @@ def open_envelope(data: bytes, key: bytes) -> tuple[dict[str, Any], bytes]:
     Raises:
         IntegrityError: malformed, signed with another key, or corrupted.
     """
-    w = wrapper_module()
-    try:
-        return w.unseal(data, key)
-    except w.IntegrityError as exc:
-        raise IntegrityError(str(exc)) from None
+    return unseal(data, key)
 
 
 def peek_header(data: bytes) -> dict[str, Any]:
@@ -38,4 +29,4 @@ def peek_header(data: bytes) -> dict[str, Any]:
     Raises:
         ValueError: ``data`` is not an envelope.
     """
-    return wrapper_module().peek(data)[0]
+    return peek(data)[0]

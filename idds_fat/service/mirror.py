@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from idds_fat.node.envelope import peek
 from idds_fat.results.stomp import StompResultSubscriber
 from idds_fat.service.result_store import ResultStore
-from idds_fat.wrapper_source import wrapper_module
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class BrokerMirror:
 
     def _keep(self, data: bytes) -> None:
         try:
-            workflow = str(wrapper_module().peek(data)[0]["workflow"])
+            workflow = str(peek(data)[0]["workflow"])
             self._store.add(workflow, data)
         except (ValueError, KeyError) as exc:
             self.dropped += 1

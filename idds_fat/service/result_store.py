@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.node.envelope import peek
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ResultStore:
             ValueError: ``envelope`` is not an envelope, or its header names
                 another workflow.
         """
-        header, _ = wrapper_module().peek(envelope)
+        header, _ = peek(envelope)
         if header.get("workflow") != workflow:
             raise ValueError(
                 f"envelope is for workflow {header.get('workflow')!r}, not {workflow!r}"

@@ -18,7 +18,7 @@ from idds_fat.context import (
     iter_context_files,
 )
 from idds_fat.errors import ContextError, ContextTooLargeError
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.node.extract import safe_extract
 
 TREE = {
     "main.py": "print('hello')\n",
@@ -111,7 +111,7 @@ def test_archive_round_trips_through_the_wrapper_extractor_keeping_the_executabl
     dest = tmp_path / "extracted"
     dest.mkdir()
 
-    written = wrapper_module().safe_extract(archive.data, dest, 10 * 1024 * 1024)
+    written = safe_extract(archive.data, dest, 10 * 1024 * 1024)
 
     assert written == archive.content_bytes
     extracted = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())

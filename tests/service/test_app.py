@@ -8,8 +8,8 @@ import pytest
 import requests
 
 from idds_fat.cache import content_key
+from idds_fat.node.envelope import seal
 from idds_fat.service import EmbeddedService
-from idds_fat.wrapper_source import wrapper_module
 
 TOKEN = "app-test-token"
 
@@ -17,7 +17,7 @@ TOKEN = "app-test-token"
 def envelope(workflow: str = "wf1", body: bytes = b"body", **header) -> bytes:
     fields = {"kind": "result", "workflow": workflow, "task": "t1", "job": 0, "attempt": 0}
     fields.update(status="ok", **header)
-    return wrapper_module().seal(fields, body, b"k" * 32)
+    return seal(fields, body, b"k" * 32)
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def test_identical_envelope_posted_twice_is_stored_once(service, http) -> None:
 
 
 def test_forged_envelope_for_same_job_is_still_stored(service, http) -> None:
-    forged = wrapper_module().seal(
+    forged = seal(
         {"kind": "result", "workflow": "wf1", "task": "t1", "job": 0, "attempt": 0},
         b"evil",
         b"attacker-key-xxxxxxxxxxxxxxxxxxx",

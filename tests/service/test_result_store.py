@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from idds_fat.node.envelope import seal
 from idds_fat.service import ResultStore
-from idds_fat.wrapper_source import wrapper_module
 
 KEY = b"k" * 32
 
@@ -12,7 +12,7 @@ KEY = b"k" * 32
 def envelope(workflow: str = "wf1", body: bytes = b"body", key: bytes = KEY, **header) -> bytes:
     fields = {"kind": "result", "workflow": workflow, "task": "t1", "job": 0, "attempt": 0}
     fields.update(status="ok", **header)
-    return wrapper_module().seal(fields, body, key)
+    return seal(fields, body, key)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from idds_fat import IntegrityError, Workflow, work, workflow
-from idds_fat.wrapper_source import wrapper_module, wrapper_path
+from idds_fat.node.errors import WrapperError
+from idds_fat.node.fetch import fetch
+from idds_fat.wrapper_source import wrapper_file
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MB = 1024 * 1024
@@ -68,7 +70,7 @@ def test_the_wrapper_needs_no_credentials_on_the_node(s3_cache):
         secrets = {"hmac_key": wf.parts.key.hex(), "token": wf.parts.token}
         env = {"PATH": os.environ["PATH"], "IDDS_FAT_JOB_SECRETS": json.dumps(secrets)}
         done = subprocess.run(
-            [sys.executable, str(wrapper_path()), "--spec", spec_url],
+            [sys.executable, str(wrapper_file(wf.work_dir)), "--spec", spec_url],
             env=env,
             cwd=wf.work_dir,
             capture_output=True,
@@ -162,9 +164,8 @@ def test_an_expired_presigned_url_is_a_clear_error_naming_it(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/bucket/ab/{'ab' * 32}?X-Amz-Signature=s3cr3t"
-        w = wrapper_module()
-        with pytest.raises(w.WrapperError) as info:
-            w.fetch(url, "ab" * 32, None, timeout=1)
+        with pytest.raises(WrapperError) as info:
+            fetch(url, "ab" * 32, None, timeout=1)
     finally:
         server.shutdown()
     message = str(info.value)

@@ -117,13 +117,13 @@ def test_wrapper_refuses_a_spec_whose_content_does_not_match_its_name(tmp_path):
     import subprocess
     import sys
 
-    from idds_fat.wrapper_source import wrapper_path
+    from idds_fat.wrapper_source import wrapper_file
 
     spec = tmp_path / ("0" * 64)
     spec.write_text(json.dumps({"workflow": "w"}))
     env = dict(os.environ, IDDS_FAT_JOB_SECRETS=json.dumps({"hmac_key": "ab" * 32}))
     done = subprocess.run(
-        [sys.executable, str(wrapper_path()), "--spec", str(spec)],
+        [sys.executable, str(wrapper_file(tmp_path)), "--spec", str(spec)],
         capture_output=True,
         text=True,
         env=env,
@@ -139,7 +139,8 @@ def test_wrapper_refuses_a_spec_whose_content_does_not_match_its_name(tmp_path):
     [[], ["--spec", "s", "--worker"], ["--jobs-file", "f"], ["--pack", "0"], ["--nope"], ["x"]],
 )
 def test_wrapper_refuses_a_bad_command_line_with_its_usage(argv, capsys):
-    from idds_fat.wrapper_source import wrapper_module
+    from idds_fat.node.errors import EXIT_UNREPORTED
+    from idds_fat.node.main import main
 
-    assert wrapper_module().main(argv) == wrapper_module().EXIT_UNREPORTED
+    assert main(argv) == EXIT_UNREPORTED
     assert capsys.readouterr().err.startswith("usage: wrapper.py --spec LOCATION")

@@ -8,9 +8,8 @@ import zipfile
 
 import pytest
 
-from idds_fat.wrapper_source import wrapper_module
-
-w = wrapper_module()
+from idds_fat.node.errors import UnsafeArchiveError
+from idds_fat.node.extract import safe_extract
 
 
 def _zip(entries: list[tuple[str, bytes, int]]) -> bytes:
@@ -31,7 +30,7 @@ def test_plain_archive_extracts_with_modes(tmp_path):
             ("run.sh", b"#!/bin/sh\n", stat.S_IFREG | 0o755),
         ]
     )
-    assert w.safe_extract(data, tmp_path, 10_000) == 16
+    assert safe_extract(data, tmp_path, 10_000) == 16
     assert (tmp_path / "pkg" / "mod.py").read_bytes() == b"x = 1\n"
     assert (tmp_path / "run.sh").stat().st_mode & 0o111
 
@@ -42,15 +41,15 @@ def test_plain_archive_extracts_with_modes(tmp_path):
 def test_path_traversal_is_refused(tmp_path, name):
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(w.UnsafeArchiveError, match="outside the tree"):
-        w.safe_extract(_zip([(name, b"boom", stat.S_IFREG | 0o644)]), dest, 10_000)
+    with pytest.raises(UnsafeArchiveError, match="outside the tree"):
+        safe_extract(_zip([(name, b"boom", stat.S_IFREG | 0o644)]), dest, 10_000)
     assert not (tmp_path / "evil.py").exists()
 
 
 def test_symlink_entry_is_refused(tmp_path):
     data = _zip([("link", b"/etc/passwd", stat.S_IFLNK | 0o777)])
-    with pytest.raises(w.UnsafeArchiveError, match="link"):
-        w.safe_extract(data, tmp_path, 10_000)
+    with pytest.raises(UnsafeArchiveError, match="link"):
+        safe_extract(data, tmp_path, 10_000)
     assert not (tmp_path / "link").exists()
 
 
@@ -59,24 +58,24 @@ def test_existing_symlink_in_destination_cannot_redirect_writes(tmp_path):
     dest.mkdir()
     outside.mkdir()
     (dest / "sub").symlink_to(outside)
-    with pytest.raises(w.UnsafeArchiveError, match="outside the tree"):
-        w.safe_extract(_zip([("sub/evil.py", b"x", stat.S_IFREG | 0o644)]), dest, 10_000)
+    with pytest.raises(UnsafeArchiveError, match="outside the tree"):
+        safe_extract(_zip([("sub/evil.py", b"x", stat.S_IFREG | 0o644)]), dest, 10_000)
     assert not (outside / "evil.py").exists()
 
 
 def test_zip_bomb_is_stopped_at_the_size_limit(tmp_path):
     data = _zip([("zeros", b"\0" * 5_000_000, stat.S_IFREG | 0o644)])
     assert len(data) < 10_000
-    with pytest.raises(w.UnsafeArchiveError, match="expands beyond"):
-        w.safe_extract(data, tmp_path, 1_000_000)
+    with pytest.raises(UnsafeArchiveError, match="expands beyond"):
+        safe_extract(data, tmp_path, 1_000_000)
 
 
 def test_too_many_entries_are_refused(tmp_path):
     data = _zip([(f"f{i}", b"", stat.S_IFREG | 0o644) for i in range(20)])
-    with pytest.raises(w.UnsafeArchiveError, match="entries"):
-        w.safe_extract(data, tmp_path, 10_000, max_files=10)
+    with pytest.raises(UnsafeArchiveError, match="entries"):
+        safe_extract(data, tmp_path, 10_000, max_files=10)
 
 
 def test_not_a_zip_is_refused(tmp_path):
-    with pytest.raises(w.UnsafeArchiveError, match="not a zip"):
-        w.safe_extract(b"definitely not a zip", tmp_path, 10_000)
+    with pytest.raises(UnsafeArchiveError, match="not a zip"):
+        safe_extract(b"definitely not a zip", tmp_path, 10_000)

@@ -1,0 +1,241 @@
+"""Running one job: fetch and verify its objects, extract its code, call, seal the outcome.
+
+A warm worker or a pack passes its ``WarmState``, which keeps verified objects
+and the extracted code context from one job to the next.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+from .envelope import seal, unseal
+from .environments import check_interpreter
+from .extract import safe_extract
+from .fetch import fetch_object
+from .spec import JobSpec
+
+
+def _pickler():
+    """cloudpickle when this interpreter has it; else pickle, enough to report why not."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return pickle
+    return cloudpickle
+
+
+def _error_body(exc: BaseException, tb_text: str) -> dict:
+    """Describe ``exc`` for the caller; include its pickle only if it round-trips."""
+    cloudpickle = _pickler()
+
+    pickled = None
+    try:
+        candidate = cloudpickle.dumps(exc)
+        pickle.loads(candidate)
+        pickled = candidate
+    except Exception:
+        pass
+    return {
+        "type": type(exc).__qualname__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "traceback": tb_text,
+        "pickled": pickled,
+    }
+
+
+class WarmState:
+    """What a warm worker keeps between jobs: verified cache objects and one code context.
+
+    Objects are content-addressed and checked against their sha256 when first
+    fetched, so reusing them is safe; they are kept up to ``max_bytes`` in
+    total, oldest dropped first. The code context of the last archive stays
+    extracted (and on ``sys.path``) until a job needs another one; files a job
+    writes into it are seen by the later jobs of this worker.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.objects: dict[str, bytes] = {}  # insertion order is age
+        self._size = 0
+        self._context: tuple[str, Path] | None = None
+
+    def remember(self, key: str, data: bytes) -> None:
+        """Keep ``data`` unless it would take more than a quarter of the budget."""
+        if len(data) > self.max_bytes // 4 or key in self.objects:
+            return
+        self.objects[key] = data
+        self._size += len(data)
+        while self._size > self.max_bytes:
+            self._size -= len(self.objects.pop(next(iter(self.objects))))
+
+    def context(self, archive: dict, get) -> Path:
+        """Return the extracted dir of ``archive``, extracting it if it is not the current one."""
+        import tempfile
+
+        if self._context is not None and self._context[0] == archive["key"]:
+            return self._context[1]
+        self.leave_context()
+        path = Path(tempfile.mkdtemp(prefix="context-", dir=self.root))
+        safe_extract(get(archive["key"]), path, int(archive["max_bytes"]))
+        self._context = (archive["key"], path)
+        return path
+
+    def leave_context(self) -> None:
+        """Forget the current code context: its modules, its ``sys.path`` entry, its files."""
+        import shutil
+
+        if self._context is None:
+            return
+        path = str(self._context[1])
+        # Another archive may hold modules of the same names: they must load afresh.
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(path + os.sep):
+                del sys.modules[name]
+        while path in sys.path:
+            sys.path.remove(path)
+        shutil.rmtree(path, ignore_errors=True)
+        self._context = None
+
+
+def _get_object(spec: JobSpec, secrets: dict, key: str, warm: WarmState | None) -> bytes:
+    """Fetch cache object ``key`` (verified by its sha256); a warm worker keeps it."""
+    if warm is not None and key in warm.objects:
+        return warm.objects[key]
+    data = fetch_object(spec, secrets, key)
+    if warm is not None:
+        warm.remember(key, data)
+    return data
+
+
+def _context_dir(spec: JobSpec, get, workdir: Path, warm: WarmState | None) -> Path:
+    """Extract the job's code context (once per archive in a warm worker); return its dir."""
+    archive = spec.archive
+    if not archive:
+        return workdir
+    if warm is not None:
+        return warm.context(archive, get)
+    import tempfile
+
+    context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
+    safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
+    return context_dir
+
+
+def install_sources(sources: dict | None) -> None:
+    """Give linecache the caller's source of the code pickled by value.
+
+    The call's header maps each file name to its text (the caller's module, the
+    ``__main__`` script, a notebook cell), so a traceback shows the user's lines
+    even where no such file exists. An entry with no mtime is never evicted.
+    """
+    import linecache
+
+    for name, text in (sources or {}).items():
+        linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
+
+
+def _run_function(
+    spec: JobSpec,
+    secrets: dict,
+    workdir: Path,
+    warm: WarmState | None,
+    setup_failure: Exception | None,
+) -> tuple[str, object]:
+    """Fetch, verify, extract and run; return ``(status, value_or_error_body)``."""
+    cloudpickle = _pickler()
+
+    key = secrets["key"]
+
+    def get(key_: str) -> bytes:
+        return _get_object(spec, secrets, key_, warm)
+
+    try:
+        if setup_failure is not None:
+            raise setup_failure
+        context_dir = _context_dir(spec, get, workdir, warm)
+        header, payload = unseal(get(spec.payload["key"]), key)
+        sources = header.get("sources")
+        check_interpreter(header, spec, cloudpickle)
+        fn, args, kwargs = cloudpickle.loads(payload)
+        job_kwargs = spec.kwargs
+        if job_kwargs:
+            raw = (
+                binascii.a2b_base64(job_kwargs["inline"])
+                if "inline" in job_kwargs
+                else get(job_kwargs["key"])
+            )
+            _, body = unseal(raw, key)
+            kwargs = {**kwargs, **cloudpickle.loads(body)}
+    except Exception as exc:
+        import traceback  # only failures need it: a job that works never pays the import
+
+        text = traceback.format_exc()
+        print(f"idds-fat wrapper: job setup failed:\n{text}", file=sys.stderr)
+        return "setup_error", _error_body(exc, text)
+
+    if str(context_dir) not in sys.path:
+        sys.path.insert(0, str(context_dir))
+    os.chdir(context_dir)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: B036 - SystemExit in user code is a result too
+        tb = exc.__traceback__
+        # Drop the wrapper's own frame: the user wants to see their function.
+        import traceback
+
+        # Only now: a job that works never pays for linecache's imports.
+        install_sources(sources)
+        text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
+        return "error", _error_body(exc, text)
+    finally:
+        os.chdir(workdir)
+    return "ok", value
+
+
+def run_job(
+    spec: JobSpec,
+    secrets: dict,
+    workdir: Path,
+    warm: WarmState | None = None,
+    setup_failure: Exception | None = None,
+) -> bytes:
+    """Run the job that ``spec`` describes; return its sealed result envelope.
+
+    ``warm`` is what a warm worker keeps between jobs; ``setup_failure`` (the
+    environment could not be entered) is reported as the job's setup error.
+    """
+    cloudpickle = _pickler()
+
+    started = time.time()
+    status, outcome = _run_function(spec, secrets, workdir, warm, setup_failure)
+    if status == "ok":
+        try:
+            body = cloudpickle.dumps(outcome)
+        except Exception as exc:
+            status = "error"
+            failure = TypeError(f"the function's return value could not be pickled: {exc}")
+            import traceback
+
+            body = cloudpickle.dumps(_error_body(failure, traceback.format_exc()))
+    else:
+        body = cloudpickle.dumps(outcome)
+    header = {
+        "kind": "result",
+        "workflow": spec.workflow,
+        "task": spec.task,
+        "job": spec.job,
+        "attempt": spec.attempt,
+        "status": status,
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+        "started": started,
+        "finished": time.time(),
+    }
+    return seal(header, body, secrets["key"])
