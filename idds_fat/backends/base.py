@@ -9,10 +9,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from idds_fat.errors import IddsFatError
+from idds_fat.workdir import JobPaths
+
 if TYPE_CHECKING:
     from idds_fat.config import Config
 
 logger = logging.getLogger(__name__)
+
+
+class TransientError(IddsFatError):
+    """A backend's call to its engine failed in a way worth trying again: a command
+    that timed out, a controller that was busy, an HTTP 5xx, 408 or 429.
+
+    Backends retry it with back-off and, once the attempts are spent, raise their
+    own error in its place (``SlurmError``, ``PandaUnavailableError``): it does not
+    reach the user. ``response`` is the HTTP response that was refused, if any.
+    """
+
+    def __init__(self, message: str, response: Any = None) -> None:
+        super().__init__(message)
+        self.response = response
 
 
 @dataclass(frozen=True)
@@ -70,14 +87,9 @@ class JobRequest:
     spec_key: str = ""
 
     @property
-    def stdout_path(self) -> Path:
-        """Where the job's stdout is kept."""
-        return self.workdir / "stdout.txt"
-
-    @property
-    def stderr_path(self) -> Path:
-        """Where the job's stderr is kept."""
-        return self.workdir / "stderr.txt"
+    def paths(self) -> JobPaths:
+        """The files in the job's work dir: its stdout, stderr, exit status."""
+        return JobPaths(self.workdir)
 
 
 @dataclass(frozen=True)

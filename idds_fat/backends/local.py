@@ -32,12 +32,10 @@ from idds_fat.backends.base import (
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
 from idds_fat.node.spec import SECRETS_ENV
+from idds_fat.workdir import WorkflowPaths
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
-
-#: Where a cold job leaves its result for the caller (``wrapper --reply-file``).
-REPLY_FILE = "result.reply"
 
 
 class _WarmWorker:
@@ -168,7 +166,7 @@ class LocalBackend(Backend):
             gpus=gpus,
             on_start=setup.on_start,
             mode=config.local_mode,
-            workers_dir=setup.work_dir / "workers",
+            workers_dir=WorkflowPaths(setup.work_dir).workers,
             direct_results=setup.direct_results,
         )
 
@@ -378,9 +376,9 @@ class LocalBackend(Backend):
         job.workdir.mkdir(parents=True, exist_ok=True)
         argv = [*self._launch, "--spec", job.spec_location]
         if self._direct_results:
-            (job.workdir / REPLY_FILE).unlink(missing_ok=True)
-            argv += ["--reply-file", str(job.workdir / REPLY_FILE)]
-        with open(job.stdout_path, "wb") as out, open(job.stderr_path, "wb") as err:
+            job.paths.reply.unlink(missing_ok=True)
+            argv += ["--reply-file", str(job.paths.reply)]
+        with open(job.paths.stdout, "wb") as out, open(job.paths.stderr, "wb") as err:
             with self._lock:
                 if job.job_id in self._cancelled:
                     return JobExit(None, "cancelled", cancelled=True)
@@ -407,7 +405,7 @@ class LocalBackend(Backend):
 
 def _take_reply(job: JobRequest) -> bytes | None:
     """Read and remove the result a cold job left in its work dir, if it left one."""
-    path = job.workdir / REPLY_FILE
+    path = job.paths.reply
     try:
         data = path.read_bytes()
     except FileNotFoundError:

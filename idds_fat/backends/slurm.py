@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import subprocess
@@ -13,13 +12,21 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from idds_fat.backends.base import Backend, BackendSetup, JobExit, JobRequest, Resources
+from idds_fat.backends.base import (
+    Backend,
+    BackendSetup,
+    JobExit,
+    JobRequest,
+    Resources,
+    TransientError,
+)
 from idds_fat.backends.watcher import WATCHER
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError
 from idds_fat.node.spec import SECRETS_FILE_ENV
+from idds_fat.workdir import WorkflowPaths, write_private
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -42,10 +49,6 @@ exec {launch} --jobs-file {jobs_file} --pack "$SLURM_ARRAY_TASK_ID"
 
 class SlurmError(IddsFatError):
     """A Slurm command failed; the message has the command's own words."""
-
-
-class _Transient(SlurmError):
-    """A Slurm command failed in a way that is worth retrying."""
 
 
 def _time_option(seconds: float) -> str:
@@ -119,10 +122,8 @@ class SlurmBackend(Backend):
     @classmethod
     def create(cls, config: Config, setup: BackendSetup) -> SlurmBackend:
         """Build from the ``slurm_*`` settings; write the job secrets file (mode 0600)."""
-        secrets_file = setup.work_dir / "job-secrets.json"
-        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(setup.secrets), handle)
+        secrets_file = WorkflowPaths(setup.work_dir).job_secrets
+        write_private(secrets_file, json.dumps(dict(setup.secrets)).encode())
         return cls(
             python=config.python,
             wrapper_path=setup.wrapper_path,
@@ -309,7 +310,7 @@ class SlurmBackend(Backend):
         return states
 
     def _outcome(self, job: JobRequest, fields: dict[str, str] | None) -> JobExit:
-        status_file = job.workdir / "exit_status"
+        status_file = job.paths.exit_status
         if status_file.is_file():
             try:
                 return JobExit(int(status_file.read_text().strip()))
@@ -334,16 +335,18 @@ class SlurmBackend(Backend):
     # --- commands --------------------------------------------------------------------
 
     def _run(self, argv: list[str], retry_transient: bool = False) -> str:
-        """Run a Slurm command; return stdout. Raises SlurmError with its stderr."""
-        if not retry_transient:
-            return self._run_once(argv)
+        """Run a Slurm command; return stdout. Raises SlurmError with its stderr
+        (a transient failure too, once the attempts ``retry_transient`` allows are spent)."""
         retrying = retry(
-            retry=retry_if_exception(lambda exc: isinstance(exc, _Transient)),
+            retry=retry_if_exception_type(TransientError),
             wait=wait_exponential(multiplier=0.5, max=10),
-            stop=stop_after_attempt(5),
+            stop=stop_after_attempt(5 if retry_transient else 1),
             reraise=True,
         )
-        return retrying(self._run_once)(argv)
+        try:
+            return retrying(self._run_once)(argv)
+        except TransientError as exc:
+            raise SlurmError(str(exc)) from exc
 
     def _run_once(self, argv: list[str]) -> str:
         try:
@@ -353,9 +356,9 @@ class SlurmBackend(Backend):
         except FileNotFoundError:
             raise SlurmError(f"{argv[0]} not found: is Slurm installed here?") from None
         except subprocess.TimeoutExpired:
-            raise _Transient(f"{argv[0]} did not answer in {self._timeout:g} s") from None
+            raise TransientError(f"{argv[0]} did not answer in {self._timeout:g} s") from None
         if done.returncode != 0:
             message = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
-            kind = _Transient if _TRANSIENT.search(message) else SlurmError
+            kind = TransientError if _TRANSIENT.search(message) else SlurmError
             raise kind(f"{' '.join(argv[:1])} failed: {message}")
         return done.stdout

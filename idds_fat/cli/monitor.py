@@ -16,6 +16,7 @@ from idds_fat.cli.output import (
     work_dir_option,
 )
 from idds_fat.errors import IddsFatError
+from idds_fat.workdir import WorkDirPaths
 from idds_fat.workflow import catalog
 
 # Seconds to wait for the service to answer /healthz.
@@ -46,11 +47,11 @@ def monitor(
     if workflow_id is None:
         workflows = catalog.list_workflows(root)
         if not workflows:
-            raise IddsFatError(f"no workflows in {root / 'workflows'}")
+            raise IddsFatError(f"no workflows in {WorkDirPaths(root).workflows}")
         full_id = workflows[0].id
     else:
         full_id = catalog.resolve_workflow_id(root, workflow_id)
-    connection_file = root / "workflows" / full_id / "connection.json"
+    connection_file = WorkDirPaths(root).workflow(full_id).connection
     try:
         connection = json.loads(connection_file.read_text())
     except (OSError, ValueError) as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import click
@@ -18,6 +17,7 @@ from idds_fat.cli.output import (
     table,
     work_dir_option,
 )
+from idds_fat.workdir import WorkDirPaths, read_tail
 from idds_fat.workflow import catalog
 
 
@@ -49,7 +49,7 @@ def _show_workflows(root: Path, as_json: bool) -> None:
         echo_json({"work_dir": str(root), "workflows": [w.to_dict() for w in workflows]})
         return
     if not workflows:
-        click.echo(f"no workflows in {root / 'workflows'}")
+        click.echo(f"no workflows in {WorkDirPaths(root).workflows}")
         return
     rows = [
         (w.id, w.name, w.status, local_time(w.created), w.tasks, w.jobs, state_counts(w.job_states))
@@ -144,23 +144,15 @@ def logs(
     found = catalog.job_log_paths(effective_work_dir(work_dir), workflow_id, task, job)
     path = found.stderr if stderr else found.stdout
     stream = "stderr" if stderr else "stdout"
-    if not path.is_file():
+    # Read from the end: memory grows with the lines asked for, not with the log.
+    text = read_tail(path, tail, max_bytes=None)
+    if text is None:
+        why = "cannot be read" if path.exists() else "does not exist"
         raise click.ClickException(
             f"no {stream} for job {found.task_id}/{found.index} ({found.name}, "
-            f"{found.status}) of workflow {found.workflow_id}: {path} does not exist"
+            f"{found.status}) of workflow {found.workflow_id}: {path} {why}"
         )
-    text = _read(path, tail)
     if as_json:
         echo_json({**found.to_dict(), "stream": stream, "path": str(path), "text": text})
     else:
         click.echo(text, nl=False)
-
-
-def _read(path: Path, tail: int | None) -> str:
-    with open(path, "rb") as handle:
-        if tail is None:
-            data = handle.read()
-        else:
-            # A deque of lines keeps memory bounded by N lines, not by the log's size.
-            data = b"".join(collections.deque(handle, maxlen=tail)) if tail else b""
-    return data.decode("utf-8", "replace")

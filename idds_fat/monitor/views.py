@@ -7,12 +7,12 @@ The shapes extend those of ``idds-fat status --json``: a workflow is
 
 from __future__ import annotations
 
-import os
 import pwd
 import time
 from pathlib import Path
 from typing import Any
 
+from idds_fat.workdir import read_tail
 from idds_fat.workflow import catalog
 
 # Jobs drawn on a workflow's timeline: the last ones submitted. A browser draws a
@@ -90,19 +90,5 @@ def job_view(work_dir: Path, workflow_id: str, task: str, job: int) -> dict[str,
         TaskNotFound: the workflow has no such task, or the task no such job.
     """
     found = catalog.job_log_paths(work_dir, workflow_id, task, job)
-    return {**found.to_dict(), "stderr_tail": _tail(found.stderr)}
-
-
-def _tail(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - _STDERR_TAIL_BYTES))
-            data = handle.read()
-    except OSError:
-        return None
-    lines = data.decode("utf-8", "replace").splitlines()
-    if size > _STDERR_TAIL_BYTES and lines:
-        lines = lines[1:]  # the first line read is likely cut
-    return "\n".join(lines[-STDERR_TAIL_LINES:])
+    tail = read_tail(found.stderr, STDERR_TAIL_LINES, _STDERR_TAIL_BYTES)
+    return {**found.to_dict(), "stderr_tail": tail}

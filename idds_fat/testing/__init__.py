@@ -13,7 +13,7 @@ condition against a deadline.
 
 from idds_fat.testing.activemq import ActiveMQBroker, BrokerError
 from idds_fat.testing.s3 import S3Server, S3ServerError
-from idds_fat.testing.slurm import SlurmCluster, SlurmError
+from idds_fat.testing.slurm import SlurmCluster, SlurmClusterError
 from idds_fat.testing.waiting import wait_until
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "S3Server",
     "S3ServerError",
     "SlurmCluster",
-    "SlurmError",
+    "SlurmClusterError",
     "wait_until",
 ]

@@ -14,10 +14,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from idds_fat.workdir import read_tail
+
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
 HOST = "127.0.0.1"
+#: The most of a log read from its end to find the lines an error message shows.
+LOG_TAIL_BYTES = 64 * 1024
 _POLL_INTERVAL = 0.05
 
 logger = logging.getLogger(__name__)
@@ -100,18 +104,6 @@ def stop_process(process: subprocess.Popen, timeout: float, kill: bool = False) 
         process.wait()
 
 
-def file_tail(path: Path, lines: int) -> str:
-    """Return the last ``lines`` lines of the log at ``path`` ("" if it does not exist yet)."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 64 * 1024))
-            text = log.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class ServerProcess:
     """What a test server with one logged process has in common: start it, probe
     it until ready, stop it, and never leave it behind.
@@ -148,7 +140,7 @@ class ServerProcess:
 
     def log_tail(self, lines: int | None = None) -> str:
         """Return the last ``lines`` lines of the server's log ("" if none yet)."""
-        return file_tail(self.log_path, lines or self._log_tail_lines)
+        return read_tail(self.log_path, lines or self._log_tail_lines, LOG_TAIL_BYTES) or ""
 
     def _launch(self, command: list[str], cwd: Path, banner: str) -> subprocess.Popen[bytes]:
         # The finalizer kills the process if this object goes away while it runs.

@@ -40,7 +40,8 @@ from pathlib import Path
 from types import TracebackType
 
 from idds_fat.errors import IddsFatError
-from idds_fat.testing.processes import file_tail, stop_process
+from idds_fat.testing.processes import LOG_TAIL_BYTES, stop_process
+from idds_fat.workdir import read_tail
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ PartitionName={other_partition} Nodes=localhost Default=NO MaxTime=INFINITE Stat
 """
 
 
-class SlurmError(IddsFatError):
+class SlurmClusterError(IddsFatError):
     """The cluster (or munge) could not be configured, started or stopped.
 
     The message names the daemons' log files and carries their last lines.
@@ -148,7 +149,9 @@ class SlurmCluster:
             cpus = detected_cpus if cpus is None else cpus
             memory_mb = detected_memory if memory_mb is None else memory_mb
         if cpus < 1 or memory_mb < 1:
-            raise SlurmError(f"cpus and memory_mb must be positive, got {cpus} and {memory_mb}")
+            raise SlurmClusterError(
+                f"cpus and memory_mb must be positive, got {cpus} and {memory_mb}"
+            )
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.ctld_port, self.slurmd_port = _reserve_ports(2)
@@ -215,7 +218,7 @@ class SlurmCluster:
         A no-op when already running.
 
         Raises:
-            SlurmError: not root, Slurm or munge not installed (or no munge key),
+            SlurmClusterError: not root, Slurm or munge not installed (or no munge key),
                 munged not answering,
                 a daemon exited, or the node was not idle within ``timeout``
                 seconds; the message carries the tails of the daemons' logs.
@@ -228,12 +231,12 @@ class SlurmCluster:
             self._finalizer.detach()
             self._finalizer = None
         if not self.available():
-            raise SlurmError(
+            raise SlurmClusterError(
                 "Slurm is not installed: need slurmctld, slurmd, sbatch and munged "
                 "(apt-get install slurm-wlm munge)"
             )
         if os.geteuid() != 0:
-            raise SlurmError("a private Slurm cluster needs root (slurmd runs jobs as root)")
+            raise SlurmClusterError("a private Slurm cluster needs root (slurmd runs jobs as root)")
         began = time.monotonic()
         deadline = began + timeout
         for path in (self.base_dir / "state", self.spool_dir, self.log_dir):
@@ -319,7 +322,7 @@ class SlurmCluster:
         header naming the file ("" when there are no logs yet)."""
         parts = []
         for name in ("munged.out", "slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
-            tail = file_tail(self.log_dir / name, lines)
+            tail = read_tail(self.log_dir / name, lines, LOG_TAIL_BYTES)
             if tail:
                 parts.append(f"--- {self.log_dir / name}:\n{tail}")
         return "\n".join(parts)
@@ -348,13 +351,13 @@ class SlurmCluster:
             for name, process in (("slurmctld", daemons.ctld), ("slurmd", daemons.slurmd)):
                 code = process.poll() if process is not None else None
                 if code is not None:
-                    raise SlurmError(
+                    raise SlurmClusterError(
                         f"{name} exited with code {code} while starting the cluster "
                         f"{self.conf_path}:\n{self.log_tail()}"
                     )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SlurmError(
+                raise SlurmClusterError(
                     f"Slurm node not idle within {timeout:.0f} s (sinfo states {states}); "
                     f"cluster {self.conf_path}:\n{self.log_tail()}"
                 )
@@ -429,9 +432,9 @@ class _Daemons:
     def start_munged(self, log_path: Path, deadline: float) -> None:
         munged = _find_command("munged")
         if munged is None:
-            raise SlurmError("munged is not installed (apt-get install munge)")
+            raise SlurmClusterError("munged is not installed (apt-get install munge)")
         if not os.access(_MUNGE_KEY, os.R_OK):
-            raise SlurmError(f"no munge key {_MUNGE_KEY} (apt-get install munge creates it)")
+            raise SlurmClusterError(f"no munge key {_MUNGE_KEY} (apt-get install munge creates it)")
         # Not under base_dir: munged runs as user munge, which must traverse every
         # parent (pytest's /tmp/pytest-of-root is 0700), and the socket path must
         # stay short.
@@ -462,10 +465,8 @@ class _Daemons:
             code = self.munged.poll()
             if code is not None or time.monotonic() > deadline:
                 why = f"exited with code {code}" if code is not None else "did not answer in time"
-                raise SlurmError(
-                    f"munged on {socket_path} {why}; "
-                    f"log {log_path}:\n{file_tail(log_path, _LOG_TAIL_LINES)}"
-                )
+                tail = read_tail(log_path, _LOG_TAIL_LINES, LOG_TAIL_BYTES) or ""
+                raise SlurmClusterError(f"munged on {socket_path} {why}; log {log_path}:\n{tail}")
             time.sleep(_POLL_INTERVAL)
         logger.debug("started munged pid %d on %s", self.munged.pid, socket_path)
 

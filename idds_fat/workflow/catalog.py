@@ -1,9 +1,11 @@
 """Read-only views of the workflows recorded under a work dir, for the command line.
 
-Every workflow keeps its record in ``WORK_DIR/workflows/ID/state.sqlite3`` (see
-:mod:`idds_fat.workflow.state`). This module opens those databases read-only, so
-it can look at a workflow that another process is still running, and never
-changes them. A workflow may be named by its full id or a unique prefix of it.
+Every workflow keeps its record in ``WORK_DIR/workflows/ID/state.sqlite3`` (the
+layout is :mod:`idds_fat.workdir`'s, the schema :mod:`idds_fat.workflow.state`'s).
+This module opens those databases read-only, so it can look at a workflow that
+another process is still running, and never changes them. A workflow may be
+named by its full id or a unique prefix of it (:func:`resolve_workflow_id`,
+which ``Workflow.attach`` uses too).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from idds_fat.errors import IddsFatError
-
-STATE_FILE = "state.sqlite3"
+from idds_fat.workdir import STATE_FILE as STATE_FILE  # where a test finds it
+from idds_fat.workdir import WorkDirPaths
+from idds_fat.workflow.state import LATER_JOB_COLUMNS, job_columns
 
 # Seconds a reader waits for a writer's lock before giving up.
 _BUSY_TIMEOUT = 5.0
@@ -35,7 +38,7 @@ class WorkflowNotFound(IddsFatError, LookupError):
     """
 
     def __init__(self, workflow_id: str, work_dir: Path, candidates: tuple[str, ...] = ()) -> None:
-        where = work_dir / "workflows"
+        where = WorkDirPaths(work_dir).workflows
         if candidates:
             shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
             message = (
@@ -203,10 +206,6 @@ class JobTiming:
         }
 
 
-def _workflows_dir(work_dir: Path) -> Path:
-    return Path(work_dir) / "workflows"
-
-
 @contextlib.contextmanager
 def _open_state(path: Path) -> Iterator[sqlite3.Connection]:
     # mode=ro: a running workflow's database must never be changed (or created) here.
@@ -223,7 +222,7 @@ def _open_state(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def _state_path(work_dir: Path, workflow_id: str) -> Path:
-    return _workflows_dir(work_dir) / workflow_id / STATE_FILE
+    return WorkDirPaths(Path(work_dir)).workflow(workflow_id).state
 
 
 @contextlib.contextmanager
@@ -244,11 +243,12 @@ def _reading(work_dir: Path, workflow_id: str) -> Iterator[tuple[str, sqlite3.Co
 
 
 def _recorded_ids(work_dir: Path) -> list[str]:
-    root = _workflows_dir(work_dir)
-    if not root.is_dir():
+    paths = WorkDirPaths(work_dir)
+    if not paths.workflows.is_dir():
         return []
     # A directory without its database is a workflow still starting (or not ours).
-    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+    found = (paths.workflow(p.name) for p in paths.workflows.iterdir())
+    return sorted(w.workflow_id for w in found if w.state.is_file())
 
 
 def resolve_workflow_id(work_dir: Path, workflow_id: str) -> str:
@@ -278,9 +278,10 @@ def _counts(db: sqlite3.Connection, task_id: str | None = None) -> dict[str, int
 
 
 def _summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
-    path = _workflows_dir(work_dir) / workflow_id
+    paths = WorkDirPaths(work_dir).workflow(workflow_id)
+    path = paths.root
     try:
-        with _open_state(path / STATE_FILE) as db:
+        with _open_state(paths.state) as db:
             row = db.execute(
                 "SELECT name, status, created, updated, settings FROM workflow LIMIT 1"
             ).fetchone()
@@ -402,8 +403,8 @@ def resolve_task_id(work_dir: Path, workflow_id: str, task: str) -> str:
 
 def _later_columns(db: sqlite3.Connection) -> list[str]:
     """Return ``started, ended, value, error`` as SELECT terms, NULL where a record lacks them."""
-    known = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    return [c if c in known else "NULL" for c in ("started", "ended", "value", "error")]
+    known = job_columns(db)
+    return [c if c in known else "NULL" for c in LATER_JOB_COLUMNS]
 
 
 def job_timings(work_dir: Path, workflow_id: str, limit: int | None = None) -> list[JobTiming]:
@@ -448,17 +449,6 @@ def task_values(work_dir: Path, workflow_id: str) -> dict[str, tuple[int, float,
     return {task: (count, low, high) for task, count, low, high in rows}
 
 
-def _job_dir(work_dir: Path, workflow_id: str, task_id: str, index: int) -> Path:
-    base = _workflows_dir(work_dir) / workflow_id / "jobs" / task_id
-    # A job run again (its result was lost) writes to INDEX.ATTEMPT: show the last run.
-    attempts = [
-        (int(p.name.rpartition(".")[2]), p)
-        for p in base.glob(f"{index}.*")
-        if p.name.rpartition(".")[2].isdigit()
-    ]
-    return max(attempts)[1] if attempts else base / str(index)
-
-
 def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummary]:
     """Return the jobs of one task (its id or unique name), in index order.
 
@@ -475,9 +465,11 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
             "FROM jobs WHERE task = ? ORDER BY job",
             (task_id,),
         ).fetchall()
+    workflow = WorkDirPaths(Path(work_dir)).workflow(full_id)
     jobs = []
     for index, name, status, returncode, updated, *later in rows:
-        job_dir = _job_dir(Path(work_dir), full_id, task_id, index)
+        # A job run again (its result was lost) has a dir per run: show the last.
+        run = workflow.last_run(task_id, index)
         jobs.append(
             JobSummary(
                 full_id,
@@ -487,8 +479,8 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
                 status,
                 returncode,
                 updated,
-                job_dir / "stdout.txt",
-                job_dir / "stderr.txt",
+                run.stdout,
+                run.stderr,
                 *later,
             )
         )

@@ -23,10 +23,10 @@ from idds_fat.context import ContextArchive, build_context_archive
 from idds_fat.errors import ServiceError
 from idds_fat.results import RestResultSource, ResultCollector
 from idds_fat.results.stomp import StompResultSubscriber
+from idds_fat.workdir import WorkDirPaths, WorkflowPaths, slug, write_private
 from idds_fat.workflow.deadlines import Deadlines
 from idds_fat.workflow.specs import node_location, presigns
 from idds_fat.workflow.state import WorkflowState
-from idds_fat.workflow.workdir import _slug, _write_private
 from idds_fat.wrapper_source import wrapper_bytes
 
 if TYPE_CHECKING:
@@ -91,18 +91,19 @@ class WorkflowParts:
         options = self.options
         config = options.config
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-        self.workflow_id = f"{_slug(name)}-{stamp}-{secrets.token_hex(3)}"
-        self.work_dir = config.work_dir / "workflows" / self.workflow_id
+        self.workflow_id = f"{slug(name)}-{stamp}-{secrets.token_hex(3)}"
+        paths = WorkDirPaths(config.work_dir).workflow(self.workflow_id)
+        self.work_dir = paths.root
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.key = secrets.token_bytes(32)
-        _write_private(self.work_dir / "hmac.key", self.key)
+        write_private(paths.hmac_key, self.key)
         source_dir = options.source_dir
         if source_dir is not None:
             self.archive = build_context_archive(
                 source_dir,
                 options.exclude_source_files,
                 config.max_context_bytes,
-                index_dir=config.work_dir / "context-index",
+                index_dir=WorkDirPaths(config.work_dir).context_index,
             )
         if config.service_url:
             self.service_url, self.token = config.service_url.rstrip("/"), config.token
@@ -117,7 +118,7 @@ class WorkflowParts:
                 )
             if self.archive.data is not None:
                 cache.put(self.archive.data)
-        self.state = WorkflowState(self.work_dir / "state.sqlite3")
+        self.state = WorkflowState(paths.state)
         self.state.record_workflow(
             self.workflow_id,
             name,
@@ -140,7 +141,7 @@ class WorkflowParts:
             "cache": cache.location,
             "caller": _caller(),
         }
-        _write_private(self.work_dir / "connection.json", json.dumps(connection).encode())
+        write_private(paths.connection, json.dumps(connection).encode())
 
     def reopen(self, workflow_dir: Path) -> None:
         """Reconnect to the workflow created earlier in ``workflow_dir``: take its key,
@@ -153,12 +154,13 @@ class WorkflowParts:
             ServiceError: its service cannot be reached or started.
         """
         config = self.options.config
-        self.workflow_id = workflow_dir.name
+        paths = WorkflowPaths(workflow_dir)
+        self.workflow_id = paths.workflow_id
         self.work_dir = workflow_dir
-        self.key = (workflow_dir / "hmac.key").read_bytes()
-        connection = json.loads((workflow_dir / "connection.json").read_text())
+        self.key = paths.hmac_key.read_bytes()
+        connection = json.loads(paths.connection.read_text())
         connection["caller"] = _caller()
-        _write_private(workflow_dir / "connection.json", json.dumps(connection).encode())
+        write_private(paths.connection, json.dumps(connection).encode())
         if connection["embedded"] and not config.service_url:
             port = int(connection["service_url"].rsplit(":", 1)[1])
             try:
@@ -172,7 +174,7 @@ class WorkflowParts:
             self.service_url = config.service_url or connection["service_url"]
             self.token = config.token or connection["token"]
         self._open_cache(connection["cache"])
-        self.state = WorkflowState(workflow_dir / "state.sqlite3")
+        self.state = WorkflowState(paths.state)
         self.state.set_workflow_status("running")
 
     def start(self, tracker: JobTracker, catch_up: bool = False) -> None:
@@ -228,7 +230,7 @@ class WorkflowParts:
 
     def _open_cache(self, location: str | None) -> ContentStore:
         if location is None:
-            self.cache = DirectoryStore(self.options.config.work_dir / "cache")
+            self.cache = DirectoryStore(WorkDirPaths(self.options.config.work_dir).cache)
         elif location == "service":
             self.cache = HttpStore(self.service_url + "/cache", self.token)
         elif location.startswith("s3://"):
@@ -271,7 +273,7 @@ class WorkflowParts:
         assert cache is not None and work_dir is not None
         wrapper_key = cache.put(wrapper_bytes())
         # A module name: jobs import it, so its bytecode is cached (launch_command).
-        wrapper_file = work_dir / f"wrapper_{wrapper_key[:16]}.py"
+        wrapper_file = WorkflowPaths(work_dir).wrapper(wrapper_key)
         if not wrapper_file.exists():
             wrapper_file.write_bytes(cache.get(wrapper_key))
         job_secrets = {

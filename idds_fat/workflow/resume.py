@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from idds_fat.backends import JobExit, JobRequest
 from idds_fat.config import Config, load_config
 from idds_fat.errors import IddsFatError
+from idds_fat.workdir import WorkDirPaths, WorkflowPaths
+from idds_fat.workflow.catalog import resolve_workflow_id
 from idds_fat.workflow.state import WorkflowState
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 def _refuse_if_followed(workflow_dir: Path) -> None:
     """Raise IddsFatError if the process that follows this workflow is still alive here."""
     try:
-        caller = json.loads((workflow_dir / "connection.json").read_text()).get("caller") or {}
+        connection = WorkflowPaths(workflow_dir).connection
+        caller = json.loads(connection.read_text()).get("caller") or {}
     except (OSError, ValueError):
         return
     pid = caller.get("pid")
@@ -58,22 +61,18 @@ def find_workflow(
     the backend and broker it recorded) and its record (``name``, ``settings``).
 
     Raises:
-        IddsFatError: no such workflow or several, its state is unreadable, or the
-            process following it is still alive here (unless ``force``).
+        WorkflowNotFound: no workflow matches, or several do.
+        IddsFatError: its state is unreadable, or the process following it is still
+            alive here (unless ``force``).
     """
     config = load_config(work_dir=work_dir, **settings)
-    root = config.work_dir / "workflows"
-    matches = sorted(p for p in root.glob(f"{workflow_id}*") if p.is_dir())
-    exact = [p for p in matches if p.name == workflow_id]
-    if exact:
-        matches = exact
-    if len(matches) != 1:
-        what = "no workflow" if not matches else f"{len(matches)} workflows"
-        raise IddsFatError(f"{what} matching {workflow_id!r} in {root}")
-    workflow_dir = matches[0]
+    paths = WorkDirPaths(config.work_dir).workflow(
+        resolve_workflow_id(config.work_dir, workflow_id)
+    )
+    workflow_dir = paths.root
     if not force:
         _refuse_if_followed(workflow_dir)
-    state = WorkflowState(workflow_dir / "state.sqlite3")
+    state = WorkflowState(paths.state)
     try:
         record = state.workflow_record()
     finally:

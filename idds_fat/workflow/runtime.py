@@ -204,8 +204,8 @@ class Workflow:
         followers would both act on its jobs.
 
         Raises:
-            IddsFatError: no such workflow, its state is unreadable, or its caller
-                is alive.
+            WorkflowNotFound: no workflow matches ``workflow_id``, or several do.
+            IddsFatError: its state is unreadable, or its caller is alive.
         """
         workflow_dir, config, record = resume.find_workflow(
             workflow_id, work_dir=work_dir, force=force, **settings

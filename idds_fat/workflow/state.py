@@ -1,4 +1,9 @@
-"""A workflow's local record: its settings, tasks and jobs, in SQLite under its work dir."""
+"""A workflow's local record: its settings, tasks and jobs, in SQLite under its work dir.
+
+The one home of its schema: :class:`WorkflowState` writes the record (the caller
+that runs the workflow), :mod:`idds_fat.workflow.catalog` reads it (the command
+line, the monitor), both from the tables and columns defined here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = """
+#: The tables of a record as the first release wrote them.
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflow (
     id TEXT PRIMARY KEY, name TEXT, status TEXT, created REAL, updated REAL, settings TEXT
 );
@@ -23,13 +29,24 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
-# Columns added after the first release, for the monitoring page: when a job
-# started and ended, its value when that is a real number, its error text.
-# Added on open, so a record written by an older version gains them too.
-_LATER_JOB_COLUMNS = {"started": "REAL", "ended": "REAL", "value": "REAL", "error": "TEXT"}
+#: Columns of ``jobs`` added after the first release, for the monitoring page: when a
+#: job started and ended, its value when that is a real number, its error text. The
+#: writer adds them on open, so a record of an older version gains them too; a reader
+#: reads them as NULL where a record it opens read-only lacks them. They play the
+#: part of a schema version: a new column goes here, and both sides follow.
+LATER_JOB_COLUMNS = {"started": "REAL", "ended": "REAL", "value": "REAL", "error": "TEXT"}
 
 # Statuses after which a job does not change (but for a run again): they set ``ended``.
 _FINAL = ("done", "failed", "lost", "cancelled")
+
+
+def job_columns(db: sqlite3.Connection) -> set[str]:
+    """Return the names of the columns the ``jobs`` table of ``db`` has.
+
+    Raises:
+        sqlite3.Error: the database cannot be read.
+    """
+    return {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
 
 
 class WorkflowState:
@@ -44,9 +61,9 @@ class WorkflowState:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        known = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in _LATER_JOB_COLUMNS.items():
+        self._db.executescript(SCHEMA)
+        known = job_columns(self._db)
+        for column, kind in LATER_JOB_COLUMNS.items():
             if column not in known:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()

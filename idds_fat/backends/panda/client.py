@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import requests
 import tenacity
 
+from idds_fat.backends.base import TransientError
 from idds_fat.backends.panda.auth import PandaAuth
 from idds_fat.backends.panda.errors import (
     PandaAuthError,
@@ -52,19 +53,11 @@ def api_base(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/api/v1"
 
 
-class _Transient(Exception):
-    """A response worth retrying (5xx, 408, 429)."""
-
-    def __init__(self, response: requests.Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
-
-
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(
         exc,
         (
-            _Transient,
+            TransientError,
             requests.ConnectionError,
             requests.Timeout,
             requests.exceptions.ChunkedEncodingError,
@@ -308,7 +301,7 @@ class PandaClient:
             )
             if response.status_code >= 500 or response.status_code in _TRANSIENT_STATUSES:
                 logger.debug("PanDA %s answered HTTP %s", operation, response.status_code)
-                raise _Transient(response)
+                raise TransientError(f"HTTP {response.status_code}", response)
             return response
 
         retrying = tenacity.Retrying(
@@ -326,7 +319,7 @@ class PandaClient:
         )
         try:
             response = retrying(once)
-        except _Transient as exc:
+        except TransientError as exc:
             raise PandaUnavailableError(
                 f"PanDA server {host} kept failing {operation} after {self.attempts} attempts: "
                 f"HTTP {exc.response.status_code} {self._redact(_snippet(exc.response))}",
@@ -388,6 +381,6 @@ def _snippet(response: requests.Response, limit: int = 300) -> str:
 
 
 def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, _Transient):
-        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, TransientError):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
