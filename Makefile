@@ -29,7 +29,7 @@ test: $(STAMP) lint services
 
 # The edit-test loop: no real servers, no slow tests (about a minute).
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m '$(FAST)'
+	$(VENV)/bin/pytest -n 2 -m '$(FAST)'
 
 # The whole suite against the newest releases of every dependency, in a venv of
 # its own, so an upstream change is found on purpose (then `make lock`).

@@ -15,10 +15,8 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 
 NODE_DIR = Path(__file__).parent / "node"
 _NODE_PACKAGE = "idds_fat.node"
@@ -238,18 +236,3 @@ def launch_command(python: str, wrapper_file: Path) -> list[str]:
         f"sys.exit(w.main())"
     )
     return [python, "-c", code]
-
-
-@functools.cache
-def wrapper_module() -> ModuleType:
-    """Deprecated, internal: the node package's names in one module, as the wrapper file had them.
-
-    Only for ``idds_fat/workflow`` until it imports ``idds_fat.node`` itself;
-    new code imports the node modules (``idds_fat.node.envelope`` ...).
-    """
-    module = ModuleType("idds_fat_wrapper", "The idds_fat.node modules' names in one namespace.")
-    for path in sorted(NODE_DIR.glob("*.py")):
-        if path.stem != "__init__":
-            names = vars(importlib.import_module(f"{_NODE_PACKAGE}.{path.stem}"))
-            module.__dict__.update((k, v) for k, v in names.items() if not k.startswith("__"))
-    return module

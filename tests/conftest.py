@@ -16,6 +16,30 @@ def isolated_settings(tmp_path, monkeypatch):
     return tmp_path / "work"
 
 
+# --- Markers (registered in pyproject.toml) -----------------------------------------
+
+# A test that uses one of these fixtures (directly or through another fixture) needs
+# that server: it gets the marker without writing it, so `-m "not broker"` and the
+# like leave it out. The `panda` and `slow` markers are written on the tests.
+SERVER_FIXTURE_MARKERS = {
+    "activemq": "broker",
+    "activemq_factory": "broker",
+    "slurm_cluster": "slurm",
+    "s3_server": "s3",
+    "browser_page": "browser",
+    "podman": "podman",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in SERVER_FIXTURE_MARKERS.items():
+            if fixture in used:
+                item.add_marker(marker)
+
+
 # --- Real ActiveMQ brokers (idds_fat.testing.activemq) -----------------------------
 
 ACTIVEMQ_USERS = {"idds": "fat-secret"}

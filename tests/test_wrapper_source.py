@@ -24,7 +24,6 @@ from idds_fat.wrapper_source import (
     launch_command,
     wrapper_bytes,
     wrapper_file,
-    wrapper_module,
 )
 
 KEY = b"k" * 32
@@ -160,11 +159,3 @@ def test_the_built_wrapper_runs_a_job_alone_under_python_isolated(tmp_path):
         and m.split(".")[0] not in ("cloudpickle", wrapper_name, "__main__")
     ]
     assert not foreign, foreign
-
-
-def test_wrapper_module_offers_the_names_the_workflow_still_takes_from_it():
-    w = wrapper_module()
-    for name in ("WRAPPER_VERSION", "EXIT_UNDELIVERED", "EXIT_UNREPORTED"):
-        assert isinstance(getattr(w, name), int)
-    assert w.public_url("http://h/k?X-Amz-Signature=s") == "http://h/k"
-    assert w.cache_object_location("http://h/cache/", "ab" * 32) == "http://h/cache/" + "ab" * 32

@@ -3,8 +3,9 @@
 ``main`` is the entry point; ``serve`` lives here, the other commands in their
 own modules: ``status`` and ``logs`` (:mod:`idds_fat.cli.status`), ``results``
 and ``cancel`` (:mod:`idds_fat.cli.reconnect`), ``config show``
-(:mod:`idds_fat.cli.config_show`), ``smoke`` (:mod:`idds_fat.cli.smoke`) and
-``monitor`` (:mod:`idds_fat.cli.monitor`).
+(:mod:`idds_fat.cli.config_show`), ``smoke`` (:mod:`idds_fat.cli.smoke`),
+``monitor`` (:mod:`idds_fat.cli.monitor`) and ``wrapper``
+(:mod:`idds_fat.cli.wrapper`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import click
 
 from idds_fat.config import load_config
 from idds_fat.errors import IddsFatError
+from idds_fat.workdir import WorkDirPaths
 
 TOKEN_ENV = "IDDS_FAT_TOKEN"
 
@@ -97,7 +99,7 @@ def serve(
         run_service(
             host=host,
             port=port,
-            data_dir=data_dir or config.work_dir / "service",
+            data_dir=data_dir or WorkDirPaths(config.work_dir).service,
             token=token or config.token,
             result_ttl_seconds=(
                 result_ttl_days if result_ttl_days is not None else config.result_ttl_days
@@ -117,8 +119,9 @@ def _add_commands() -> None:
     from idds_fat.cli.reconnect import cancel, results
     from idds_fat.cli.smoke import smoke
     from idds_fat.cli.status import logs, status
+    from idds_fat.cli.wrapper import wrapper
 
-    for command in (status, logs, results, cancel, config, smoke, monitor):
+    for command in (status, logs, results, cancel, config, smoke, monitor, wrapper):
         main.add_command(command)
 
 

@@ -10,7 +10,7 @@ again, or attaches to it, reads the spec back by that key.
 from __future__ import annotations
 
 import base64
-import json
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +22,10 @@ from idds_fat.context.environment import (
     environment_spec,
     task_environment,
 )
+from idds_fat.node.fetch import cache_object_location
+from idds_fat.node.spec import JobSpec
 from idds_fat.serialize import loads, open_envelope, seal
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.workdir import WorkflowPaths
 
 if TYPE_CHECKING:
     from idds_fat.serialize.pickling import PickledCall
@@ -43,7 +45,7 @@ def node_location(cache: ContentStore, key: str) -> str:
     """Return where a job reads cache object ``key``: a presigned URL on S3, else the cache path."""
     if presigns(cache):
         return cache.presigned_get(key)  # type: ignore[attr-defined]
-    return wrapper_module().cache_object_location(cache.location, key)
+    return cache_object_location(cache.location, key)
 
 
 def job_name(task_name: str, index: int) -> str:
@@ -129,7 +131,7 @@ class JobSpecs:
             spec = self.job_spec(
                 task_id, index, task_name, payload_key, kwargs, environment, init_env
             )
-            requests.append(self.request(task_id, index, spec["name"], self.store(spec), resources))
+            requests.append(self.request(task_id, index, spec.name, self.store(spec), resources))
         return requests
 
     def job_spec(
@@ -141,7 +143,7 @@ class JobSpecs:
         kwargs: dict[str, str] | None,
         environment: dict[str, Any],
         init_env: str | None,
-    ) -> dict[str, Any]:
+    ) -> JobSpec:
         """Return the spec of job ``index`` of a task, attempt 0: the one place a job spec is built.
 
         ``kwargs`` says where its pickled arguments are (``{"inline": base64}``
@@ -151,26 +153,25 @@ class JobSpecs:
         """
         parts, config = self._parts, self._options.config
         archive = parts.archive
-        return {
-            "version": wrapper_module().WRAPPER_VERSION,
-            "workflow": parts.workflow_id,
-            "task": task_id,
-            "job": index,
-            "attempt": 0,
-            "name": job_name(task_name, index),
-            "cache": self._cache.location,
-            "archive": None
+        return JobSpec(
+            workflow=parts.workflow_id,
+            task=task_id,
+            job=index,
+            attempt=0,
+            name=job_name(task_name, index),
+            cache=self._cache.location,
+            archive=None
             if archive is None
             else {"key": archive.sha256, "max_bytes": config.max_context_bytes},
-            "payload": {"key": payload_key},
-            "kwargs": kwargs,
-            "result_url": f"{parts.service_url}/results/{parts.workflow_id}",
-            "stomp": self._options.stomp_spec(parts.workflow_id),
-            "result_inline_bytes": config.result_inline_bytes,
-            "publish_timeout": config.publish_timeout,
-            "environment": environment,
-            "init_env": init_env or self._options.placement.get("init_env"),
-        }
+            payload={"key": payload_key},
+            kwargs=kwargs,
+            result_url=f"{parts.service_url}/results/{parts.workflow_id}",
+            stomp=self._options.stomp_spec(parts.workflow_id),
+            result_inline_bytes=config.result_inline_bytes,
+            publish_timeout=config.publish_timeout,
+            environment=environment,
+            init_env=init_env or self._options.placement.get("init_env"),
+        )
 
     @staticmethod
     def rows(task_name: str, requests: Sequence[JobRequest]) -> list[tuple[int, str, str]]:
@@ -185,27 +186,27 @@ class JobSpecs:
             return {"inline": base64.b64encode(sealed).decode()}
         return {"key": self._cache.put(sealed)}
 
-    def store(self, spec: dict[str, Any]) -> str:
+    def store(self, spec: JobSpec) -> str:
         """Put ``spec`` in the cache (with presigned URLs on S3); return its key."""
         self._add_node_urls(spec)
-        return self._cache.put(json.dumps(spec, sort_keys=True).encode())
+        return self._cache.put(spec.to_json())
 
-    def _add_node_urls(self, spec: dict[str, Any]) -> None:
+    def _add_node_urls(self, spec: JobSpec) -> None:
         """On S3, give the job presigned URLs: nodes have neither credentials nor boto3."""
         cache = self._cache
         if not presigns(cache):
             return
-        keys = [spec["payload"]["key"]]
-        if spec.get("archive"):
-            keys.append(spec["archive"]["key"])
-        if spec["environment"].get("archive"):
-            keys.append(spec["environment"]["archive"]["key"])
-        if spec.get("kwargs") and "key" in spec["kwargs"]:
-            keys.append(spec["kwargs"]["key"])
-        spec["urls"] = {key: node_location(cache, key) for key in keys}
-        name = f"results/{spec['workflow']}/{spec['task']}/{spec['job']}.{spec['attempt']}"
-        spec["result_object"] = name
-        spec["result_put_url"] = cache.presigned_put(name)  # type: ignore[attr-defined]
+        keys = [spec.payload["key"]]
+        if spec.archive:
+            keys.append(spec.archive["key"])
+        if spec.environment and spec.environment.get("archive"):
+            keys.append(spec.environment["archive"]["key"])
+        if spec.kwargs and "key" in spec.kwargs:
+            keys.append(spec.kwargs["key"])
+        spec.urls = {key: node_location(cache, key) for key in keys}
+        name = f"results/{spec.workflow}/{spec.task}/{spec.job}.{spec.attempt}"
+        spec.result_object = name
+        spec.result_put_url = cache.presigned_put(name)  # type: ignore[attr-defined]
 
     def request(
         self, task_id: str, index: int, name: str, spec_key: str, resources: Resources
@@ -217,41 +218,43 @@ class JobSpecs:
             job_id=f"{task_id}/{index}",
             name=f"{parts.workflow_id}/{task_id}/{name}",
             spec_location=node_location(self._cache, spec_key),
-            workdir=parts.work_dir / "jobs" / task_id / str(index),
+            workdir=WorkflowPaths(parts.work_dir).job(task_id, index).root,
             resources=resources,
             spec_key=spec_key,
         )
 
-    def read(self, job: JobRequest) -> dict[str, Any]:
+    def read(self, job: JobRequest) -> JobSpec:
         """Return the spec ``job`` runs, read back from the cache.
 
         Raises:
             CacheError: the spec is not in the cache.
+            WrapperError: it is not a spec this version reads.
         """
-        return json.loads(self._cache.get(job.spec_key))
+        return JobSpec.from_json(self._cache.get(job.spec_key))
 
     def again(self, job: JobRequest, attempt: int) -> JobRequest:
         """Store ``job``'s spec as ``attempt`` and return the request that runs it
         (in a work dir of its own, next to the first one's)."""
-        spec = self.read(job)
-        spec["attempt"] = attempt
+        assert self._parts.work_dir is not None, "the workflow has not started"
+        task_id, _, index = job.job_id.partition("/")
+        spec = dataclasses.replace(self.read(job), attempt=attempt)
         key = self.store(spec)
         return JobRequest(
             job_id=job.job_id,
             name=f"{job.name}#{attempt}",
             spec_location=node_location(self._cache, key),
-            workdir=job.workdir.with_name(f"{job.workdir.name}.{attempt}"),
+            workdir=WorkflowPaths(self._parts.work_dir).job(task_id, int(index), attempt).root,
             resources=job.resources,
             spec_key=key,
         )
 
-    def job_kwargs(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+    def job_kwargs(self, spec: JobSpec) -> dict[str, Any] | None:
         """Return the keyword arguments a spec's job is called with (None: none of its own).
 
         Raises:
             IntegrityError: they are not signed with this workflow's key.
         """
-        entry = spec.get("kwargs")
+        entry = spec.kwargs
         if not entry:
             return None
         if "inline" in entry:

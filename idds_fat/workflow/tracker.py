@@ -18,21 +18,20 @@ import concurrent.futures
 import logging
 import math
 import numbers
-import os
 import signal
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import JobExit, JobRequest
 from idds_fat.errors import IddsFatError, JobLostError, ServiceError
+from idds_fat.node.errors import EXIT_UNDELIVERED, EXIT_UNREPORTED
 from idds_fat.results import AsyncResult
 from idds_fat.results.display import outcome_counts
 from idds_fat.results.futures import LazyValue
 from idds_fat.results.outcome import decode_result
-from idds_fat.wrapper_source import wrapper_module
+from idds_fat.workdir import read_tail
 
 if TYPE_CHECKING:
     from idds_fat.workflow.options import WorkflowOptions
@@ -301,8 +300,8 @@ class JobTracker:
             job.name,
             outcome.returncode,
             _exit_reason(outcome),
-            _tail(job.stderr_path),
-            str(job.stderr_path),
+            read_tail(job.paths.stderr, lines=20, max_bytes=16384) or "",
+            str(job.paths.stderr),
         )
         if _settle(future, False, lost):
             self._record(future, "lost", outcome.returncode, **recorded_outcome(False, lost))
@@ -337,25 +336,13 @@ def _exit_reason(outcome: JobExit) -> str:
             return f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    module = wrapper_module()
-    if code == module.EXIT_UNDELIVERED:
+    if code == EXIT_UNDELIVERED:
         return "its result could not be delivered to the result store"
-    if code == module.EXIT_UNREPORTED:
+    if code == EXIT_UNREPORTED:
         return "the wrapper could not start the job"
     if code == 0:
         return "it exited cleanly but no valid result arrived"
     return "its process exited"
-
-
-def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - max_bytes))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _settle(future: AsyncResult, ok: bool, value: Any) -> bool:

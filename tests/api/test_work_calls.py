@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from idds_fat import AsyncResult, MapResult, Workflow, work, workflow
+from idds_fat.testing import wait_until
 
 
 @work
@@ -86,10 +87,7 @@ def test_map_results_keyed_by_kwargs_and_ordered_by_input_not_arrival(tmp_path):
     def chained(marker_dir, i, last):
         marker = Path(marker_dir)
         if i != last:
-            deadline = time.time() + 60
-            while not (marker / f"done-{i + 1}").exists():
-                assert time.time() < deadline, "previous job never finished"
-                time.sleep(0.01)
+            wait_until((marker / f"done-{i + 1}").exists, f"job {i + 1} to finish")
         finished = time.time()
         (marker / f"done-{i}").touch()
         return {"i": i, "finished": finished}

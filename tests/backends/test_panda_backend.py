@@ -41,6 +41,7 @@ from idds_fat.backends.panda import (
     pseudo_input,
 )
 from idds_fat.errors import ConfigError, IddsFatError
+from idds_fat.testing import wait_until
 
 SERVER = "https://panda.example.org:25443/server/panda"  # a PANDA_URL_SSL
 API = "https://panda.example.org:25443/api/v1"  # §1 and §6.1: host and port, path dropped
@@ -427,9 +428,7 @@ def test_poller_thread_reports_without_being_asked(rsps, client, exits) -> None:
     backend = submit_three(rsps, client, exits, poll_min=0.01, poll_max=0.05)
     add_status(rsps, "done")
     add_details(rsps, "finished*3", "done")
-    deadline = time.monotonic() + 10
-    while len(exits.calls) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(exits.calls) >= 3, "three exits reported", timeout=10)
     assert [o.returncode for _, o in exits.calls] == [0, 0, 0]
     backend.shutdown()
 

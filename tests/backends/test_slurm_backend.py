@@ -32,11 +32,7 @@ def _settings(**extra):
 
 @work
 def block_until(path, value=None, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.02)
+    wait_until(lambda: os.path.exists(path), path, timeout)
     return value
 
 

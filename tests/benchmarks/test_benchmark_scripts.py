@@ -22,6 +22,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_run_all_prints_every_table_and_writes_json_at_tiny_sizes(tmp_path):
     # Dask and Parsl take seconds to start: the peers' own adapters are left to real runs.
     done = subprocess.run(

@@ -318,17 +318,16 @@ def orphaned_workflow(tmp_path):
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, time
+            import os
             from idds_fat import Workflow
+            from idds_fat.testing import wait_until
 
             def quick(i):
                 return i
 
             def blocked(i):
                 open(os.path.join({str(tmp_path)!r}, f"started-{{i}}"), "w").close()
-                deadline = time.time() + 120
-                while not os.path.exists({str(gate)!r}) and time.time() < deadline:
-                    time.sleep(0.02)
+                wait_until(lambda: os.path.exists({str(gate)!r}), "the gate", timeout=120)
                 return i
 
             # A short publish_timeout: a job left over gives up soon once released.
@@ -336,8 +335,7 @@ def orphaned_workflow(tmp_path):
                 wf.map(quick, [{{"i": 0}}]).wait()
                 pending = wf.map(blocked, [{{"i": 1}}, {{"i": 2}}])
                 started = [os.path.join({str(tmp_path)!r}, f"started-{{i}}") for i in (1, 2)]
-                while not all(os.path.exists(path) for path in started):
-                    time.sleep(0.01)
+                wait_until(lambda: all(map(os.path.exists, started)), "both blocked jobs to start")
                 print("ID", wf.id, flush=True)
                 pending.wait()
             """

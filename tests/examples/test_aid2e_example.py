@@ -58,6 +58,7 @@ def test_an_impossible_design_raises(evaluate):
         evaluate(n_layers=2)
 
 
+@pytest.mark.slow
 def test_a_short_run_prints_a_pareto_front_and_saves_a_png(tmp_path):
     plot = tmp_path / "p.png"
     run = subprocess.run(
@@ -79,6 +80,7 @@ def test_a_short_run_prints_a_pareto_front_and_saves_a_png(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_design_whose_job_raises_is_told_failed_and_the_search_goes_on(monkeypatch):
     import optuna
 

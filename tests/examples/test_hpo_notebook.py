@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+pytestmark = pytest.mark.slow  # a Jupyter kernel and three HPO iterations: ~25 s
 
 
 def test_hpo_notebook_executes_and_plots_convergence(monkeypatch):

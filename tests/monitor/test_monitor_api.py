@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,8 +25,7 @@ def score(x):
 @work
 def held(gate, i):
     print(f"job {i} waits for the gate", file=sys.stderr, flush=True)
-    while not os.path.exists(gate):
-        time.sleep(0.02)
+    wait_until(lambda: os.path.exists(gate), "the gate", timeout=120)
     return i
 
 
@@ -140,8 +138,14 @@ def test_a_failed_job_shows_its_remote_traceback_and_stderr_tail(running):
     assert "Traceback" in job["error"] and "in fails" in job["error"]
     assert "ValueError: no good: <script>1</script>" in job["error"]
     assert "about to fail <b>" in job["stderr_tail"]
-    waiting = running.get(f"/api/workflows/{wf.id}/tasks/t0002/jobs/1").json()
-    assert waiting["error"] is None and "job 1 waits for the gate" in waiting["stderr_tail"]
+
+    # A running job's stderr tail grows as it runs: wait for the line, not for luck.
+    def held_job_said_it_waits() -> dict | bool:
+        record = running.get(f"/api/workflows/{wf.id}/tasks/t0002/jobs/1").json()
+        return "job 1 waits for the gate" in (record["stderr_tail"] or "") and record
+
+    waiting = wait_until(held_job_said_it_waits, "job 1's stderr line to show")
+    assert waiting["error"] is None
 
 
 def test_cancel_a_task_cancels_its_running_jobs_and_nothing_else(running):

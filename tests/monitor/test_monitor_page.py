@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 from idds_fat import Workflow, work
@@ -16,8 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @work
 def trial(gate, x):
-    while not os.path.exists(gate):
-        time.sleep(0.02)
+    wait_until(lambda: os.path.exists(gate), "the gate", timeout=120)
     return (x - 2.5) ** 2
 
 

@@ -50,24 +50,23 @@ def caller(tmp_path):
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, time
+            import os
             from idds_fat import Workflow
+            from idds_fat.testing import wait_until
 
             def quick(i):
                 return i
 
             def blocked(i):
                 open(os.path.join({str(tmp_path)!r}, f"started-{{i}}"), "w").close()
-                while not os.path.exists({str(gate)!r}):
-                    time.sleep(0.02)
+                wait_until(lambda: os.path.exists({str(gate)!r}), "the gate", timeout=120)
                 return i
 
             with Workflow(name="elsewhere", max_workers=4, publish_timeout=5) as wf:
                 wf.map(quick, [{{"i": 0}}]).wait()
                 pending = wf.map(blocked, [{{"i": 1}}, {{"i": 2}}])
                 started = [os.path.join({str(tmp_path)!r}, f"started-{{i}}") for i in (1, 2)]
-                while not all(os.path.exists(path) for path in started):
-                    time.sleep(0.01)
+                wait_until(lambda: all(map(os.path.exists, started)), "both blocked jobs to start")
                 print("ID", wf.id, flush=True)
                 pending.wait()
             """

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import cloudpickle
 
@@ -77,8 +76,8 @@ def test_map_started_with_broker_down_moves_to_stomp_when_it_returns(activemq_fa
     @work
     def gated_plus_one(x):
         # Jobs after the first 20 wait until the caller's subscription is back.
-        while x >= 20 and not os.path.exists(gate):
-            time.sleep(0.01)
+        if x >= 20:
+            wait_until(lambda: os.path.exists(gate), "the broker to be back", timeout=300)
         return x + 1
 
     broker = activemq_factory()

@@ -10,6 +10,7 @@ import requests
 from idds_fat.cache import content_key
 from idds_fat.node.envelope import seal
 from idds_fat.service import EmbeddedService
+from idds_fat.testing import wait_until
 
 TOKEN = "app-test-token"
 
@@ -45,10 +46,7 @@ def decoded(answer: dict) -> list[bytes]:
 
 def wait_for_waiting_reader(service: EmbeddedService, workflow: str) -> None:
     wakeups = service.app.state.wakeups
-    deadline = time.monotonic() + 10
-    while not wakeups.waiting(workflow):
-        assert time.monotonic() < deadline, "the long poll never started waiting"
-        time.sleep(0.001)
+    wait_until(lambda: wakeups.waiting(workflow), "the long poll to start waiting", timeout=10)
 
 
 def test_healthz_needs_no_token(service: EmbeddedService) -> None:

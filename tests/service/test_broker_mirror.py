@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import requests
 
 from idds_fat import Workflow, work
 from idds_fat.service import EmbeddedService
+from idds_fat.testing import wait_until
 
 USER, PASSWORD = "idds", "fat-secret"
 
@@ -26,25 +25,16 @@ def test_standalone_service_mirrors_every_workflow_through_a_wildcard(activemq, 
     }
     with EmbeddedService(tmp_path / "service", token="tok", mirror=mirror) as service:
         mirrored = service.app.state.mirror
-        deadline = time.monotonic() + 30
-        while not mirrored.up:
-            assert time.monotonic() < deadline, "mirror never subscribed"
-            time.sleep(0.01)
+        wait_until(lambda: mirrored.up, "the mirror to subscribe", timeout=30)
         settings = dict(service_url=service.url, token="tok", broker=activemq.url)
         settings.update(broker_user=USER, broker_password=PASSWORD)
         with Workflow(**settings) as wf:
-            deadline = time.monotonic() + 30
-            while not wf.parts.subscriber.up:
-                assert time.monotonic() < deadline, "caller never subscribed"
-                time.sleep(0.01)
+            wait_until(lambda: wf.parts.subscriber.up, "the caller to subscribe", timeout=30)
             assert square.map([{"x": i} for i in range(10)]).results(timeout=60) == [
                 i * i for i in range(10)
             ]
         assert wf.stats["received"] == 10 and wf.stats["stomp"] >= 1
-        deadline = time.monotonic() + 30
-        while mirrored.stored < 10:
-            assert time.monotonic() < deadline, f"mirror stored {mirrored.stored} of 10"
-            time.sleep(0.01)
+        wait_until(lambda: mirrored.stored >= 10, "the mirror to store 10 results", timeout=30)
         stored = requests.get(
             f"{service.url}/results/{wf.id}",
             headers={"Authorization": "Bearer tok"},

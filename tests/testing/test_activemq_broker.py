@@ -192,7 +192,7 @@ def test_body_over_max_data_length_is_refused_with_error(activemq_factory):
 def test_broker_that_died_on_its_own_can_be_started_again(activemq_factory):
     broker = activemq_factory()
     os.kill(broker.pid, signal.SIGKILL)  # behind the helper's back
-    broker._process.wait()
+    broker._process.wait(timeout=WAIT)
     assert not broker.running
     broker.start()
     assert broker.running

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from idds_fat.testing import SlurmCluster
+from idds_fat.testing import SlurmCluster, wait_until
 
 WAIT = 20.0  # generous upper bound for a job on an idle node; never a sleep
-_POLL = 0.1
 
 
 def slurm(cluster: SlurmCluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -43,18 +38,6 @@ def states(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     return dict(line.split() for line in result.stdout.splitlines())
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(_POLL)
-
-
 def wait_for_states(
     cluster: SlurmCluster, job_id: str, expected: dict[str, str], timeout: float = WAIT
 ) -> None:
@@ -66,11 +49,10 @@ def wait_for_states(
         seen.update(states(cluster, job_id))
         return seen == expected
 
-    deadline = time.monotonic() + timeout
-    while not reached():
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id}: states {seen}, expected {expected}")
-        time.sleep(_POLL)
+    try:
+        wait_until(reached, f"job {job_id} to reach {expected}", timeout)
+    except AssertionError as error:
+        raise AssertionError(f"job {job_id}: states {seen}, expected {expected}") from error
 
 
 def pid_alive(pid: int) -> bool:
@@ -129,13 +111,18 @@ def test_array_of_four_runs_every_element(slurm_cluster, tmp_path):
 
 def test_scancel_of_one_array_element_kills_it_and_spares_the_others(slurm_cluster, tmp_path):
     # Element 0 records its shell's pid and then blocks; the others finish at once.
+    # scancel does not stop a job script at once: slurmstepd sends SIGCONT and
+    # SIGTERM to the step's processes one by one, children first (proctrack walks
+    # the process tree), so the shell may reap the killed `sleep` and run its next
+    # command before its own SIGTERM lands. `set -e` makes that next command
+    # unreachable: `done` is written only by an element whose work succeeded.
     script = (
-        'if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then echo $$ > pid.tmp && mv pid.tmp pid; '
+        'set -e; if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then echo $$ > pid.tmp && mv pid.tmp pid; '
         "sleep 300; fi; echo done"
     )
     job = submit(slurm_cluster, "--array=0-3", "-o", "elem_%a.out", "--wrap", script, cwd=tmp_path)
     pid_file = tmp_path / "pid"
-    wait_for(pid_file.exists, "array element 0 to start")
+    wait_until(pid_file.exists, "array element 0 to start", WAIT)
     pid = int(pid_file.read_text())
 
     result = slurm(slurm_cluster, "scancel", f"{job}_0")
@@ -143,7 +130,7 @@ def test_scancel_of_one_array_element_kills_it_and_spares_the_others(slurm_clust
 
     expected = {f"{job}_0": "CANCELLED", **{f"{job}_{i}": "COMPLETED" for i in (1, 2, 3)}}
     wait_for_states(slurm_cluster, job, expected)
-    wait_for(lambda: not pid_alive(pid), f"element 0's shell (pid {pid}) to die")
+    wait_until(lambda: not pid_alive(pid), f"element 0's shell (pid {pid}) to die", WAIT)
     for i in (1, 2, 3):
         assert (tmp_path / f"elem_{i}.out").read_text() == "done\n"
     assert "done" not in (tmp_path / "elem_0.out").read_text()
@@ -198,7 +185,7 @@ def test_stop_kills_running_jobs_and_daemons(slurm_cluster, tmp_path):
             "echo $$ > pid.tmp && mv pid.tmp pid; sleep 300",
             cwd=tmp_path,
         )
-        wait_for((tmp_path / "pid").exists, f"job {job} to start")
+        wait_until((tmp_path / "pid").exists, f"job {job} to start", WAIT)
         pid = int((tmp_path / "pid").read_text())
         daemons = [
             cluster._daemons.ctld.pid,
@@ -207,7 +194,7 @@ def test_stop_kills_running_jobs_and_daemons(slurm_cluster, tmp_path):
         ]
         munge_dir = cluster._daemons.munge_dir
     assert not cluster.running
-    wait_for(lambda: not pid_alive(pid), f"job {job}'s shell (pid {pid}) to die", timeout=5)
+    wait_until(lambda: not pid_alive(pid), f"job {job}'s shell (pid {pid}) to die", timeout=5)
     assert not any(pid_alive(p) for p in daemons)
     assert not munge_dir.exists()
     # The session cluster is untouched.

@@ -12,6 +12,8 @@ import time
 import pytest
 
 from idds_fat import IddsFatError, JobLostError, Workflow, work
+from idds_fat.testing import wait_until
+from idds_fat.workflow.catalog import WorkflowNotFound
 
 
 def _caller_script(tmp_path, gate, n, local_mode="warm"):
@@ -19,14 +21,15 @@ def _caller_script(tmp_path, gate, n, local_mode="warm"):
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, time
+            import os
             from idds_fat import Workflow, work
 
             @work
             def job(i):
                 if i >= 2:  # these wait until the test opens the gate
-                    while not os.path.exists({str(gate)!r}):
-                        time.sleep(0.02)
+                    from idds_fat.testing import wait_until
+
+                    wait_until(lambda: os.path.exists({str(gate)!r}), "the gate", timeout=120)
                 return i * i
 
             with Workflow(
@@ -46,6 +49,7 @@ def _caller_script(tmp_path, gate, n, local_mode="warm"):
     return script
 
 
+@pytest.mark.slow  # a caller process, five jobs, a kill and an attach: 3-4 s each
 @pytest.mark.parametrize("local_mode", ["warm", "cold"])
 def test_results_survive_the_caller_being_killed_mid_map(tmp_path, local_mode):
     # Warm workers and cold jobs both hand results straight to a live caller; with
@@ -78,7 +82,8 @@ def test_results_survive_the_caller_being_killed_mid_map(tmp_path, local_mode):
 
 
 def test_attach_to_an_unknown_workflow_is_a_clear_error():
-    with pytest.raises(IddsFatError, match="no workflow matching 'nope'"):
+    # The same lookup, and the same error, as `idds-fat status nope`.
+    with pytest.raises(WorkflowNotFound, match="no workflow 'nope' in"):
         Workflow.attach("nope")
 
 
@@ -92,11 +97,7 @@ def test_attached_workflow_reports_a_job_that_died_meanwhile(tmp_path):
 
     wf = Workflow(max_workers=2).open()
     future = dies_later.submit(str(pid_file))
-    deadline = time.monotonic() + 60
-    while not (pid_file.exists() and pid_file.read_text()):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    job_pid = int(pid_file.read_text())
+    job_pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the job's pid"))
     # The caller stops following, as if it had died: the job runs on, watched by nobody.
     wf.detach()
     assert not future.done()
@@ -116,16 +117,12 @@ def test_detach_leaves_jobs_running_and_attach_collects_them(tmp_path):
 
     @work
     def gated(value):
-        while not os.path.exists(gate):
-            time.sleep(0.02)
+        wait_until(gate.exists, "the gate", timeout=120)
         return value
 
     wf = Workflow(publish_timeout=120).open()
     gated.submit("collected later")
-    deadline = time.monotonic() + 60
-    while not list((wf.work_dir / "jobs").glob("*/*/stdout.txt")):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: list((wf.work_dir / "jobs").glob("*/*/stdout.txt")), "the job to start")
     wf.detach()
     gate.touch()  # the job finishes with nobody listening, and retries its delivery
     with Workflow.attach(wf.id) as again:

@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from idds_fat import (
     current_workflow,
     work,
 )
+from idds_fat.testing import wait_until
 from idds_fat.workflow import options as options_module
 from idds_fat.workflow import require_workflow
 
@@ -29,11 +29,7 @@ from idds_fat.workflow import require_workflow
 @work
 def wait_for_file(path, timeout=120):
     """Block until ``path`` exists (a job that runs until the test lets it go)."""
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
+    wait_until(lambda: os.path.exists(path), path, timeout)
     return os.getpid()
 
 
@@ -141,20 +137,18 @@ def test_keyboard_interrupt_in_caller_cancels_outstanding_jobs(tmp_path):
     caller = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()):
-        assert time.time() < deadline and caller.poll() is None, caller.stderr.read()
-        time.sleep(0.01)
-    job_pid = int(pid_file.read_text())
+
+    def started() -> str | bool:
+        assert caller.poll() is None, caller.stderr.read()
+        return pid_file.exists() and pid_file.read_text()
+
+    job_pid = int(wait_until(started, "the job's pid"))
     assert _pid_alive(job_pid)
     caller.send_signal(signal.SIGINT)
     out, err = caller.communicate(timeout=60)
     assert "interrupted" in out
     assert "KeyboardInterrupt" in err
-    deadline = time.time() + 10
-    while _pid_alive(job_pid) and time.time() < deadline:
-        time.sleep(0.01)
-    assert not _pid_alive(job_pid)
+    wait_until(lambda: not _pid_alive(job_pid), f"the job (pid {job_pid}) to die", timeout=10)
 
 
 def test_state_on_disk_records_tasks_and_jobs():
@@ -237,10 +231,10 @@ def test_work_resources_override_the_workflows():
 
 def _wait_until_running(wf: Workflow, count: int = 1) -> None:
     """Wait until ``count`` job processes have started (their stdout file exists)."""
-    deadline = time.time() + 60
-    while len(list((wf.work_dir / "jobs").glob("*/*/stdout.txt"))) < count:
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_until(
+        lambda: len(list((wf.work_dir / "jobs").glob("*/*/stdout.txt"))) >= count,
+        f"{count} job(s) to start",
+    )
 
 
 def _job_counts(wf: Workflow) -> dict[str, int]:
