@@ -175,6 +175,10 @@ def read_pack(jobs_file: str, pack: str) -> list[dict]:
     return jobs
 
 
+# How a job's child reports SIGTERM: killed by it, or a shell's 128 + 15.
+_ENDED_BY_SIGTERM = (-15, 143)
+
+
 def run_pack(jobs: list[dict], secrets: dict) -> int:
     """Run several jobs in this one process, each delivering its result as soon as it is done.
 
@@ -193,6 +197,12 @@ def run_pack(jobs: list[dict], secrets: dict) -> int:
     with _WarmSession(first) as warm:
         for command in jobs:
             status, _, _ = _run_command(command, secrets, idle, warm)
+            if status in _ENDED_BY_SIGTERM:
+                # The batch system is ending this pack (scancel, walltime) and signals the
+                # deepest processes first: a job run as a child dies before this process
+                # hears of it. Stop here: a next job's child would escape the kill, and an
+                # exit status of -15 would hide the scheduler's own account of the end.
+                return status
             Path(command["workdir"], "exit_status").write_text(f"{status}\n")
             worst = worst or status
     return worst
