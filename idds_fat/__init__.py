@@ -25,6 +25,7 @@ from idds_fat.errors import (
     RemoteTraceback,
     ServiceError,
     UnsafeArchiveError,
+    WorkflowClosedError,
 )
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.workflow import Workflow, current_workflow
@@ -58,6 +59,7 @@ __all__ = [
     "Venv",
     "WorkFunction",
     "Workflow",
+    "WorkflowClosedError",
     "__version__",
     "current_workflow",
     "load_config",

@@ -5,6 +5,12 @@ config directory (``~/.config/idds-fat/config.toml`` on Linux). Its keys are the
 field names of :class:`Config`, at top level or under an ``[idds_fat]`` table.
 An environment variable is the field name in upper case behind ``IDDS_FAT_``
 (``IDDS_FAT_MAX_WORKERS=4``); a list is comma-separated.
+
+Path settings (``work_dir``, ``env_cache_dir``, a directory ``cache``, and a
+``python`` given as a path) are made absolute once, against the current
+directory when the settings are read: jobs and workers run in directories of
+their own, where a relative path would name another place. URLs and bare
+command names (``python3``) stay as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import platformdirs
 
@@ -27,6 +34,8 @@ else:  # pragma: no cover - exercised only on 3.10
 
 ENV_PREFIX = "IDDS_FAT_"
 MB = 1024 * 1024
+#: Values of ``cache`` that name no directory.
+_CACHE_KEYWORDS = ("service",)
 
 
 def _default_work_dir() -> Path:
@@ -38,7 +47,8 @@ class Config:
     """Settings of the SDK, the embedded service and the local backend.
 
     Attributes:
-        work_dir: where workflows keep their state, job logs and the local cache.
+        work_dir: where workflows keep their state, job logs and the local cache
+            (made absolute, like every path setting: see the module's docstring).
         backend: ``"local"`` (the default); other backends come with their issues.
         service_url: URL of a running ``idds-fat serve``; ``None`` starts one in-process.
         token: bearer token for the service; generated per workflow when embedded.
@@ -53,7 +63,8 @@ class Config:
         on_exit: ``"wait"`` or ``"cancel"``: what leaving a workflow does with jobs
             still running (an exception in the body always cancels).
         publish_timeout: seconds a job keeps trying to deliver its result.
-        python: the interpreter that local jobs run.
+        python: the interpreter that local jobs run: a path, or a name looked up
+            on ``PATH`` (``python3``).
         local_mode: ``"warm"`` (the default): the local backend keeps
             ``max_workers`` long-lived worker processes that run job after job
             through the wrapper; ``"cold"``: one new interpreter per job, as on
@@ -144,6 +155,14 @@ class Config:
             raise ConfigError(f"max_workers must be at least 1, not {self.max_workers}")
         if self.broker is not None:
             broker_addresses(self.broker)  # fail early on a malformed broker list
+        # Frozen: the absolute forms are set through object.__setattr__, once, here.
+        object.__setattr__(self, "work_dir", _absolute_path(self.work_dir))
+        if self.env_cache_dir is not None:
+            object.__setattr__(self, "env_cache_dir", _absolute_path(self.env_cache_dir))
+        if self.cache is not None and _is_directory_location(self.cache):
+            object.__setattr__(self, "cache", str(_absolute_path(self.cache)))
+        if os.sep in self.python:  # a path, not a name looked up on PATH
+            object.__setattr__(self, "python", str(_absolute_path(self.python)))
 
     @property
     def brokers(self) -> list[tuple[str, int]]:
@@ -153,6 +172,20 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (``None`` values are ignored)."""
         return load_config(base=self, **changes)
+
+
+def _absolute_path(value: str | os.PathLike[str]) -> Path:
+    # ~ expanded, joined to the current directory, . and .. folded; symbolic links
+    # kept (a shared file system's path may be a link that nodes resolve alike).
+    return Path(os.path.abspath(Path(value).expanduser()))
+
+
+def _is_directory_location(cache: str) -> bool:
+    """Whether a ``cache`` setting names a directory (not ``service`` nor a URL)."""
+    if not cache or cache in _CACHE_KEYWORDS:
+        return False
+    scheme = urlparse(cache).scheme
+    return not scheme or len(scheme) == 1  # one letter is a Windows drive, not a scheme
 
 
 def broker_addresses(broker: str) -> list[tuple[str, int]]:

@@ -55,6 +55,14 @@ class NoActiveWorkflowError(IddsFatError, RuntimeError):
     """A call needs a running workflow and none is active."""
 
 
+class WorkflowClosedError(IddsFatError, RuntimeError):
+    """A task was submitted to a workflow that was closed, detached or shut down.
+
+    A ``RuntimeError`` too, as ``concurrent.futures.Executor.submit`` raises
+    after ``shutdown``.
+    """
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a job.
 

@@ -45,3 +45,41 @@ def test_bad_settings_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("IDDS_FAT_CONFIG", str(bad))
     with pytest.raises(ConfigError, match="unknown settings"):
         load_config()
+
+
+_RELATIVE = {"work_dir": "wd", "env_cache_dir": "envs", "cache": "store", "python": "bin/py"}
+
+
+@pytest.mark.parametrize("source", ["file", "env", "argument"])
+def test_relative_path_settings_are_absolute_from_the_directory_they_were_read_in(
+    source, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IDDS_FAT_WORK_DIR")  # set by the autouse fixture; it would win
+    if source == "file":
+        lines = [f'{name} = "{value}"' for name, value in _RELATIVE.items()]
+        (tmp_path / "c.toml").write_text("\n".join(lines) + "\n")
+        monkeypatch.setenv("IDDS_FAT_CONFIG", "c.toml")
+        config = load_config()
+    elif source == "env":
+        for name, value in _RELATIVE.items():
+            monkeypatch.setenv(f"IDDS_FAT_{name.upper()}", value)
+        config = load_config()
+    else:
+        config = load_config(**_RELATIVE)
+    monkeypatch.chdir(tmp_path.parent)  # read once: moving on changes nothing
+    assert config.work_dir == tmp_path / "wd"
+    assert config.env_cache_dir == tmp_path / "envs"
+    assert config.cache == str(tmp_path / "store")
+    assert config.python == str(tmp_path / "bin" / "py")
+    assert config.replace(max_workers=2).work_dir == tmp_path / "wd"
+
+
+def test_cache_urls_and_interpreter_names_stay_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for cache in ("service", "http://127.0.0.1:8000/cache", "s3://bucket/prefix", "file:///x"):
+        assert load_config(cache=cache).cache == cache
+    assert load_config(python="python3").python == "python3"  # looked up on PATH
+    home = Path("~").expanduser()
+    assert load_config(work_dir="~/wd", cache="~/store").work_dir == home / "wd"
+    assert load_config(cache="~/store").cache == str(home / "store")

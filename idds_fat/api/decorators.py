@@ -144,6 +144,9 @@ class WorkFunction:
     def map(self, kwargs_list: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any) -> MapResult:
         """Run one job per entry of ``kwargs_list``; return a :class:`MapResult` without blocking.
 
+        The keyword-list map, as ``Workflow.map_kwargs`` (``Workflow.map`` is
+        ``Executor.map``).
+
         Raises:
             ArgumentError: an argument does not pickle or is too large.
         """

@@ -103,12 +103,16 @@ class JobExit:
         result: the job's signed result message, when the backend got it straight
             from the job (``BackendSetup.direct_results``) instead of the job
             delivering it to a result channel; the workflow verifies it like any other.
+        log: the file with what the process printed on stderr, when that is not
+            the job's own ``stderr.txt`` (a warm worker that died before it
+            started the job wrote only to its own log).
     """
 
     returncode: int | None
     reason: str = ""
     cancelled: bool = False
     result: bytes | None = field(default=None, repr=False)
+    log: Path | None = None
 
 
 #: Called by a backend, from any thread, when a job has ended.

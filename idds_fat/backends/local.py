@@ -31,11 +31,42 @@ from idds_fat.backends.base import (
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
+from idds_fat.node.environments import ENV_CACHE_ENV
 from idds_fat.node.spec import SECRETS_ENV
 from idds_fat.workdir import WorkflowPaths
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
+
+
+class _CannotStart(Exception):
+    """The interpreter jobs run with could not be executed at all (the message says why)."""
+
+
+def _popen(argv: list[str], **options: object) -> subprocess.Popen:
+    """Start ``argv``; raise _CannotStart, naming it, when its program cannot be executed."""
+    try:
+        return subprocess.Popen(argv, **options)  # type: ignore[call-overload]
+    except OSError as exc:
+        if exc.filename != argv[0]:  # e.g. the working directory, not the program
+            raise
+        raise _CannotStart(
+            f"the interpreter {argv[0]} could not be started: {exc.strerror or exc}"
+        ) from None
+
+
+def _ended_before_start(python: str, returncode: int, between_jobs: bool = False) -> str:
+    """Why a job is lost whose interpreter ended before the job started."""
+    if returncode < 0:
+        try:
+            how = f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = "exited"
+    if between_jobs:  # it had run others: not a start-up failure
+        return f"its warm worker (the interpreter {python}) {how} before the job started"
+    return f"the interpreter {python} {how} before the job started"
 
 
 class _WarmWorker:
@@ -46,9 +77,11 @@ class _WarmWorker:
 
     def __init__(self, argv: list[str], env: Mapping[str, str], home: Path) -> None:
         self.home = home
+        self.log = home.with_name(home.name + ".log")
+        self.jobs_run = 0  # jobs it answered for
         home.mkdir(parents=True, exist_ok=True)
-        with open(home.with_name(home.name + ".log"), "ab") as log:
-            self.proc = subprocess.Popen(
+        with open(self.log, "ab") as log:
+            self.proc = _popen(
                 argv,
                 cwd=home,
                 env=dict(env),
@@ -76,6 +109,7 @@ class _WarmWorker:
             return None
         if not line:
             return None
+        self.jobs_run += 1
         answer = json.loads(line)
         result = answer.get("result")
         return JobExit(int(answer["exit"]), result=None if result is None else b64decode(result))
@@ -131,6 +165,8 @@ class LocalBackend(Backend):
         self._workers: set[_WarmWorker] = set()
         self._worker_count = 0
         self._python = python
+        self._python_status: int | None = None  # how it ran an empty program, once asked
+        self._python_probe = threading.Lock()
         self._launch = launch_command(python, wrapper_path)
         self._env = dict(env)
         self._on_exit = on_exit
@@ -153,9 +189,15 @@ class LocalBackend(Backend):
 
         Jobs get their secrets in their environment (``IDDS_FAT_JOB_SECRETS``),
         and the GPUs of ``config.gpu_devices`` (else those ``nvidia-smi -L`` lists).
+        Their ``IDDS_FAT_ENV_CACHE_DIR`` (which a node's environment sets and which
+        wins there) is ``config.env_cache_dir``: the caller's setting, absolute, by
+        its precedence, not the variable as this process got it.
         """
         env = dict(os.environ)
         env[SECRETS_ENV] = json.dumps(dict(setup.secrets))
+        env.pop(ENV_CACHE_ENV, None)
+        if config.env_cache_dir is not None:
+            env[ENV_CACHE_ENV] = str(config.env_cache_dir)
         gpus = config.gpu_devices if config.gpu_devices is not None else detect_gpus()
         return cls(
             python=config.python,
@@ -285,6 +327,8 @@ class LocalBackend(Backend):
         devices = self._take_gpus(job)
         try:
             outcome = self._run_process(job, devices)
+        except _CannotStart as exc:  # a setting to fix, not a bug: no traceback
+            outcome = JobExit(None, str(exc))
         except Exception as exc:  # report, never lose the job silently
             logger.exception("local job %s could not run", job.name)
             outcome = JobExit(None, f"could not start: {exc}")
@@ -367,6 +411,11 @@ class LocalBackend(Backend):
         returncode = self._retire(worker)
         if expired.is_set():
             return JobExit(returncode, f"walltime of {walltime:g} s exceeded")
+        if not job.paths.stderr.exists():
+            # The worker opens it first thing for each job: it never took this one,
+            # and what it printed is in its own log.
+            reason = _ended_before_start(self._python, returncode, worker.jobs_run > 0)
+            return JobExit(returncode, reason, log=worker.log)
         return JobExit(returncode)  # the worker died with the job, which is how it ended
 
     def _run_cold(self, job: JobRequest, devices: list[str] | None) -> JobExit:
@@ -382,15 +431,21 @@ class LocalBackend(Backend):
             with self._lock:
                 if job.job_id in self._cancelled:
                     return JobExit(None, "cancelled", cancelled=True)
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=job.workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,  # its own process group, so cancel kills children too
-                )
+                try:
+                    proc = _popen(
+                        argv,
+                        cwd=job.workdir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,  # its own group, so cancel kills children too
+                    )
+                except _CannotStart as exc:
+                    # Nothing ran, so nothing printed: leave no empty logs to point at.
+                    job.paths.stdout.unlink(missing_ok=True)
+                    job.paths.stderr.unlink(missing_ok=True)
+                    return JobExit(None, str(exc))
                 self._procs[job.job_id] = proc
             if self._on_start is not None:
                 self._on_start(job, str(proc.pid))
@@ -400,7 +455,28 @@ class LocalBackend(Backend):
             except subprocess.TimeoutExpired:
                 _kill_group(proc.pid)
                 return JobExit(proc.wait(), f"walltime of {walltime:g} s exceeded")
+        if returncode > 0 and returncode == self._empty_program_status():
+            # The interpreter fails the same way with nothing to run: it never ran the job.
+            return JobExit(returncode, _ended_before_start(self._python, returncode))
         return JobExit(returncode, result=_take_reply(job) if returncode == 0 else None)
+
+    def _empty_program_status(self) -> int | None:
+        """Return the exit status of the interpreter running an empty program (asked
+        once, when a cold job fails); None when it cannot tell."""
+        with self._python_probe:
+            if self._python_status is None:
+                try:
+                    self._python_status = subprocess.run(
+                        [self._python, "-c", ""],
+                        env=self._env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        timeout=60,
+                    ).returncode
+                except (OSError, subprocess.TimeoutExpired):
+                    return None
+            return self._python_status
 
 
 def _take_reply(job: JobRequest) -> bytes | None:

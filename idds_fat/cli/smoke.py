@@ -115,7 +115,7 @@ def _check_results(wf: Workflow, squares: list, boom: concurrent.futures.Future)
 def _run_once(config: Config, channel: str, deadline: float) -> SmokeRun:
     started = time.monotonic()
     with Workflow(name="smoke", config=config) as wf:
-        squares = wf.map(smoke_jobs.square, [{"x": i} for i in range(MAP_JOBS)]).futures
+        squares = wf.map_kwargs(smoke_jobs.square, [{"x": i} for i in range(MAP_JOBS)]).futures
         boom = wf.submit(smoke_jobs.fail_on_purpose, _TOKEN)
         everything = [*squares, boom]
         remaining = max(0.0, deadline - time.monotonic())

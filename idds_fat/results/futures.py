@@ -6,10 +6,17 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from idds_fat.results.display import html_table, outcome_counts
+
+# The states of concurrent.futures.Future (CPython Lib/concurrent/futures/_base.py),
+# stable since 3.2: AsyncResult adds the one transition it lacks, RUNNING to CANCELLED.
+_PENDING = "PENDING"
+_RUNNING = "RUNNING"
+_CANCELLED = "CANCELLED"
 
 __all__ = ["AsyncResult", "LazyValue", "MapResult"]
 
@@ -43,11 +50,47 @@ class LazyValue:
         return self._value
 
 
+# How long the main thread blocks at a time while it waits for jobs. POSIX
+# lets the system deliver a process-directed SIGINT (Ctrl-C, kill -INT) to any
+# thread; CPython acts on it only when the main thread runs bytecode again,
+# and a lock acquire with no timeout is woken only by a signal to its own
+# thread. Waiting in slices is what lets Ctrl-C reach a caller blocked on its
+# jobs (tests/workflow/test_lifecycle.py sends it to another thread).
+_INTERRUPTIBLE_SLICE = 0.25
+
+
+def wait_interruptibly(
+    futures: Iterable[concurrent.futures.Future], timeout: float | None = None
+) -> tuple[set[concurrent.futures.Future], set[concurrent.futures.Future]]:
+    """``concurrent.futures.wait(futures, timeout)`` for all of them, which Ctrl-C interrupts.
+
+    Returns ``(done, not_done)``. In the main thread it waits in short slices,
+    so a ``KeyboardInterrupt`` is raised at once wherever the signal landed;
+    in other threads it is ``concurrent.futures.wait``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        done, pending = concurrent.futures.wait(futures, timeout)
+        return set(done), set(pending)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done: set[concurrent.futures.Future] = set()
+    pending = set(futures)
+    while pending:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            break
+        step = _INTERRUPTIBLE_SLICE if remaining is None else min(_INTERRUPTIBLE_SLICE, remaining)
+        finished, pending = concurrent.futures.wait(pending, step)
+        done |= finished
+    return done, pending
+
+
 class AsyncResult(concurrent.futures.Future):
     """The result of one job: a :class:`concurrent.futures.Future`.
 
     ``concurrent.futures.as_completed``, ``wait`` and ``asyncio.wrap_future``
-    work on it, and it can be awaited directly. ``result()`` returns the
+    work on it, and it can be awaited directly. ``running()`` is True once the
+    backend started the job; from then on ``cancel()`` returns False, as the
+    ``Future`` contract says, and :meth:`kill` stops the job instead. ``result()`` returns the
     function's return value or raises its exception (re-raised as its own type,
     with the remote traceback as ``__cause__``), :class:`~idds_fat.errors.JobLostError`
     when the job died without a result, or ``TimeoutError``.
@@ -75,28 +118,67 @@ class AsyncResult(concurrent.futures.Future):
         self._canceller = canceller
 
     def cancel(self) -> bool:
-        """Cancel the job (killing it if it runs); return False if it had already finished."""
+        """Cancel the job if it has not started, as ``concurrent.futures.Future.cancel``.
+
+        Returns False once the job runs (``running()``) or has finished, True if
+        the future is cancelled (now or before). A queued job is withdrawn from
+        its backend. To stop a running job, use :meth:`kill`.
+        """
+        if self._to_cancelled(kill=False):
+            if self._canceller is not None:
+                self._canceller(self)
+            return True
+        return self.cancelled()
+
+    def kill(self) -> bool:
+        """Cancel the job, killing it if it runs (an idds-fat verb; ``cancel()`` does not).
+
+        The future ends cancelled, as the CLI's ``cancel`` and the monitoring
+        page's cancel button leave it. Returns False if it had already finished
+        with a value or an exception, True if it is cancelled.
+        """
         if self.done():
-            return False
+            return self.cancelled()
         if self._canceller is not None:
             self._canceller(self)
         return self.mark_cancelled()
 
-    def mark_cancelled(self) -> bool:
-        """Move to the cancelled state and wake ``wait``/``as_completed``; don't touch the job.
+    def mark_running(self) -> bool:
+        """Move a pending future to running (its job started); return whether it runs.
 
+        Once running, ``cancel()`` returns False. Safe to call again (a job run
+        again stays running) and on a cancelled or finished future (returns False).
+        """
+        with self._condition:  # a reentrant lock: the check and the move are one step
+            if self._state == _PENDING:
+                return self.set_running_or_notify_cancel()
+            return self._state == _RUNNING
+
+    def mark_cancelled(self) -> bool:
+        """Move to the cancelled state, even from running, and wake ``wait``/``as_completed``.
+
+        Doesn't touch the job (the backend killed it, or :meth:`kill` does).
         Returns False if the future had already finished.
         """
-        if self.cancelled():
-            return True
-        if not super().cancel():
-            return False
-        # Future.cancel alone leaves CANCELLED, which concurrent.futures.wait and
-        # as_completed do not count as done; this moves it to CANCELLED_AND_NOTIFIED.
-        try:
-            self.set_running_or_notify_cancel()
-        except RuntimeError:  # another thread cancelled it at the same moment
-            pass
+        self._to_cancelled(kill=True)
+        return self.cancelled()
+
+    def _to_cancelled(self, kill: bool) -> bool:
+        """The one transition to cancelled: from pending (and from running if ``kill``).
+
+        ``concurrent.futures.Future`` has no way from RUNNING to CANCELLED, so this
+        does what ``Future.cancel`` does for a pending one. Returns whether this
+        call made the transition.
+        """
+        with self._condition:
+            if self._state != _PENDING and not (kill and self._state == _RUNNING):
+                return False
+            self._state = _CANCELLED
+            self._condition.notify_all()
+        # CANCELLED alone is not done for concurrent.futures.wait and as_completed;
+        # this moves it to CANCELLED_AND_NOTIFIED and wakes their waiters.
+        self.set_running_or_notify_cancel()
+        self._invoke_callbacks()
         return True
 
     def result(self, timeout: float | None = None) -> Any:
@@ -111,8 +193,23 @@ class AsyncResult(concurrent.futures.Future):
             IntegrityError: a large value's stored copy was tampered with.
             Exception: the job's own exception, or JobLostError.
         """
+        if not self.done():
+            wait_interruptibly([self], timeout)
+            timeout = 0  # waited already: done now, or out of time
         value = super().result(timeout)
         return value.get() if isinstance(value, LazyValue) else value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Return the job's exception (None if it returned), waiting up to ``timeout`` seconds.
+
+        Raises:
+            TimeoutError: not done in time.
+            CancelledError: the job was cancelled.
+        """
+        if not self.done():
+            wait_interruptibly([self], timeout)
+            timeout = 0  # waited already: done now, or out of time
+        return super().exception(timeout)
 
     def get_result(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`, as iDDS names it."""
@@ -223,7 +320,7 @@ class MapResult(Sequence):
         Raises:
             TimeoutError: some job is still unfinished after ``timeout`` seconds.
         """
-        _, pending = concurrent.futures.wait(self.futures, timeout)
+        _, pending = wait_interruptibly(self.futures, timeout)
         if pending:
             raise TimeoutError(f"{len(pending)} of {len(self.futures)} jobs still unfinished")
         return self
@@ -233,8 +330,15 @@ class MapResult(Sequence):
         return all(f.done() for f in self.futures)
 
     def cancel(self) -> int:
-        """Cancel every unfinished job; return how many were cancelled."""
-        return sum(f.cancel() for f in self.futures)
+        """Cancel every job that has not started (``Future.cancel``); return how many.
+
+        Running jobs go on; :meth:`kill` stops them too.
+        """
+        return sum(f.cancel() for f in self.futures if not f.done())
+
+    def kill(self) -> int:
+        """Cancel every unfinished job, killing those that run; return how many."""
+        return sum(f.kill() for f in self.futures if not f.done())
 
     def failed(self) -> list[AsyncResult]:
         """Return the finished jobs that raised (or were lost or cancelled)."""

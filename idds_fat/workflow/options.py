@@ -104,7 +104,8 @@ class WorkflowOptions:
             resources=Resources(**resolved),
             placement=placement,
             environment=environment,
-            source_dir=Path(source_dir).resolve() if source_dir is not None else None,
+            # Absolute now, against the current directory: jobs run elsewhere.
+            source_dir=Path(source_dir).expanduser().resolve() if source_dir is not None else None,
             exclude_source_files=tuple(exclude_source_files),
         )
 

@@ -136,5 +136,7 @@ def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
             elif status == "lost":
                 tracker.lose(request, JobExit(returncode, "lost before the caller went away"))
             elif status in ("queued", "running"):
+                if status == "running":
+                    future.mark_running()  # it started under the earlier caller
                 pending.append((request, ref))
     return pending

@@ -1,4 +1,8 @@
-"""A running workflow: the public verbs (start, submit, map, wait, cancel, close, attach).
+"""A running workflow: the public verbs (start, submit, map, shutdown, wait, cancel, close, attach).
+
+``Workflow`` is a :class:`concurrent.futures.Executor`: ``submit``, ``map`` and
+``shutdown`` follow that contract; ``map_kwargs`` is idds-fat's map over keyword
+arguments (one task, one job per dict), ``cancel``/``close``/``detach`` its own verbs.
 
 What it holds lives next door: its options (options.py), the parts it runs
 (parts.py), its job specs (specs.py) and the books of its jobs (tracker.py).
@@ -10,18 +14,22 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from idds_fat.backends import Resources
 from idds_fat.config import Config
-from idds_fat.errors import IddsFatError
+from idds_fat.errors import IddsFatError, WorkflowClosedError
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.results.display import WaitProgress, html_table
+from idds_fat.results.futures import wait_interruptibly
 from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules
 from idds_fat.workflow import resume
 from idds_fat.workflow.current import drop_current, push_current
+from idds_fat.workflow.executor_map import is_kwargs_list, map_entries, results_in_order
 from idds_fat.workflow.options import OptionAttribute, WorkflowOptions
 from idds_fat.workflow.parts import WorkflowParts
 from idds_fat.workflow.specs import JobSpecs
@@ -30,13 +38,19 @@ from idds_fat.workflow.tracker import JobTracker
 logger = logging.getLogger(__name__)
 
 
-class Workflow:
+class Workflow(concurrent.futures.Executor):
     """A workflow: the context in which ``@work`` calls run as jobs.
 
     Use it as a context manager (``with Workflow(backend="local") as wf:``) or
     through the ``@workflow`` decorator. While it is open, calling a ``@work``
     function submits a task to its backend; ``submit`` and ``map`` do the same
-    for any function, like ``concurrent.futures.Executor``.
+    for any function.
+
+    It is a :class:`concurrent.futures.Executor` (``submit``, ``map``,
+    ``shutdown``), so code written for ``ProcessPoolExecutor`` or
+    ``loop.run_in_executor`` takes it; its futures are
+    :class:`~idds_fat.results.AsyncResult`. ``map_kwargs(fn, kwargs_list)`` runs
+    one job per dict of keyword arguments, as one task.
 
     Leaving it waits for the jobs still running (``on_exit="wait"``, the default)
     or cancels them (``on_exit="cancel"``); an exception leaving the body always
@@ -109,6 +123,7 @@ class Workflow:
         self.tracker = JobTracker(self.options, self.parts, self.specs)
         self._started = False
         self._closed = False
+        self._closer: threading.Thread | None = None  # shutdown's closing thread
         self._lock = threading.Lock()
         self.options.warn_ignored_parameters()
 
@@ -167,10 +182,10 @@ class Workflow:
 
     def _start_with(self, starting: Callable[[], None]) -> Workflow:
         with self._lock:
+            if self._closed:
+                raise WorkflowClosedError("this workflow is closed; create a new one")
             if self._started:
                 return self
-            if self._closed:
-                raise IddsFatError("this workflow is closed; create a new one")
             try:
                 starting()
             except BaseException:
@@ -228,7 +243,10 @@ class Workflow:
         return self.tracker.task_names()
 
     def cancel(self, task_id: str | None = None) -> int:
-        """Cancel the unfinished jobs of one task (or of all); return how many.
+        """Kill the unfinished jobs of one task (or of all), running ones too; return how many.
+
+        Their futures end cancelled (as :meth:`AsyncResult.kill` leaves them); the
+        CLI's ``cancel`` and the monitoring page's cancel button call this.
 
         Raises:
             KeyError: no task has this id.
@@ -244,15 +262,54 @@ class Workflow:
     def close(self, cancel: bool | None = None) -> None:
         """Finish the workflow: wait for (or cancel) running jobs, then stop its parts.
 
-        ``cancel`` defaults to the ``on_exit`` setting. Safe to call twice.
+        ``cancel`` defaults to the ``on_exit`` setting. Safe to call twice. Later
+        submissions raise :class:`~idds_fat.errors.WorkflowClosedError`.
         """
+        if not self._mark_closed():
+            return
+        self._finish(self.config.on_exit == "cancel" if cancel is None else cancel)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks and finish, as ``concurrent.futures.Executor.shutdown``.
+
+        From now on ``submit`` and ``map`` raise
+        :class:`~idds_fat.errors.WorkflowClosedError` (a ``RuntimeError``).
+        ``cancel_futures`` cancels the jobs that have not started
+        (``Future.cancel``); running ones finish. Then it is ``close(cancel=False)``:
+        the remaining jobs finish and their futures settle, then the workflow's
+        parts stop. With ``wait=True`` this returns after that; with
+        ``wait=False`` it returns at once and the closing runs in a thread of
+        its own (not a daemon: the interpreter waits for it at exit, as it does
+        for ``ThreadPoolExecutor``'s workers). To stop following the jobs without
+        waiting for them, use :meth:`detach`; to kill them, ``close(cancel=True)``.
+        Safe to call twice; a later ``shutdown(wait=True)`` waits for an earlier
+        ``shutdown(wait=False)``.
+        """
+        first = self._mark_closed()
+        if cancel_futures:
+            for future in self.tracker.futures():
+                future.cancel()
+        if first and wait:
+            self._finish(False)
+        elif first:
+            drop_current(self)  # a @work call from now on runs nowhere else
+            self._closer = threading.Thread(
+                target=self._finish, args=(False,), name=f"idds-fat-shutdown-{self.id or self.name}"
+            )
+            self._closer.start()
+        elif wait and self._closer is not None and self._closer is not threading.current_thread():
+            self._closer.join()
+
+    def _mark_closed(self) -> bool:
+        """Refuse new tasks from now on; return False if it was closed already."""
         with self._lock:
             if self._closed:
-                return
+                return False
             self._closed = True
             self.tracker.close()
-        if cancel is None:
-            cancel = self.config.on_exit == "cancel"
+            return True
+
+    def _finish(self, cancel: bool) -> None:
         try:
             if not cancel:
                 # Results decide when a job is done; the backend's own view may lag.
@@ -322,10 +379,62 @@ class Workflow:
 
         Raises:
             ArgumentError: an argument does not pickle or is too large.
+            WorkflowClosedError: the workflow was closed, detached or shut down.
         """
         return self.submit_task(fn, args, kwargs)[0]
 
-    def map(
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        **common: Any,
+    ) -> Iterator[Any]:
+        """Run ``fn(*xs)`` for ``xs`` in ``zip(*iterables)``, as ``Executor.map``.
+
+        Submits every job at once (one task, one job per element) and returns an
+        iterator of their values in input order, each waited for when reached;
+        the first exception is raised where it is reached. ``timeout`` counts
+        from this call: a value not there by then raises ``TimeoutError``.
+        Leaving the iterator early cancels the jobs that have not started.
+        ``chunksize`` is accepted and has no effect (as for
+        ``ThreadPoolExecutor``); to run several jobs per worker, give the
+        function ``@work(jobs_per_worker=...)``.
+
+        Deprecated form: ``map(fn, kwargs_list, **common)``, with a single
+        iterable that is a non-empty list or tuple whose items are all dicts
+        (mappings), still runs ``fn(**common, **k)`` per dict and returns a
+        :class:`MapResult`, with a ``DeprecationWarning``, for one release; use
+        :meth:`map_kwargs`. Only that form takes extra keyword arguments (the old
+        common positional arguments are gone: they read as more iterables). To
+        map over dicts as ``Executor.map`` does meanwhile, pass an iterator
+        (``wf.map(fn, iter(dicts))``).
+
+        Raises:
+            ArgumentError: an argument does not pickle or is too large.
+            WorkflowClosedError: the workflow was closed, detached or shut down.
+            ValueError: ``chunksize`` is below 1.
+            TypeError: keyword arguments other than ``timeout`` and ``chunksize``
+                outside the deprecated form.
+        """
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if len(iterables) == 1 and is_kwargs_list(iterables[0]):
+            warnings.warn(
+                "Workflow.map(fn, kwargs_list) is deprecated: use "
+                "Workflow.map_kwargs(fn, kwargs_list); Workflow.map is Executor.map",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.map_kwargs(fn, iterables[0], **common)  # type: ignore[arg-type]
+        if common:
+            raise TypeError(f"map() got unexpected keyword arguments: {', '.join(common)}")
+        fn_args, entries, name = map_entries(fn, iterables)
+        return results_in_order(self.submit_task(fn_args, (), {}, entries, name=name), end_time)
+
+    def map_kwargs(
         self,
         fn: Callable[..., Any],
         kwargs_list: Iterable[Mapping[str, Any]],
@@ -335,10 +444,12 @@ class Workflow:
     ) -> MapResult:
         """Run ``fn(*args, **kwargs, **k)`` as one job per ``k`` in ``kwargs_list``.
 
-        Returns a :class:`MapResult` at once, in the order of ``kwargs_list``.
+        One task, as ``WorkFunction.map``. Returns a :class:`MapResult` at once,
+        in the order of ``kwargs_list``.
 
         Raises:
             ArgumentError: an argument does not pickle or is too large.
+            WorkflowClosedError: the workflow was closed, detached or shut down.
         """
         return MapResult(self.submit_task(fn, args, kwargs, list(kwargs_list)))
 
@@ -387,7 +498,7 @@ class Workflow:
         ]
         with self._lock:
             if self._closed:
-                raise IddsFatError("this workflow is closed; create a new one")
+                raise WorkflowClosedError("this workflow is closed; create a new one")
             task_id = self.tracker.new_task_id()
         requests = self.specs.store_task(
             task_id, task_name, call, job_kwargs, env_spec, init_env, job_resources
@@ -420,7 +531,7 @@ class Workflow:
         )
         try:
             with progress:
-                _, pending = concurrent.futures.wait(futures, timeout)
+                _, pending = wait_interruptibly(futures, timeout)
         except KeyboardInterrupt:
             self.tracker.cancel(f for f in futures if not f.done())
             raise

@@ -74,7 +74,8 @@ class JobTracker:
             return f"t{self._task_count:04d}"
 
     def new_future(self, task_id: str, index: int, kwargs: Any, name: str) -> AsyncResult:
-        """Return the future of job ``index`` of a task; cancelling it cancels the job."""
+        """Return the future of job ``index`` of a task; cancelling (or killing) it
+        cancels the job at the backend."""
         return AsyncResult(task_id, index, kwargs, name=name, canceller=self.cancel_future)
 
     def add_task(
@@ -211,6 +212,8 @@ class JobTracker:
         """Note that ``job`` runs, and record how the backend knows it (``ref``) for ``attach``."""
         with self._lock:
             self._running.add(job.job_id)
+        if (future := self._future_of(job)) is not None:
+            future.mark_running()  # from now on cancel() is False; kill() stops it
         task_id, index = job.job_id.rsplit("/", 1)
         if self._parts.state is not None:
             self._parts.state.set_job_started(task_id, int(index), ref)
@@ -293,15 +296,19 @@ class JobTracker:
 
     def lose(self, job: JobRequest, outcome: JobExit) -> None:
         """Settle ``job``'s future with a :class:`JobLostError` that says why it ended
-        and shows its last stderr lines, unless it is done already."""
+        and shows its last stderr lines (from ``outcome.log`` when the backend names
+        one, else the job's ``stderr.txt``; the path only if the file is there),
+        unless it is done already."""
         future = self._future_of(job)
         assert future is not None
+        log = outcome.log or job.paths.stderr
+        tail = read_tail(log, lines=20, max_bytes=16384)
         lost = JobLostError(
             job.name,
             outcome.returncode,
             _exit_reason(outcome),
-            read_tail(job.paths.stderr, lines=20, max_bytes=16384) or "",
-            str(job.paths.stderr),
+            tail or "",
+            str(log) if tail is not None else None,  # a file that is not there is no evidence
         )
         if _settle(future, False, lost):
             self._record(future, "lost", outcome.returncode, **recorded_outcome(False, lost))
@@ -319,7 +326,7 @@ class JobTracker:
                 self._record(future, "cancelled")
 
     def cancel_future(self, future: AsyncResult) -> None:
-        """Cancel the job of ``future``, which is being cancelled (its canceller)."""
+        """Cancel the job of ``future``, which is being cancelled or killed (its canceller)."""
         self._record(future, "cancelled")
         if self._parts.backend is not None:
             self._parts.backend.cancel([f"{future.task_id}/{future.job}"])

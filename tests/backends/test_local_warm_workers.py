@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -46,7 +47,7 @@ def test_each_warm_job_keeps_its_own_stdout_and_stderr():
         assert (jobs / str(index) / "stderr.txt").read_text() == f"err {x}\n"
 
 
-def test_cancelling_a_running_warm_job_replaces_its_worker(tmp_path):
+def test_killing_a_running_warm_job_replaces_its_worker(tmp_path):
     started = tmp_path / "started"
 
     @work
@@ -60,7 +61,7 @@ def test_cancelling_a_running_warm_job_replaces_its_worker(tmp_path):
         wait_until(lambda: started.exists() and started.read_text(), what="the job to start")
         stuck_pid = int(started.read_text())
         assert (wf.work_dir / "workers" / "worker-1").is_dir()  # the worker's own files
-        assert future.cancel()
+        assert future.kill()
         pid, _ = whoami(1)  # the next job runs, in a fresh worker
     assert future.cancelled()
     assert pid != stuck_pid
@@ -134,3 +135,78 @@ def test_cold_jobs_leave_their_results_in_a_file_for_a_live_caller():
     assert not any((d / "result.reply").exists() for d in job_dirs)  # read and removed
     with Workflow.attach(wf.id) as again:  # the REST store's copies
         assert again.tasks["t0001"].results(timeout=60) == values
+
+
+# --- paths and interpreters: what a job's process is started with -----------------------
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_relative_path_settings_name_the_same_places_for_the_jobs(mode, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "relmod.py").write_text("VALUE = 'from the code context'\n")
+    monkeypatch.setenv("IDDS_FAT_WORK_DIR", "wd")
+    monkeypatch.setenv("IDDS_FAT_ENV_CACHE_DIR", "envs")  # jobs inherit it: absolute there too
+    python = os.path.relpath(sys.executable)  # a path with a slash, relative to here
+
+    @work
+    def where():
+        import relmod
+
+        return relmod.VALUE, os.environ.get("IDDS_FAT_ENV_CACHE_DIR")
+
+    settings = {"cache": "store", "python": python, "local_mode": mode}
+    with Workflow(source_dir="proj", max_workers=1, progress=False, **settings) as wf:
+        results = where.map([{}, {}]).results()
+    assert results == [("from the code context", str(tmp_path / "envs"))] * 2
+    assert wf.work_dir.parent == tmp_path / "wd" / "workflows"
+    assert wf.config.python == sys.executable
+    assert any((tmp_path / "store").iterdir())  # the relative cache is the one jobs read
+
+
+def _interpreter_script(tmp_path, body: str):
+    script = tmp_path / "broken-python"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_an_interpreter_that_exits_at_once_is_named_with_what_it_printed(mode, tmp_path, caplog):
+    python = _interpreter_script(tmp_path, 'echo "broken install: no site" >&2; exit 3')
+    with Workflow(python=python, local_mode=mode, max_workers=1, progress=False):
+        with pytest.raises(JobLostError) as lost:
+            whoami(1)
+    message = str(lost.value)
+    assert f"the interpreter {python} exited before the job started (exit status 3)" in message
+    assert lost.value.exit_status == 3
+    assert "broken install: no site" in lost.value.stderr_tail
+    assert os.path.exists(lost.value.stderr_path)  # the file it cites is there
+    expected_log = "worker-1.log" if mode == "warm" else "stderr.txt"
+    assert lost.value.stderr_path.endswith(expected_log)
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback logged
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_a_nonexistent_interpreter_is_named_without_a_traceback(mode, caplog):
+    with Workflow(python="/nonexistent/python", local_mode=mode, progress=False):
+        with pytest.raises(JobLostError) as lost:
+            whoami(1)
+    assert str(lost.value).endswith(
+        "ended without a result: the interpreter /nonexistent/python could not be started: "
+        "No such file or directory"
+    )
+    assert lost.value.stderr_path is None  # nothing ran, so no log to point at
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_cold_job_that_exits_is_not_blamed_on_its_interpreter():
+    @work
+    def dies():
+        os._exit(1)
+
+    with Workflow(local_mode="cold", progress=False):
+        with pytest.raises(JobLostError, match=r"its process exited \(exit status 1\)") as lost:
+            dies()
+    assert "the interpreter" not in str(lost.value)
+    assert lost.value.stderr_path.endswith("stderr.txt")

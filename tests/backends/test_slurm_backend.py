@@ -50,6 +50,19 @@ def test_hpo_example_loop_runs_on_slurm(slurm_env):
     assert set(best["params"]) == {"n_estimators", "max_depth", "learning_rate", "subsample"}
 
 
+def test_relative_work_dir_runs_jobs_that_start_in_another_directory(
+    slurm_env, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The jobs start in another directory than this one, as a site's --chdir does.
+    settings = _settings(work_dir="wd", slurm_options=[f"--chdir={elsewhere}"])
+    with Workflow(**settings) as wf:
+        assert block_until.map([{"path": "/", "value": i} for i in range(2)]).results() == [0, 1]
+    assert wf.work_dir.parent == tmp_path / "wd" / "workflows"
+
+
 def test_array_with_a_failing_and_a_killed_element_keeps_the_others(slurm_env, tmp_path):
     @work(map_results=True)
     def element(i, gate):
@@ -100,7 +113,7 @@ def test_cancelling_a_task_scancels_every_element(slurm_env, tmp_path):
         results = block_until.map([{"path": str(tmp_path / "never")} for _ in range(3)])
         wait_until(lambda: len(wf.parts.backend._live) == 3, what="submission")
         ids = _slurm_ids(wf, results.futures)
-        assert results.cancel() == 3
+        assert results.kill() == 3
 
         def gone():
             listing = subprocess.run(

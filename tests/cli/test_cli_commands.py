@@ -40,7 +40,7 @@ def run(*args: str):
 def finished_workflow():
     """A closed workflow: task t0001 shout x3 (done), task t0002 broken x1 (failed)."""
     with Workflow(name="cli-test") as wf:
-        words = wf.map(shout, [{"word": w} for w in ("alpha", "beta", "gamma")])
+        words = wf.map_kwargs(shout, [{"word": w} for w in ("alpha", "beta", "gamma")])
         failure = wf.submit(broken)
     assert words.results() == ["ALPHA", "BETA", "GAMMA"]
     assert isinstance(failure.exception(), ValueError)
@@ -233,7 +233,11 @@ def test_smoke_fails_in_one_line_when_jobs_cannot_run(monkeypatch):
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("smoke failed: job square[0] of workflow smoke-")
-    assert "JobLostError" in line and "exit status 1" in line and "stderr.txt" in line
+    assert "JobLostError" in line and "exit status 1" in line
+    # Named, and never a log that is not there: a warm worker's stderr is its own log.
+    assert "the interpreter /bin/false exited before the job started" in line
+    assert "stderr.txt" not in line
+    assert re.search(r"\(stderr: \S+/workers/worker-\d+\.log\)$", line)
 
 
 def test_smoke_fails_in_one_line_on_a_bad_configuration(monkeypatch):
@@ -332,8 +336,8 @@ def orphaned_workflow(tmp_path):
 
             # A short publish_timeout: a job left over gives up soon once released.
             with Workflow(name="orphan", max_workers=4, publish_timeout=5) as wf:
-                wf.map(quick, [{{"i": 0}}]).wait()
-                pending = wf.map(blocked, [{{"i": 1}}, {{"i": 2}}])
+                wf.map_kwargs(quick, [{{"i": 0}}]).wait()
+                pending = wf.map_kwargs(blocked, [{{"i": 1}}, {{"i": 2}}])
                 started = [os.path.join({str(tmp_path)!r}, f"started-{{i}}") for i in (1, 2)]
                 wait_until(lambda: all(map(os.path.exists, started)), "both blocked jobs to start")
                 print("ID", wf.id, flush=True)

@@ -63,8 +63,8 @@ def caller(tmp_path):
                 return i
 
             with Workflow(name="elsewhere", max_workers=4, publish_timeout=5) as wf:
-                wf.map(quick, [{{"i": 0}}]).wait()
-                pending = wf.map(blocked, [{{"i": 1}}, {{"i": 2}}])
+                wf.map_kwargs(quick, [{{"i": 0}}]).wait()
+                pending = wf.map_kwargs(blocked, [{{"i": 1}}, {{"i": 2}}])
                 started = [os.path.join({str(tmp_path)!r}, f"started-{{i}}") for i in (1, 2)]
                 wait_until(lambda: all(map(os.path.exists, started)), "both blocked jobs to start")
                 print("ID", wf.id, flush=True)

@@ -14,7 +14,7 @@ def add(x, y):
 
 def test_a_jobs_spec_is_read_back_by_the_key_its_request_carries():
     with Workflow(progress=False) as wf:
-        assert wf.map(add, [{"x": 1}, {"x": 2}], y=10).results(timeout=60) == [11, 12]
+        assert wf.map_kwargs(add, [{"x": 1}, {"x": 2}], y=10).results(timeout=60) == [11, 12]
         request = wf.tracker.request("t0001/1")
         spec = wf.specs.read(request)
         assert request.spec_location.endswith(request.spec_key)
@@ -27,7 +27,7 @@ def test_a_jobs_spec_is_read_back_by_the_key_its_request_carries():
 def test_a_job_run_again_gets_its_own_spec_and_work_dir_and_large_arguments_go_by_key():
     blob = b"x" * (INLINE_KWARGS_BYTES + 1)
     with Workflow(progress=False) as wf:
-        assert wf.map(add, [{"x": blob}], y=b"!").results(timeout=60) == [blob + b"!"]
+        assert wf.map_kwargs(add, [{"x": blob}], y=b"!").results(timeout=60) == [blob + b"!"]
         request = wf.tracker.request("t0001/0")
         spec = wf.specs.read(request)
         assert "key" in spec.kwargs and wf.specs.job_kwargs(spec) == {"x": blob}
