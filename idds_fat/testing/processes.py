@@ -1,18 +1,26 @@
-"""Process and port chores shared by the test servers (ActiveMQ, moto, Slurm)."""
+"""Process and port chores shared by the test servers (ActiveMQ, moto, Slurm).
+
+:class:`ServerProcess` is one logged server process: launched in its own session
+with a finalizer that kills it, probed until ready, terminated in order; the
+functions around it pick ports (:func:`free_port`, :func:`reserve_ports`), find
+commands (:func:`find_command`) and start or stop a logged process.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from idds_fat.workdir import read_tail
 
@@ -20,6 +28,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
 HOST = "127.0.0.1"
+#: Where daemons live; not on every user's PATH.
+SBIN = Path("/usr/sbin")
 #: The most of a log read from its end to find the lines an error message shows.
 LOG_TAIL_BYTES = 64 * 1024
 _POLL_INTERVAL = 0.05
@@ -36,6 +46,37 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+_reserved_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def reserve_ports(count: int) -> list[int]:
+    """Return ``count`` ports free on every address right now, none of them handed
+    out by this function before in this process.
+
+    For servers that listen on all addresses and keep their ports across restarts;
+    another process racing for the same port is rare, and the server's start then
+    reports the bind failure from its log.
+    """
+    ports: list[int] = []
+    with _ports_lock:
+        while len(ports) < count:
+            port = free_port("")
+            if port not in _reserved_ports:
+                _reserved_ports.add(port)
+                ports.append(port)
+    return ports
+
+
+def find_command(name: str) -> str | None:
+    """Return the path of command ``name`` on PATH or in ``/usr/sbin``, or None."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    candidate = SBIN / name
+    return str(candidate) if os.access(candidate, os.X_OK) else None
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
@@ -67,11 +108,14 @@ def kill_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def spawn_logged(command: list[str], cwd: Path, log_path: Path, banner: str) -> subprocess.Popen:
+def spawn_logged(
+    command: list[str], cwd: Path, log_path: Path, banner: str, **options: Any
+) -> subprocess.Popen:
     """Start a server process whose stdout and stderr are appended to ``log_path``.
 
     The process gets its own session, so a Ctrl-C in the test terminal does not
-    reach it before the test's own teardown stops it in order.
+    reach it before the test's own teardown stops it in order. ``options`` go to
+    :class:`subprocess.Popen` (``env``, ``user``, ``group``...).
     """
     with open(log_path, "ab") as log:
         log.write(f"--- {banner}\n".encode())
@@ -83,6 +127,7 @@ def spawn_logged(command: list[str], cwd: Path, log_path: Path, banner: str) -> 
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **options,
         )
 
 
@@ -130,6 +175,11 @@ class ServerProcess:
         """Whether the server process has been started and has not exited."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it is started (running or exited), else None."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> None:
         """Start the server and wait until it answers."""
         raise NotImplementedError
@@ -142,9 +192,11 @@ class ServerProcess:
         """Return the last ``lines`` lines of the server's log ("" if none yet)."""
         return read_tail(self.log_path, lines or self._log_tail_lines, LOG_TAIL_BYTES) or ""
 
-    def _launch(self, command: list[str], cwd: Path, banner: str) -> subprocess.Popen[bytes]:
+    def _launch(
+        self, command: list[str], cwd: Path, banner: str, **options: Any
+    ) -> subprocess.Popen[bytes]:
         # The finalizer kills the process if this object goes away while it runs.
-        self._process = spawn_logged(command, cwd, self.log_path, banner)
+        self._process = spawn_logged(command, cwd, self.log_path, banner, **options)
         self._finalizer = weakref.finalize(self, kill_process, self._process)
         return self._process
 

@@ -8,11 +8,11 @@ returns once the node reports ``idle``. Client commands reach it through
 ``SLURM_CONF``: pass :attr:`SlurmCluster.env` to ``sbatch``, ``squeue``,
 ``scancel`` and ``scontrol``.
 
-Authentication uses a private ``munged`` per cluster, on its own socket
-(``AuthInfo=socket=...``), with the machine's key ``/etc/munge/munge.key``: a
-``munged`` another process runs on the default socket is never used, stopped or
-depended on, so clusters of parallel test runs cannot pull each other's
-authentication away.
+Each daemon (a private ``munged`` from :mod:`idds_fat.testing.munge`, then
+``slurmctld`` and ``slurmd``) is a :class:`~idds_fat.testing.processes.ServerProcess`;
+slurmd's readiness probe is the node's ``idle``. :meth:`SlurmCluster.stop` cancels
+the jobs, stops the daemons in order and kills what they leave, found in ``/proc``
+by :mod:`idds_fat.testing.process_table`.
 
 Only the Debian/Ubuntu ``slurm-wlm`` and ``munge`` packages are supported
 (``apt-get install slurm-wlm munge``), and the daemons need root;
@@ -27,20 +27,19 @@ import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from idds_fat.errors import IddsFatError
-from idds_fat.testing.processes import LOG_TAIL_BYTES, stop_process
+from idds_fat.testing.munge import MungeDaemon, MungeError
+from idds_fat.testing.process_table import MARKER_VAR, kill_pids, leftover_pids, stepd_pids
+from idds_fat.testing.processes import LOG_TAIL_BYTES, ServerProcess, find_command, reserve_ports
 from idds_fat.workdir import read_tail
 
 logger = logging.getLogger(__name__)
@@ -54,8 +53,6 @@ KILL_WAIT = 5
 DEFAULT_PARTITION = "debug"
 OTHER_PARTITION = "other"
 
-_SBIN = Path("/usr/sbin")
-_MUNGE_KEY = Path("/etc/munge/munge.key")
 _COMMAND_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.05
 _LOG_TAIL_LINES = 30
@@ -63,14 +60,8 @@ _LOG_TAIL_LINES = 30
 _MAX_SPOOL_PATH = 60
 # Job cancellation at stop(): how long to let jobs die on their own before SIGKILL.
 _CANCEL_GRACE = 2.0
-# Set on both daemons (and so inherited by every slurmstepd) to find this
-# cluster's processes in /proc when cleaning up.
-_MARKER_VAR = "IDDS_FAT_SLURM_CLUSTER"
 # Variables that change what client commands do or print (SQUEUE_FORMAT,
 # SBATCH_PARTITION, SLURM_JOB_ID inside a real allocation...): never pass them on.
-# Process names (comm) of Slurm's own daemons, as opposed to job processes
-# (the batch shell is "slurm_script").
-_DAEMON_NAMES = frozenset({"slurmctld", "slurmd", "slurmstepd", "slurmscriptd"})
 _CLIENT_VAR_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SCANCEL_")
 
 _CONF_TEMPLATE = """\
@@ -154,7 +145,7 @@ class SlurmCluster:
             )
         self.cpus = cpus
         self.memory_mb = memory_mb
-        self.ctld_port, self.slurmd_port = _reserve_ports(2)
+        self.ctld_port, self.slurmd_port = reserve_ports(2)
         self.log_dir = self.base_dir / "log"
         self.spool_dir = self.base_dir / "spool"
         if len(str(self.spool_dir)) > _MAX_SPOOL_PATH:
@@ -162,7 +153,7 @@ class SlurmCluster:
             # exceed 107 bytes: a deep base_dir gets a short spool dir in /tmp.
             self.spool_dir = Path(tempfile.mkdtemp(prefix="idds-fat-slurmd-", dir="/tmp"))
         self._marker = uuid.uuid4().hex
-        self._daemons = _Daemons(self.conf_path, self._marker)
+        self._daemons = _Daemons(self.conf_path, self.log_dir, self._marker)
         if self.spool_dir.parent != self.base_dir:
             weakref.finalize(self, shutil.rmtree, self.spool_dir, ignore_errors=True)
         self._finalizer: weakref.finalize | None = None
@@ -208,7 +199,7 @@ class SlurmCluster:
         """Return whether the packages are installed: ``slurmctld``, ``slurmd``,
         ``sbatch`` and ``munged`` found on PATH or in ``/usr/sbin``."""
         return all(
-            _find_command(name) is not None for name in ("slurmctld", "slurmd", "sbatch", "munged")
+            find_command(name) is not None for name in ("slurmctld", "slurmd", "sbatch", "munged")
         )
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
@@ -243,14 +234,19 @@ class SlurmCluster:
             path.mkdir(parents=True, exist_ok=True)
         self._finalizer = weakref.finalize(self, self._daemons.kill_all)
         try:
-            self._daemons.start_munged(self.log_dir / "munged.out", deadline)
+            try:
+                self._daemons.munged.start(deadline - time.monotonic())
+            except MungeError as error:
+                raise SlurmClusterError(str(error)) from error
             self.write_config()
-            daemon_env = {**self.env, _MARKER_VAR: self._marker}
-            self._daemons.ctld = self._spawn(["slurmctld", "-D", "-i"], "slurmctld", daemon_env)
-            self._daemons.slurmd = self._spawn(
-                ["slurmd", "-D", "-N", "localhost"], "slurmd", daemon_env
+            daemon_env = {**self.env, MARKER_VAR: self._marker}
+            ctld = _SlurmDaemon(["slurmctld", "-D", "-i"], self.conf_path, self.log_dir, daemon_env)
+            slurmd = _SlurmDaemon(
+                ["slurmd", "-D", "-N", "localhost"], self.conf_path, self.log_dir, daemon_env
             )
-            self._wait_until_idle(deadline, timeout)
+            self._daemons.ctld, self._daemons.slurmd = ctld, slurmd
+            ctld.start()
+            slurmd.start(ready=self._node_idle, timeout=deadline - time.monotonic())
         except BaseException:
             self._daemons.kill_all()
             raise
@@ -270,8 +266,7 @@ class SlurmCluster:
         Each daemon gets SIGTERM and ``timeout`` seconds before SIGKILL. A no-op
         when not started.
         """
-        daemons = self._daemons
-        if daemons.ctld is None and daemons.slurmd is None and daemons.munged is None:
+        if not self._daemons.started():
             return
         began = time.monotonic()
         if self.running:
@@ -310,7 +305,7 @@ class SlurmCluster:
             memory_mb=self.memory_mb,
             min_job_age=MIN_JOB_AGE,
             kill_wait=KILL_WAIT,
-            munge_socket=self._daemons.munge_socket,
+            munge_socket=self._daemons.munged.socket,
             default_partition=DEFAULT_PARTITION,
             other_partition=OTHER_PARTITION,
         )
@@ -320,69 +315,35 @@ class SlurmCluster:
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of each daemon's output, each under a
         header naming the file ("" when there are no logs yet)."""
-        parts = []
-        for name in ("munged.out", "slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
-            tail = read_tail(self.log_dir / name, lines, LOG_TAIL_BYTES)
-            if tail:
-                parts.append(f"--- {self.log_dir / name}:\n{tail}")
-        return "\n".join(parts)
+        return _logs_tail(self.log_dir, lines)
 
-    def _spawn(self, argv: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        command = [_find_command(argv[0]) or argv[0], *argv[1:]]
-        with open(self.log_dir / f"{name}.out", "ab") as out:
-            # Own session: a Ctrl-C in the test terminal must not reach the
-            # daemons before teardown cancels the jobs and stops them in order.
-            process = subprocess.Popen(
-                command,
-                cwd=self.base_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+    def _node_idle(self, remaining: float) -> bool:
+        # slurmd's readiness probe; slurmctld must stay up meanwhile.
+        code = self._daemons.ctld.exit_code if self._daemons.ctld is not None else None
+        if code is not None:
+            raise SlurmClusterError(
+                f"slurmctld exited with code {code} while starting the cluster "
+                f"{self.conf_path}:\n{self.log_tail()}"
             )
-        logger.debug("started %s pid %d", name, process.pid)
-        return process
-
-    def _wait_until_idle(self, deadline: float, timeout: float) -> None:
-        daemons = self._daemons
-        states: list[str] = []
-        while True:
-            for name, process in (("slurmctld", daemons.ctld), ("slurmd", daemons.slurmd)):
-                code = process.poll() if process is not None else None
-                if code is not None:
-                    raise SlurmClusterError(
-                        f"{name} exited with code {code} while starting the cluster "
-                        f"{self.conf_path}:\n{self.log_tail()}"
-                    )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SlurmClusterError(
-                    f"Slurm node not idle within {timeout:.0f} s (sinfo states {states}); "
-                    f"cluster {self.conf_path}:\n{self.log_tail()}"
-                )
-            try:
-                result = subprocess.run(
-                    [_find_command("sinfo") or "sinfo", "-h", "-o", "%T"],
-                    env=self.env,
-                    capture_output=True,
-                    text=True,
-                    timeout=max(0.5, min(_COMMAND_TIMEOUT, remaining)),
-                )
-            except subprocess.TimeoutExpired:
-                result = None
-            if result is not None and result.returncode == 0:
-                # One line per partition; the node is in both.
-                states = result.stdout.split()
-                if states and all(state == "idle" for state in states):
-                    return
-            time.sleep(_POLL_INTERVAL)
+        try:
+            result = subprocess.run(
+                [find_command("sinfo") or "sinfo", "-h", "-o", "%T"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=max(0.5, remaining),
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        # One line per partition; the node is in both.
+        states = result.stdout.split() if result.returncode == 0 else []
+        return bool(states) and all(state == "idle" for state in states)
 
     def _cancel_all_jobs(self) -> None:
         env = self.env
         try:
             listed = subprocess.run(
-                [_find_command("squeue") or "squeue", "-h", "-o", "%A", "-t", "all"],
+                [find_command("squeue") or "squeue", "-h", "-o", "%A", "-t", "all"],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -392,7 +353,7 @@ class SlurmCluster:
             if job_ids:
                 # Recorded as CANCELLED; the processes are killed just below.
                 subprocess.run(
-                    [_find_command("scancel") or "scancel", *job_ids],
+                    [find_command("scancel") or "scancel", *job_ids],
                     env=env,
                     capture_output=True,
                     timeout=_COMMAND_TIMEOUT,
@@ -402,139 +363,101 @@ class SlurmCluster:
         # Do not wait out KillWait (or a signal slurmstepd defers while a task is
         # still launching): kill the jobs' processes now, then give the steps a
         # moment to report and exit. Whatever is left dies after the daemons stop.
-        _kill_pids(_leftover_pids(self._marker, self.conf_path, jobs_only=True))
+        kill_pids(leftover_pids(self._marker, self.conf_path, jobs_only=True))
         deadline = time.monotonic() + _CANCEL_GRACE
-        while time.monotonic() < deadline and _stepd_pids(self._marker):
+        while time.monotonic() < deadline and stepd_pids(self._marker):
             time.sleep(_POLL_INTERVAL)
+
+
+class _SlurmDaemon(ServerProcess):
+    """``slurmctld`` or ``slurmd`` in the foreground, its output appended to
+    ``log/<name>.out``; its errors carry the tails of all the cluster's logs."""
+
+    _error = SlurmClusterError
+
+    def __init__(
+        self, argv: list[str], conf_path: Path, log_dir: Path, env: dict[str, str]
+    ) -> None:
+        self._label = argv[0]
+        self._command = [find_command(argv[0]) or argv[0], *argv[1:]]
+        self._conf_path = conf_path
+        self._env = env
+        self.log_dir = log_dir
+        self.log_path = log_dir / f"{argv[0]}.out"
+
+    @property
+    def _where(self) -> str:
+        return f"cluster {self._conf_path}"
+
+    @property
+    def exit_code(self) -> int | None:
+        """The daemon's exit code once it has exited on its own, else None."""
+        return self._process.poll() if self._process is not None else None
+
+    def log_tail(self, lines: int | None = None) -> str:
+        return _logs_tail(self.log_dir, lines or _LOG_TAIL_LINES)
+
+    def start(
+        self, ready: Callable[[float], bool] | None = None, timeout: float = START_TIMEOUT
+    ) -> None:
+        """Start the daemon; with ``ready``, wait until that probe says so."""
+        began = time.monotonic()
+        banner = f"starting {self._label} for {self._where}"
+        process = self._launch(self._command, self._conf_path.parent, banner, env=self._env)
+        logger.debug("started %s pid %d", self._label, process.pid)
+        if ready is not None:
+            self._wait_until_ready(ready, began, timeout, " with the node idle")
+
+    def stop(self, timeout: float = STOP_TIMEOUT, kill: bool = False) -> None:
+        """SIGTERM the daemon, SIGKILL after ``timeout`` seconds (at once with ``kill``)."""
+        self._terminate(kill=kill, timeout=timeout)
 
 
 class _Daemons:
     """The processes of one cluster; held by the finalizer, so it must not
     reference the :class:`SlurmCluster` itself."""
 
-    def __init__(self, conf_path: Path, marker: str) -> None:
+    def __init__(self, conf_path: Path, log_dir: Path, marker: str) -> None:
         self.conf_path = conf_path
         self.marker = marker
-        self.ctld: subprocess.Popen[bytes] | None = None
-        self.slurmd: subprocess.Popen[bytes] | None = None
-        self.munged: subprocess.Popen[bytes] | None = None
-        self.munge_dir: Path | None = None
+        self.munged = MungeDaemon(log_dir / "munged.out")
+        self.ctld: _SlurmDaemon | None = None
+        self.slurmd: _SlurmDaemon | None = None
 
-    @property
-    def munge_socket(self) -> Path | None:
-        return self.munge_dir / "munge.socket" if self.munge_dir is not None else None
+    def started(self) -> bool:
+        return any(d is not None and d.pid is not None for d in self._in_stop_order())
 
     def alive(self) -> bool:
-        return all(
-            p is not None and p.poll() is None for p in (self.ctld, self.slurmd, self.munged)
-        )
+        return all(d is not None and d.running for d in (self.ctld, self.slurmd, self.munged))
 
-    def start_munged(self, log_path: Path, deadline: float) -> None:
-        munged = _find_command("munged")
-        if munged is None:
-            raise SlurmClusterError("munged is not installed (apt-get install munge)")
-        if not os.access(_MUNGE_KEY, os.R_OK):
-            raise SlurmClusterError(f"no munge key {_MUNGE_KEY} (apt-get install munge creates it)")
-        # Not under base_dir: munged runs as user munge, which must traverse every
-        # parent (pytest's /tmp/pytest-of-root is 0700), and the socket path must
-        # stay short.
-        self.munge_dir = Path(tempfile.mkdtemp(prefix="idds-fat-munge-", dir="/tmp"))
-        self.munge_dir.chmod(0o755)
-        shutil.chown(self.munge_dir, "munge", "munge")
-        socket_path = self.munge_socket
-        with open(log_path, "ab") as out:
-            # As `runuser -u munge -- munged -F`, but munged is our own child: one
-            # SIGTERM and a reap stop it. It logs to stderr in the foreground.
-            self.munged = subprocess.Popen(
-                [
-                    munged,
-                    "-F",
-                    f"--socket={socket_path}",
-                    f"--pid-file={self.munge_dir / 'munged.pid'}",
-                    f"--seed-file={self.munge_dir / 'munged.seed'}",
-                ],
-                user="munge",
-                group="munge",
-                extra_groups=[],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        while not _munge_works(socket_path):
-            code = self.munged.poll()
-            if code is not None or time.monotonic() > deadline:
-                why = f"exited with code {code}" if code is not None else "did not answer in time"
-                tail = read_tail(log_path, _LOG_TAIL_LINES, LOG_TAIL_BYTES) or ""
-                raise SlurmClusterError(f"munged on {socket_path} {why}; log {log_path}:\n{tail}")
-            time.sleep(_POLL_INTERVAL)
-        logger.debug("started munged pid %d on %s", self.munged.pid, socket_path)
-
-    def terminate(self, timeout: float) -> None:
+    def terminate(self, timeout: float, kill: bool = False) -> None:
         # slurmd first: the controller then sees no node vanish under running jobs;
         # munged last: both daemons authenticate their goodbyes.
-        for attr in ("slurmd", "ctld", "munged"):
-            process = getattr(self, attr)
-            setattr(self, attr, None)
-            if process is not None:
-                stop_process(process, timeout)
-        self._finish()
+        for daemon in self._in_stop_order():
+            if daemon is not None:
+                daemon.stop(timeout, kill=kill)
+        kill_pids(leftover_pids(self.marker, self.conf_path))
 
     def kill_all(self) -> None:
         # Crash path (finalizer, atexit, failed start): no courtesy, no waiting.
-        for attr in ("slurmd", "ctld", "munged"):
-            process = getattr(self, attr)
-            setattr(self, attr, None)
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-        self._finish()
+        self.terminate(0, kill=True)
 
-    def _finish(self) -> None:
-        _kill_pids(_leftover_pids(self.marker, self.conf_path))
-        if self.munge_dir is not None:
-            shutil.rmtree(self.munge_dir, ignore_errors=True)
-            self.munge_dir = None
+    def _in_stop_order(self) -> tuple[ServerProcess | None, ...]:
+        return (self.slurmd, self.ctld, self.munged)
 
 
-def _munge_works(socket_path: Path) -> bool:
-    """Whether ``munge -n | unmunge`` succeeds on ``socket_path``."""
-    munge, unmunge = _find_command("munge"), _find_command("unmunge")
-    if munge is None or unmunge is None:
-        return False
-    try:
-        credential = subprocess.run(
-            [munge, "-n", "-S", str(socket_path)],
-            capture_output=True,
-            timeout=_COMMAND_TIMEOUT,
-            check=False,
-        )
-        if credential.returncode != 0:
-            return False
-        decoded = subprocess.run(
-            [unmunge, "-S", str(socket_path)],
-            input=credential.stdout,
-            capture_output=True,
-            timeout=_COMMAND_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return decoded.returncode == 0
-
-
-def _find_command(name: str) -> str | None:
-    # Daemons live in /usr/sbin, which is not on every user's PATH.
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    candidate = _SBIN / name
-    return str(candidate) if os.access(candidate, os.X_OK) else None
+def _logs_tail(log_dir: Path, lines: int) -> str:
+    parts = []
+    for name in ("munged.out", "slurmctld.log", "slurmctld.out", "slurmd.log", "slurmd.out"):
+        tail = read_tail(log_dir / name, lines, LOG_TAIL_BYTES)
+        if tail:
+            parts.append(f"--- {log_dir / name}:\n{tail}")
+    return "\n".join(parts)
 
 
 def _detect_node() -> tuple[int, int]:
     """CPUs and RealMemory (MiB) as ``slurmd -C`` reports them; (1, 1024) fallback."""
-    slurmd = _find_command("slurmd")
+    slurmd = find_command("slurmd")
     output = ""
     if slurmd is not None:
         try:
@@ -549,113 +472,3 @@ def _detect_node() -> tuple[int, int]:
         int(cpus.group(1)) if cpus else (os.cpu_count() or 1),
         int(memory.group(1)) if memory else 1024,
     )
-
-
-_reserved_ports: set[int] = set()
-_ports_lock = threading.Lock()
-
-
-def _reserve_ports(count: int) -> list[int]:
-    # The daemons listen on all addresses, so probe with INADDR_ANY. Ports handed
-    # out in this process are never handed out again; another process racing for
-    # the same port is rare, and start() then reports the bind failure from the log.
-    ports: list[int] = []
-    with _ports_lock:
-        while len(ports) < count:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("", 0))
-                port = sock.getsockname()[1]
-            if port not in _reserved_ports:
-                _reserved_ports.add(port)
-                ports.append(port)
-    return ports
-
-
-def _processes() -> Iterator[tuple[int, int, bytes]]:
-    """(pid, parent pid, environ) of every process we may read."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # The command name may hold spaces and parens: parse after the last ")".
-                fields = stat.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{entry.name}/environ", "rb") as environ:
-                env = environ.read()
-        except OSError:
-            continue
-        yield int(entry.name), int(fields[1]), env
-
-
-def _has_var(environ: bytes, assignment: bytes) -> bool:
-    return environ.startswith(assignment + b"\0") or (b"\0" + assignment + b"\0") in environ
-
-
-def _stepd_pids(marker: str) -> list[int]:
-    """The slurmstepd processes of the cluster with this marker."""
-    found = []
-    assignment = f"{_MARKER_VAR}={marker}".encode()
-    for pid, _, environ in _processes():
-        if _has_var(environ, assignment) and _command_name(pid).startswith("slurmstepd"):
-            found.append(pid)
-    return found
-
-
-def _leftover_pids(marker: str, conf_path: Path, jobs_only: bool = False) -> list[int]:
-    """Processes of the cluster still alive: anything carrying its marker (the
-    daemons, every slurmstepd), their descendants (the jobs), and processes whose
-    ``SLURM_CONF`` names its config and that run a job (orphaned when their
-    slurmstepd died). With ``jobs_only``, the Slurm daemons themselves are left out."""
-    marker_var = f"{_MARKER_VAR}={marker}".encode()
-    conf_var = f"SLURM_CONF={conf_path}".encode()
-    table = list(_processes())
-    children: dict[int, list[int]] = {}
-    roots: list[int] = []
-    for pid, ppid, environ in table:
-        children.setdefault(ppid, []).append(pid)
-        # SLURM_JOB_ID, set in every job's environment, spares client commands
-        # (squeue...) that merely run with this cluster's env.
-        is_job = _has_var(environ, conf_var) and b"SLURM_JOB_ID=" in environ
-        if is_job or _has_var(environ, marker_var):
-            roots.append(pid)
-    # Never ourselves or our ancestors, whatever their environment says.
-    spared = set(_ancestors(os.getpid()))
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid in found or pid in spared:
-            continue
-        found.add(pid)
-        stack.extend(children.get(pid, ()))
-    if jobs_only:
-        found = {pid for pid in found if _command_name(pid) not in _DAEMON_NAMES}
-    return sorted(found)
-
-
-def _command_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _ancestors(pid: int) -> Iterable[int]:
-    while pid > 1:
-        yield pid
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return
-
-
-def _kill_pids(pids: Iterable[int]) -> None:
-    pids = list(pids)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
-    if pids:
-        logger.info("killed %d leftover Slurm process(es): %s", len(pids), pids)

@@ -192,7 +192,7 @@ def test_stop_kills_running_jobs_and_daemons(slurm_cluster, tmp_path):
             cluster._daemons.slurmd.pid,
             cluster._daemons.munged.pid,
         ]
-        munge_dir = cluster._daemons.munge_dir
+        munge_dir = cluster._daemons.munged.directory
     assert not cluster.running
     wait_until(lambda: not pid_alive(pid), f"job {job}'s shell (pid {pid}) to die", timeout=5)
     assert not any(pid_alive(p) for p in daemons)
