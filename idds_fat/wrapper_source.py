@@ -18,6 +18,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from idds_fat.workdir import WorkflowPaths
+
 NODE_DIR = Path(__file__).parent / "node"
 _NODE_PACKAGE = "idds_fat.node"
 
@@ -207,7 +209,7 @@ def wrapper_file(directory: Path) -> Path:
     The name is a module name, so jobs can import it (``launch_command``).
     """
     data = wrapper_bytes()
-    path = Path(directory) / f"wrapper_{hashlib.sha256(data).hexdigest()[:16]}.py"
+    path = WorkflowPaths(Path(directory)).wrapper(hashlib.sha256(data).hexdigest())
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,14 @@ class TransientError(IddsFatError):
     def __init__(self, message: str, response: Any = None) -> None:
         super().__init__(message)
         self.response = response
+
+
+def killed_by(returncode: int) -> str:
+    """Describe the death of a process whose return code ``returncode`` is a negated signal."""
+    try:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
 
 
 @dataclass(frozen=True)

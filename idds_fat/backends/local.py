@@ -28,6 +28,7 @@ from idds_fat.backends.base import (
     JobRequest,
     Resources,
     StartCallback,
+    killed_by,
 )
 from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import Config
@@ -57,13 +58,7 @@ def _popen(argv: list[str], **options: object) -> subprocess.Popen:
 
 def _ended_before_start(python: str, returncode: int, between_jobs: bool = False) -> str:
     """Why a job is lost whose interpreter ended before the job started."""
-    if returncode < 0:
-        try:
-            how = f"was killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"was killed by signal {-returncode}"
-    else:
-        how = "exited"
+    how = f"was {killed_by(returncode)}" if returncode < 0 else "exited"
     if between_jobs:  # it had run others: not a start-up failure
         return f"its warm worker (the interpreter {python}) {how} before the job started"
     return f"the interpreter {python} {how} before the job started"

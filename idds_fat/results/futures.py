@@ -193,10 +193,7 @@ class AsyncResult(concurrent.futures.Future):
             IntegrityError: a large value's stored copy was tampered with.
             Exception: the job's own exception, or JobLostError.
         """
-        if not self.done():
-            wait_interruptibly([self], timeout)
-            timeout = 0  # waited already: done now, or out of time
-        value = super().result(timeout)
+        value = super().result(self._wait(timeout))
         return value.get() if isinstance(value, LazyValue) else value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -206,10 +203,14 @@ class AsyncResult(concurrent.futures.Future):
             TimeoutError: not done in time.
             CancelledError: the job was cancelled.
         """
-        if not self.done():
-            wait_interruptibly([self], timeout)
-            timeout = 0  # waited already: done now, or out of time
-        return super().exception(timeout)
+        return super().exception(self._wait(timeout))
+
+    def _wait(self, timeout: float | None) -> float | None:
+        """Wait as ``Future`` would, but interruptibly; return what is left of ``timeout``."""
+        if self.done():
+            return timeout
+        wait_interruptibly([self], timeout)
+        return 0  # done now, or out of time
 
     def get_result(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`, as iDDS names it."""

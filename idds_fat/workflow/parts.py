@@ -27,7 +27,7 @@ from idds_fat.workdir import WorkDirPaths, WorkflowPaths, slug, write_private
 from idds_fat.workflow.deadlines import Deadlines
 from idds_fat.workflow.specs import node_location, presigns
 from idds_fat.workflow.state import WorkflowState
-from idds_fat.wrapper_source import wrapper_bytes
+from idds_fat.wrapper_source import wrapper_bytes, wrapper_file
 
 if TYPE_CHECKING:
     from idds_fat.monitor.steering import Attach
@@ -272,10 +272,7 @@ class WorkflowParts:
         config, cache, work_dir = self.options.config, self.cache, self.work_dir
         assert cache is not None and work_dir is not None
         wrapper_key = cache.put(wrapper_bytes())
-        # A module name: jobs import it, so its bytecode is cached (launch_command).
-        wrapper_file = WorkflowPaths(work_dir).wrapper(wrapper_key)
-        if not wrapper_file.exists():
-            wrapper_file.write_bytes(cache.get(wrapper_key))
+        wrapper = wrapper_file(work_dir)  # what local and Slurm jobs import
         job_secrets = {
             "hmac_key": self.key.hex(),
             "token": self.token,
@@ -287,7 +284,7 @@ class WorkflowParts:
             wrapper_url = node_location(cache, wrapper_key)
         setup = BackendSetup(
             work_dir=work_dir,
-            wrapper_path=wrapper_file,
+            wrapper_path=wrapper,
             secrets=job_secrets,
             on_exit=tracker.job_ended,
             on_start=tracker.job_started,

@@ -18,13 +18,13 @@ import concurrent.futures
 import logging
 import math
 import numbers
-import signal
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import JobExit, JobRequest
+from idds_fat.backends.base import killed_by
 from idds_fat.errors import IddsFatError, JobLostError, ServiceError
 from idds_fat.node.errors import EXIT_UNDELIVERED, EXIT_UNREPORTED
 from idds_fat.results import AsyncResult
@@ -339,10 +339,7 @@ def _exit_reason(outcome: JobExit) -> str:
     if code is None:
         return "its process could not be followed"
     if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
+        return killed_by(code)
     if code == EXIT_UNDELIVERED:
         return "its result could not be delivered to the result store"
     if code == EXIT_UNREPORTED:
