@@ -12,6 +12,8 @@ classes here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from idds_fat.node.errors import IddsFatError as IddsFatError
 from idds_fat.node.errors import IntegrityError as IntegrityError
 from idds_fat.node.errors import InterpreterMismatchError as InterpreterMismatchError
@@ -35,6 +37,21 @@ class ArgumentError(IddsFatError, ValueError):
         self.argument = argument
 
 
+class SignatureError(IddsFatError, TypeError):
+    """The arguments of a call do not fit its function's signature.
+
+    Raised at the call site, before anything is stored or submitted, as calling
+    the function here would raise; a ``TypeError`` too, as that call's error is.
+    ``function`` names the function; ``argument`` says which call of a map did
+    not fit (``"multi_jobs_kwargs_list[3]"``, ``"element 2"``), else ``None``.
+    """
+
+    def __init__(self, message: str, function: str, argument: str | None = None) -> None:
+        super().__init__(message)
+        self.function = function
+        self.argument = argument
+
+
 class ContextError(IddsFatError):
     """The code context (``source_dir``) cannot be packed."""
 
@@ -51,6 +68,19 @@ class ServiceError(IddsFatError):
     """The idds-fat HTTP service answered with an error or could not be reached."""
 
 
+class ServiceAccessError(ServiceError):
+    """The workflow's service (``service_url``) cannot be used: checked when the workflow opens.
+
+    ``url`` is the service's address; ``status`` the HTTP status it answered
+    (401: a wrong or missing ``token``), ``None`` when it could not be reached.
+    """
+
+    def __init__(self, message: str, url: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
 class NoActiveWorkflowError(IddsFatError, RuntimeError):
     """A call needs a running workflow and none is active."""
 
@@ -61,6 +91,11 @@ class WorkflowClosedError(IddsFatError, RuntimeError):
     A ``RuntimeError`` too, as ``concurrent.futures.Executor.submit`` raises
     after ``shutdown``.
     """
+
+
+class WorkflowStartedError(IddsFatError, RuntimeError):
+    """A workflow setting (``wf.queue``, ``wf.core_count``, ...) was changed after the
+    workflow started: its backend and jobs were set up with the old value."""
 
 
 class RemoteTraceback(Exception):
@@ -123,6 +158,27 @@ class JobLostError(IddsFatError):
         self.reason = reason
         self.stderr_tail = stderr_tail
         self.stderr_path = stderr_path
+
+
+class DependencyError(IddsFatError):
+    """A job did not run because a job whose future it took as an argument failed.
+
+    ``job`` names the job that did not run, ``dependency`` the input that failed
+    and ``failed_job`` the job at the root of the failure (``dependency`` itself,
+    or the job its own failure came from). The input's exception is the
+    ``__cause__``, so the chain of failures prints as a chain of causes.
+    """
+
+    def __init__(
+        self, message: str, job: str = "", dependency: str = "", failed_job: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.job = job
+        self.dependency = dependency
+        self.failed_job = failed_job or dependency
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.job, self.dependency, self.failed_job))
 
 
 class IgnoredParameterWarning(UserWarning):

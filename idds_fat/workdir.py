@@ -14,6 +14,7 @@
           job-secrets.json               0600: the secrets its Slurm jobs read
           wrapper_KEY.py                 the node wrapper, as its jobs import it
           workers/                       the local backend's warm workers
+          driver/                        the body run away from the caller (workflow.driver)
           jobs/TASK/                     one task (the Slurm backend keeps its arrays here)
             INDEX/, INDEX.ATTEMPT/       JobPaths: a job's first run, and each run again
               stdout.txt, stderr.txt     what the job printed
@@ -25,9 +26,13 @@ idds_fat. The node (:mod:`idds_fat.node`), which runs without the SDK, spells
 the names of a job's files itself; ``tests/test_workdir.py`` checks that the
 two spellings agree.
 
-It also holds the two file helpers every layer needs: :func:`write_private`
-(a file only the user may read, from its creation on) and :func:`read_tail`
-(the last lines of a log, read from its end).
+Everything idds-fat creates under a work dir is the user's alone, whatever the
+umask: directories 0700, files 0600 (pickled arguments, results, tracebacks and
+keys live here). The helpers every layer creates them with are here:
+:func:`private_dir`, :func:`write_private`, :func:`open_private` and
+:func:`touch_private` (a SQLite file before SQLite opens it: its ``-wal`` and
+``-shm`` files take the database's mode). :func:`read_tail` reads the last lines
+of a log from its end.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 #: The name of a workflow's state database (see :mod:`idds_fat.workflow.state`).
 STATE_FILE = "state.sqlite3"
@@ -105,6 +111,12 @@ class WorkflowPaths:
         return self.root / "workers"
 
     @property
+    def driver(self) -> Path:
+        """The files of its driver, when its body runs away from the caller
+        (``idds_fat.workflow.driver.DriverFiles`` names them)."""
+        return self.root / "driver"
+
+    @property
     def jobs(self) -> Path:
         """The directories of its tasks."""
         return self.root / "jobs"
@@ -171,6 +183,59 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "workflow"
 
 
+#: The mode of every directory idds-fat creates in a work dir.
+PRIVATE_DIR_MODE = 0o700
+#: The mode of every file idds-fat creates in a work dir.
+PRIVATE_FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create directory ``path`` and its missing parents, each with mode 0700 whatever
+    the umask; return ``path``. Directories that exist keep their mode (a work dir
+    the user made is theirs to share).
+
+    Raises:
+        OSError: a directory cannot be created, or ``path`` is a file.
+    """
+    target = Path(path)
+    missing = []
+    level = target
+    while not level.is_dir() and level.parent != level:
+        missing.append(level)
+        level = level.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue  # made meanwhile by another thread or process
+        # mkdir's mode passes through the umask: set it exactly.
+        os.chmod(directory, PRIVATE_DIR_MODE)
+    return target
+
+
+def touch_private(path: Path) -> Path:
+    """Create the empty file ``path`` with mode 0600 unless it exists; return ``path``.
+
+    Raises:
+        OSError: the file cannot be created.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+    return Path(path)
+
+
+def open_private(path: Path, append: bool = False) -> BinaryIO:
+    """Open ``path`` for writing bytes (truncated, or appended to with ``append``), a
+    file created with mode 0600 when it does not exist; an existing file keeps its mode.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, PRIVATE_FILE_MODE), "ab" if append else "wb")
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path``, a file only the user may read or write (mode 0600
     from its creation on, so no other user ever sees it, even briefly).
@@ -180,8 +245,7 @@ def write_private(path: Path, data: bytes) -> None:
     Raises:
         OSError: the file cannot be created or written.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
+    with open_private(path) as handle:
         handle.write(data)
 
 

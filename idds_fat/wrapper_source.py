@@ -18,7 +18,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from idds_fat.workdir import WorkflowPaths
+from idds_fat.workdir import WorkflowPaths, private_dir, write_private
 
 NODE_DIR = Path(__file__).parent / "node"
 _NODE_PACKAGE = "idds_fat.node"
@@ -212,8 +212,10 @@ def wrapper_file(directory: Path) -> Path:
     path = WorkflowPaths(Path(directory)).wrapper(hashlib.sha256(data).hexdigest())
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        write_private(tmp, data)  # 0600, like everything in a workflow dir
         os.replace(tmp, path)
+    # Made here 0700: the jobs importing the wrapper would make it under their umask.
+    private_dir(path.parent / "__pycache__")
     return path
 
 

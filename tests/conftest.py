@@ -25,6 +25,7 @@ SERVER_FIXTURE_MARKERS = {
     "activemq": "broker",
     "activemq_factory": "broker",
     "slurm_cluster": "slurm",
+    "panda_server": "panda",
     "s3_server": "s3",
     "browser_page": "browser",
     "podman": "podman",
@@ -167,6 +168,34 @@ def slurm_cluster(tmp_path_factory):
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+# --- A live PanDA server with JEDI (idds_fat.testing.panda) -------------------------
+
+
+@pytest.fixture(scope="session")
+def panda_server(tmp_path_factory):
+    """One private PanDA server, JEDI and adder on a private PostgreSQL, shared by the
+    session, with one queue (``panda_server.queue``).
+
+    Nothing runs its jobs: start a :class:`~idds_fat.testing.PandaPilot` on it. Tests
+    must not stop it. Skips when ``.ci/install-services`` has not installed it (or the
+    schema is missing), fails under CI.
+    """
+    from idds_fat.testing import PandaServer
+
+    _require_service(
+        PandaServer.available(),
+        "PanDA server not installed: run `bash .ci/install-services` as root to run the "
+        "live PanDA tests",
+        "PanDA server not installed and CI is set: the live PanDA tests must not skip in "
+        "CI; run `.ci/install-services` as root, with the panda-database schema in "
+        "../shared/panda-live/panda-database or $IDDS_FAT_PANDA_SCHEMA",
+    )
+    server = PandaServer(tmp_path_factory.mktemp("panda"))
+    server.start()
+    yield server
+    server.stop()
 
 
 # --- A real S3 service (idds_fat.testing.s3, moto) ---------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from idds_fat import ConfigError, load_config
+from idds_fat import Config, ConfigError, Workflow, load_config
 
 
 def test_defaults_apply_without_file_or_environment(monkeypatch):
@@ -83,3 +83,86 @@ def test_cache_urls_and_interpreter_names_stay_as_given(tmp_path, monkeypatch):
     home = Path("~").expanduser()
     assert load_config(work_dir="~/wd", cache="~/store").work_dir == home / "wd"
     assert load_config(cache="~/store").cache == str(home / "store")
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (
+            'backend = ["local"]',
+            "backend = ['local'] from {file}: expected one of local, slurm, panda",
+        ),
+        ("max_workers = true", "max_workers = True from {file}: expected a whole number"),
+        ("max_workers = 0", "max_workers = 0 from {file}: expected a number of at least 1"),
+        ("publish_timeout = -5", "publish_timeout = -5 from {file}: expected a number above 0"),
+        ('progress = "maybe"', "progress = 'maybe' from {file}: expected true or false"),
+        ("progress = 1", "progress = 1 from {file}: expected true or false"),
+        ("local_mode = 3", "local_mode = 3 from {file}: expected one of warm, cold"),
+        ('container_runtime = "lxc"', "container_runtime = 'lxc' from {file}: expected one of"),
+        ('service_url = "host:8000"', "service_url = 'host:8000' from {file}: expected a URL"),
+        ("slurm_options = [1.5]", "slurm_options = [1.5] from {file}: expected a list of strings"),
+    ],
+)
+def test_a_bad_setting_in_the_file_names_itself_its_value_and_the_file(
+    line, says, tmp_path, monkeypatch
+):
+    config_file = tmp_path / "idds-fat.toml"
+    config_file.write_text(line + "\n")
+    monkeypatch.setenv("IDDS_FAT_CONFIG", str(config_file))
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert str(caught.value).startswith(says.format(file=config_file))
+
+
+def test_a_bad_setting_from_the_environment_or_an_argument_names_its_source(monkeypatch):
+    monkeypatch.setenv("IDDS_FAT_PUBLISH_TIMEOUT", "-1")
+    with pytest.raises(
+        ConfigError, match=r"publish_timeout = '-1' from \$IDDS_FAT_PUBLISH_TIMEOUT"
+    ):
+        load_config()
+    monkeypatch.delenv("IDDS_FAT_PUBLISH_TIMEOUT")
+    with pytest.raises(ConfigError, match="max_workers = True from the arguments"):
+        load_config(max_workers=True)
+    with pytest.raises(ConfigError, match="local_direct_results = 'sometimes' from the arguments"):
+        Workflow(local_direct_results="sometimes")
+    with pytest.raises(ConfigError, match=r"result_grace_seconds = -1 from Config\(\)"):
+        Config(result_grace_seconds=-1)
+    with pytest.raises(ConfigError, match="slurm_poll_min = 9.0 is above slurm_poll_max = 3.0"):
+        load_config(slurm_poll_min=9, slurm_poll_max=3)
+
+
+def test_secrets_are_masked_in_setting_errors(monkeypatch):
+    monkeypatch.setenv("IDDS_FAT_BROKER_PASSWORD", "hunter2")
+    config = load_config()  # text is a fine password
+    assert config.broker_password == "hunter2"
+    with pytest.raises(ConfigError) as caught:
+        load_config(token=["s3cret-token"])
+    assert "s3cret" not in str(caught.value) and "token = ********" in str(caught.value)
+
+
+def test_settings_given_as_text_or_numbers_of_the_other_kind_are_converted():
+    config = load_config(max_workers="4", progress="off", publish_timeout=5, gpu_devices=[0, 1])
+    assert config.max_workers == 4 and config.progress is False
+    assert config.publish_timeout == 5.0 and isinstance(config.publish_timeout, float)
+    assert config.gpu_devices == ("0", "1")
+    assert load_config(container_runtime="/usr/bin/podman").container_runtime == "/usr/bin/podman"
+    assert load_config(result_inline_bytes=0, max_resubmits=0).max_resubmits == 0
+
+
+def test_a_work_dir_or_cache_directory_that_is_a_file_is_refused_by_name(tmp_path):
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(ConfigError, match=f"work_dir = .*: {a_file} is a file, not a directory"):
+        load_config(work_dir=a_file)
+    with pytest.raises(ConfigError, match=f"work_dir = .*: {a_file} is a file"):
+        load_config(work_dir=a_file / "below")
+    with pytest.raises(ConfigError, match=f"cache = .*: {a_file} is a file"):
+        load_config(cache=str(a_file))
+    assert load_config(work_dir=tmp_path / "new" / "deeper").work_dir == tmp_path / "new" / "deeper"
+
+
+def test_backend_choices_are_the_backends_this_installation_has():
+    from idds_fat.backends import BACKENDS
+    from idds_fat.config import BACKEND_NAMES
+
+    assert set(BACKEND_NAMES) == set(BACKENDS)

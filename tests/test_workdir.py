@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -115,3 +116,58 @@ def test_read_tail_replaces_bytes_that_are_not_utf8(tmp_path):
 
 def test_read_tail_of_a_file_that_is_not_there_is_none(tmp_path):
     assert read_tail(tmp_path / "missing", 5, max_bytes=100) is None
+
+
+# --- issue 17, item 5: a work dir is its user's alone, whatever the umask ------------
+
+_SMALL_WORKFLOW = """
+import os, sys
+os.umask(int(sys.argv[1], 8))
+from idds_fat import Workflow, work
+
+@work
+def square(x):
+    print("stderr of job", x, file=sys.stderr)
+    if x == 2:
+        raise ValueError("a traceback that stays private")
+    return x * x
+
+with Workflow(name="modes", local_mode=sys.argv[2], cache=sys.argv[3] or None) as wf:
+    futures = square.map([{"x": x} for x in range(3)]).futures
+    assert [f.result() for f in futures[:2]] == [0, 1]
+    assert isinstance(futures[2].exception(), Exception)
+"""
+
+
+def _modes_under(root: Path) -> dict[str, list[str]]:
+    """Every directory not 0700 and every file not 0600 under ``root`` (and ``root``)."""
+    wrong: dict[str, list[str]] = {"dirs": [], "files": []}
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            continue
+        if path.is_dir() and mode != 0o700:
+            wrong["dirs"].append(f"{path.relative_to(root)} {mode:o}")
+        elif path.is_file() and mode != 0o600:
+            wrong["files"].append(f"{path.relative_to(root)} {mode:o}")
+    return wrong
+
+
+@pytest.mark.parametrize("umask", ["022", "000"])
+@pytest.mark.parametrize("local_mode,cache", [("warm", ""), ("cold", "service")])
+def test_a_work_dir_is_private_whatever_the_umask(tmp_path, umask, local_mode, cache):
+    work_dir = tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, "-c", _SMALL_WORKFLOW, umask, local_mode, cache],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "IDDS_FAT_WORK_DIR": str(work_dir)},
+    )
+    assert done.returncode == 0, done.stderr
+    files = [p for p in work_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    # What must be private is there to be checked: state, results, stderr, cache objects.
+    assert {"state.sqlite3", "results.sqlite3", "stderr.txt", "hmac.key"} <= names, names
+    assert any(len(p.name) == 64 for p in files)
+    assert _modes_under(work_dir) == {"dirs": [], "files": []}

@@ -36,7 +36,14 @@ class IddsFatSystem(System):
         from idds_fat import Workflow
         from peers import warm_available
 
-        options: dict[str, Any] = {"max_workers": self.workers, "progress": False}
+        # No code context: the functions travel by value (below), and PPE, Dask and
+        # Parsl ship none either. From the repository's root the default context would
+        # be the whole checkout, extracted once by every warm worker.
+        options: dict[str, Any] = {
+            "max_workers": self.workers,
+            "progress": False,
+            "source_dir": False,
+        }
         if warm_available():
             options["local_mode"] = self.mode
         elif self.mode == "warm":

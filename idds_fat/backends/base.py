@@ -115,6 +115,11 @@ class JobExit:
         log: the file with what the process printed on stderr, when that is not
             the job's own ``stderr.txt`` (a warm worker that died before it
             started the job wrote only to its own log).
+        no_result: the backend knows the job handed no result to a channel, whatever
+            ``returncode`` says (a warm worker that died during the job: its exit
+            status is not the job's report of a delivery). The workflow reads the
+            result store once and, without the result there, reports the job lost
+            at once instead of waiting out a grace period for it.
     """
 
     returncode: int | None
@@ -122,6 +127,7 @@ class JobExit:
     cancelled: bool = False
     result: bytes | None = field(default=None, repr=False)
     log: Path | None = None
+    no_result: bool = False
 
 
 #: Called by a backend, from any thread, when a job has ended.
@@ -148,6 +154,8 @@ class BackendSetup:
         direct_results: the backend may hand a job's result back in
             ``JobExit.result`` rather than have the job deliver it (the local
             backend's warm workers do, over their pipe).
+        service_url: the URL of the service this process embeds (None when the
+            workflow uses a service elsewhere): where pilots lease their jobs.
     """
 
     work_dir: Path
@@ -158,6 +166,7 @@ class BackendSetup:
     wrapper_url: str | None = None
     placement: Mapping[str, Any] = field(default_factory=dict)
     direct_results: bool = False
+    service_url: str | None = None
 
 
 class Backend(abc.ABC):

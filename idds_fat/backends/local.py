@@ -8,16 +8,17 @@ paid once per worker. Cold: one new interpreter per job, as on a batch slot.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import threading
 from base64 import b64decode
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from idds_fat.backends.base import (
@@ -31,10 +32,10 @@ from idds_fat.backends.base import (
     killed_by,
 )
 from idds_fat.backends.gpus import detect_gpus
-from idds_fat.config import Config
+from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config
 from idds_fat.node.environments import ENV_CACHE_ENV
-from idds_fat.node.spec import SECRETS_ENV
-from idds_fat.workdir import WorkflowPaths
+from idds_fat.node.spec import SECRETS_ENV, SECRETS_FD_ENV, secrets_pipe
+from idds_fat.workdir import WorkflowPaths, open_private, private_dir
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,14 @@ class _CannotStart(Exception):
     """The interpreter jobs run with could not be executed at all (the message says why)."""
 
 
-def _popen(argv: list[str], **options: object) -> subprocess.Popen:
-    """Start ``argv``; raise _CannotStart, naming it, when its program cannot be executed."""
+def _popen(argv: list[str], secrets: bytes | None = None, **options: object) -> subprocess.Popen:
+    """Start ``argv`` (``secrets`` on a pipe it inherits, named by ``IDDS_FAT_JOB_SECRETS_FD``);
+    raise _CannotStart, naming it, when its program cannot be executed."""
+    fd = None
+    if secrets is not None:
+        fd = secrets_pipe(secrets)
+        options["env"] = {**options["env"], SECRETS_FD_ENV: str(fd)}  # type: ignore[dict-item]
+        options["pass_fds"] = (fd,)
     try:
         return subprocess.Popen(argv, **options)  # type: ignore[call-overload]
     except OSError as exc:
@@ -54,6 +61,9 @@ def _popen(argv: list[str], **options: object) -> subprocess.Popen:
         raise _CannotStart(
             f"the interpreter {argv[0]} could not be started: {exc.strerror or exc}"
         ) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _ended_before_start(python: str, returncode: int, between_jobs: bool = False) -> str:
@@ -64,20 +74,101 @@ def _ended_before_start(python: str, returncode: int, between_jobs: bool = False
     return f"the interpreter {python} {how} before the job started"
 
 
+class _JobThreads:
+    """Up to ``size`` daemon threads that run the calls given to ``submit``, in order.
+
+    Not a ``ThreadPoolExecutor``: the interpreter joins its threads at exit, so
+    a caller that detached (or exits) would wait for every job those threads
+    still follow, though the jobs run on without it. A thread may also take the
+    next queued call itself (``take_next``), to hand a warm worker its next job
+    before it is done with the last one.
+    """
+
+    def __init__(self, size: int, prefix: str) -> None:
+        self._size = size
+        self._prefix = prefix
+        self._calls: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
+        self._threads: list[threading.Thread] = []
+        self._waiting = 0  # threads waiting for a call
+        self._changed = threading.Condition(threading.Lock())
+        self._stopped = False
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn(*args)`` on a free thread (starting one if fewer are waiting than
+        calls are queued and there are fewer than ``size``). Raises RuntimeError after
+        ``shutdown``."""
+        with self._changed:
+            if self._stopped:
+                raise RuntimeError("the local backend is shut down")
+            self._calls.append((fn, args))
+            if len(self._calls) > self._waiting and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self._prefix}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._changed.notify()
+
+    def take_next(self, fn: Callable[..., None]) -> tuple | None:
+        """Take the next queued call if it is a call of ``fn``; return its arguments
+        (the caller runs it now), else None."""
+        with self._changed:
+            if self._calls and self._calls[0][0] == fn:
+                return self._calls.popleft()[1]
+            return None
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                while not self._calls and not self._stopped:
+                    self._waiting += 1
+                    self._changed.wait()
+                    self._waiting -= 1
+                if not self._calls:
+                    return
+                fn, args = self._calls.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # the thread must go on serving
+                logger.exception("a local backend thread failed")
+
+    def shutdown(self, wait: bool = True, cancel_calls: bool = False) -> None:
+        """Take no more calls; drop those not started if ``cancel_calls``; with
+        ``wait``, return once every call taken has run."""
+        with self._changed:
+            self._stopped = True
+            threads = list(self._threads)
+            if cancel_calls:
+                self._calls.clear()
+            self._changed.notify_all()
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 class _WarmWorker:
     """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout.
 
-    It runs in ``home`` (its files go there) and logs to ``home.log``.
+    It runs in ``home`` (its files go there) and logs to ``home.log``. An
+    answer that carries a result leaves the worker ``unacked`` until ``ack``:
+    it delivers that result itself unless told the caller recorded it. The next
+    job may be sent before that ack (``send``, then ``receive`` its answer).
     """
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], home: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str], home: Path, secrets: bytes | None = None
+    ) -> None:
         self.home = home
         self.log = home.with_name(home.name + ".log")
         self.jobs_run = 0  # jobs it answered for
-        home.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
+        self.unacked = 0  # answers that carried a result not yet acknowledged
+        self.recycle = False  # its last job changed process state it could not put back
+        private_dir(home)
+        with open_private(self.log, append=True) as log:
             self.proc = _popen(
                 argv,
+                secrets,
                 cwd=home,
                 env=dict(env),
                 stdin=subprocess.PIPE,
@@ -93,21 +184,57 @@ class _WarmWorker:
         """Whether the process still runs."""
         return self.proc.poll() is None
 
-    def run(self, job: JobRequest, reply: bool) -> JobExit | None:
-        """Run ``job`` (with ``reply``, its result comes back here); None if the worker died."""
-        command = {"spec": job.spec_location, "workdir": str(job.workdir), "reply": reply}
+    def send(self, job: JobRequest, reply: bool) -> bool:
+        """Hand ``job`` to the worker (with ``reply``, its result comes back here, to
+        be acked with ``ack``); return False if the worker is gone. It may still be
+        running the job before: it reads this one when done."""
+        command: dict[str, object] = {
+            "spec": job.spec_location,
+            "workdir": str(job.workdir),
+            "reply": reply,
+        }
+        if job.resources.memory_mb:
+            command["memory_mb"] = job.resources.memory_mb
         try:
             self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
+
+    def receive(self) -> JobExit | None:
+        """Wait for the answer to the oldest job sent; None if the worker died."""
+        try:
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        except (OSError, ValueError):
             return None
         if not line:
             return None
         self.jobs_run += 1
         answer = json.loads(line)
         result = answer.get("result")
+        self.unacked += result is not None
+        self.recycle = bool(answer.get("recycle"))
         return JobExit(int(answer["exit"]), result=None if result is None else b64decode(result))
+
+    def run(self, job: JobRequest, reply: bool) -> JobExit | None:
+        """Run ``job`` (``send``, then ``receive``); None if the worker died."""
+        if not self.send(job, reply):
+            return None
+        return self.receive()
+
+    def ack(self, recorded: bool) -> None:
+        """Tell the worker whether the result of the oldest answer not yet acked was
+        recorded durably (if not, or if this cannot be said, it delivers the result
+        itself)."""
+        if not self.unacked:
+            return
+        self.unacked -= 1
+        try:
+            self.proc.stdin.write(json.dumps({"ack": recorded}) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except (OSError, ValueError):  # closed: at end of input it delivers the result
+            pass
 
     def close(self) -> None:
         """Tell the worker to exit after the job it runs (closing its input)."""
@@ -115,6 +242,21 @@ class _WarmWorker:
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
+
+    def reap(self) -> int:
+        """Wait for the worker to exit and close our end of its pipes; return its status."""
+        returncode = self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        return returncode
+
+
+class _Sent:
+    """A job handed to a warm worker: the worker, and the walltime clock that kills it."""
+
+    def __init__(self, worker: _WarmWorker) -> None:
+        self.worker = worker
+        self.timer: threading.Timer | None = None
+        self.expired = threading.Event()
 
 
 class LocalBackend(Backend):
@@ -130,12 +272,19 @@ class LocalBackend(Backend):
     process group (a warm worker is replaced by a fresh one). A job asking for
     ``gpus=N`` runs cold, waits for N free devices of ``gpus`` and sees only
     them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when
-    exceeded. ``cores`` and ``memory_mb`` are not enforced on this backend.
+    exceeded; ``memory_mb`` caps the job's address space (``RLIMIT_AS``) while
+    it runs. ``cores`` is not enforced on this backend. A result handed back
+    over a warm worker's pipe counts as delivered only once the workflow
+    recorded it (``on_exit`` returned) and the worker was told so; until then
+    the worker delivers it itself should the caller die. A worker whose job
+    changed process state it could not put back is replaced.
+    Each job or worker process gets ``secrets`` (the job secrets' JSON) on a
+    pipe it inherits, never in its environment.
     """
 
     name = "local"
     # jobs_per_worker: warm workers already run many jobs each.
-    supported_parameters = frozenset({"gpus", "walltime", "jobs_per_worker"})
+    supported_parameters = frozenset({"gpus", "walltime", "jobs_per_worker", "memory_mb"})
 
     def __init__(
         self,
@@ -150,6 +299,7 @@ class LocalBackend(Backend):
         on_start: StartCallback | None = None,
         mode: str = "warm",
         direct_results: bool = False,
+        secrets: Mapping[str, object] | None = None,
     ) -> None:
         if mode not in ("warm", "cold"):
             raise ValueError(f"mode must be 'warm' or 'cold', not {mode!r}")
@@ -164,6 +314,7 @@ class LocalBackend(Backend):
         self._python_probe = threading.Lock()
         self._launch = launch_command(python, wrapper_path)
         self._env = dict(env)
+        self._secrets = None if secrets is None else json.dumps(dict(secrets)).encode()
         self._on_exit = on_exit
         self._on_start = on_start
         self._adopted: dict[str, int] = {}  # job id -> pid of a job an earlier caller started
@@ -175,21 +326,23 @@ class LocalBackend(Backend):
         self._procs: dict[str, subprocess.Popen] = {}
         self._live: set[str] = set()  # submitted and not yet ended
         self._cancelled: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="idds-fat-local")
+        self._pool = _JobThreads(max_workers, "idds-fat-local")
 
     @classmethod
     def create(cls, config: Config, setup: BackendSetup) -> LocalBackend:
         """Run ``config.max_workers`` jobs at once with ``config.python``, warm or
         cold as ``config.local_mode`` says (worker logs under the work dir's ``workers/``).
 
-        Jobs get their secrets in their environment (``IDDS_FAT_JOB_SECRETS``),
+        Jobs get their secrets on a pipe (``IDDS_FAT_JOB_SECRETS_FD``), not this
+        process's secret settings (``IDDS_FAT_TOKEN``, ...) in their environment,
         and the GPUs of ``config.gpu_devices`` (else those ``nvidia-smi -L`` lists).
         Their ``IDDS_FAT_ENV_CACHE_DIR`` (which a node's environment sets and which
         wins there) is ``config.env_cache_dir``: the caller's setting, absolute, by
         its precedence, not the variable as this process got it.
         """
         env = dict(os.environ)
-        env[SECRETS_ENV] = json.dumps(dict(setup.secrets))
+        for name in [SECRETS_ENV, *(ENV_PREFIX + s.upper() for s in SECRET_SETTINGS)]:
+            env.pop(name, None)
         env.pop(ENV_CACHE_ENV, None)
         if config.env_cache_dir is not None:
             env[ENV_CACHE_ENV] = str(config.env_cache_dir)
@@ -205,6 +358,7 @@ class LocalBackend(Backend):
             mode=config.local_mode,
             workers_dir=WorkflowPaths(setup.work_dir).workers,
             direct_results=setup.direct_results,
+            secrets=setup.secrets,
         )
 
     def check(self, resources: Resources) -> None:
@@ -274,10 +428,10 @@ class LocalBackend(Backend):
         """
         if not wait and not cancel:
             self._detached.set()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_calls=True)
             for worker in self._close_workers():  # each ends after the job it runs
                 # Reap it when it does: an unreaped zombie looks alive to a later adopt().
-                threading.Thread(target=worker.proc.wait, daemon=True).start()
+                threading.Thread(target=worker.reap, daemon=True).start()
             return
         if cancel:
             with self._lock:
@@ -286,7 +440,7 @@ class LocalBackend(Backend):
             self.cancel(live)
         self._pool.shutdown(wait=True)
         for worker in self._close_workers():
-            worker.proc.wait()
+            worker.reap()
 
     def _close_workers(self) -> list[_WarmWorker]:
         with self._lock:
@@ -314,14 +468,30 @@ class LocalBackend(Backend):
                 self._gpu_freed.notify_all()
 
     def _run(self, job: JobRequest) -> None:
-        if job.job_id in self._cancelled:
+        sent: _Sent | None = None
+        while True:
+            following = self._run_one(job, sent)
+            if following is None:
+                return
+            job, sent = following
+
+    def _run_one(
+        self, job: JobRequest, sent: _Sent | None
+    ) -> tuple[JobRequest, _Sent | None] | None:
+        """Run ``job`` (already handed to a warm worker if ``sent``) and report its end;
+        return the next job, taken from the queue and handed to the same warm worker
+        before this one was reported, if any."""
+        if sent is None and job.job_id in self._cancelled:
             with self._lock:
                 self._live.discard(job.job_id)
             self._report(job, JobExit(None, "cancelled", cancelled=True))
-            return
-        devices = self._take_gpus(job)
+            return None
+        devices = None if sent is not None else self._take_gpus(job)
         try:
-            outcome = self._run_process(job, devices)
+            if sent is not None:
+                outcome = self._finish_warm(job, sent)
+            else:
+                outcome = self._run_process(job, devices)
         except _CannotStart as exc:  # a setting to fix, not a bug: no traceback
             outcome = JobExit(None, str(exc))
         except Exception as exc:  # report, never lose the job silently
@@ -334,15 +504,46 @@ class LocalBackend(Backend):
                 self._live.discard(job.job_id)
         if job.job_id in self._cancelled:
             outcome = JobExit(outcome.returncode, "cancelled", cancelled=True)
-        self._report(job, outcome)
+        worker: _WarmWorker | None = getattr(self._slot, "worker", None)
+        # Prefetch: the worker gets its next job before this one's end is recorded
+        # (a result kept, a future settled, SQLite rows written), so it does not wait
+        # for the caller's bookkeeping; this result is acked once recorded, as ever.
+        following = self._prefetch(worker) if worker is not None else None
+        recorded = self._report(job, outcome)
+        if worker is not None:
+            # Only now is the result the worker handed back safe with the caller.
+            worker.ack(recorded)
+            if worker.recycle:
+                self._retire(worker)
+        return following
 
-    def _report(self, job: JobRequest, outcome: JobExit) -> None:
+    def _prefetch(self, worker: _WarmWorker) -> tuple[JobRequest, _Sent | None] | None:
+        """Take the next queued job, and hand it to ``worker`` if it is one a warm
+        worker runs; None when no job is queued."""
+        if self._mode != "warm" or worker.recycle or self._detached.is_set() or not worker.alive:
+            return None
+        taken = self._pool.take_next(self._run)
+        if taken is None:
+            return None
+        job: JobRequest = taken[0]
+        if job.resources.gpus or job.job_id in self._cancelled:
+            return job, None  # run after this one's report, as its own thread would have
+        try:
+            return job, self._start_warm(job, worker)
+        except Exception as exc:  # its work dir cannot be made: run it the usual way
+            logger.warning("could not hand job %s to a warm worker ahead: %s", job.name, exc)
+            return job, None
+
+    def _report(self, job: JobRequest, outcome: JobExit) -> bool:
+        """Hand the job's end to ``on_exit``; return whether that went through."""
         if self._detached.is_set() and outcome.result is None:
-            return  # nobody follows these jobs here any more; attach() watches them again
+            return True  # nobody follows these jobs here any more; attach() watches them again
         try:
             self._on_exit(job, outcome)
         except Exception:  # the pool would swallow it silently
             logger.exception("handling the end of job %s failed", job.name)
+            return False
+        return True
 
     def _run_process(self, job: JobRequest, devices: list[str] | None) -> JobExit:
         if self._mode == "warm" and devices is None:
@@ -357,7 +558,7 @@ class LocalBackend(Backend):
             self._worker_count += 1
             number = self._worker_count
         home = self._workers_dir / f"worker-{number}"
-        worker = _WarmWorker([*self._launch, "--worker"], self._env, home)
+        worker = _WarmWorker([*self._launch, "--worker"], self._env, home, self._secrets)
         with self._lock:
             self._workers.add(worker)
         self._slot.worker = worker
@@ -370,65 +571,82 @@ class LocalBackend(Backend):
         if getattr(self._slot, "worker", None) is worker:
             self._slot.worker = None
         worker.close()
-        returncode = worker.proc.wait()
+        returncode = worker.reap()
         # Killed, it could not remove its files (the code context it extracted).
         shutil.rmtree(worker.home, ignore_errors=True)
         return returncode
 
     def _run_warm(self, job: JobRequest) -> JobExit:
-        job.workdir.mkdir(parents=True, exist_ok=True)
-        worker = self._warm_worker()
+        sent = self._start_warm(job, self._warm_worker())
+        if isinstance(sent, JobExit):
+            return sent
+        return self._finish_warm(job, sent)
+
+    def _start_warm(self, job: JobRequest, worker: _WarmWorker) -> _Sent | JobExit:
+        """Hand ``job`` to ``worker`` and start its walltime clock; a JobExit if it was
+        cancelled first."""
+        private_dir(job.workdir)
         with self._lock:
             if job.job_id in self._cancelled:
                 return JobExit(None, "cancelled", cancelled=True)
             self._procs[job.job_id] = worker.proc
-        if self._on_start is not None:
-            self._on_start(job, str(worker.proc.pid))
+        sent = _Sent(worker)
         walltime = job.resources.walltime
-        expired = threading.Event()
-        timer = None
         if walltime is not None:
 
             def expire(pid: int = worker.proc.pid) -> None:
-                expired.set()
+                sent.expired.set()
                 _kill_group(pid)
 
-            timer = threading.Timer(walltime, expire)
-            timer.daemon = True
-            timer.start()
+            sent.timer = threading.Timer(walltime, expire)
+            sent.timer.daemon = True
+            sent.timer.start()
+        # A worker that is gone shows when its answer does not come (_finish_warm).
+        worker.send(job, reply=self._direct_results)
+        if self._on_start is not None:
+            self._on_start(job, str(worker.proc.pid))
+        return sent
+
+    def _finish_warm(self, job: JobRequest, sent: _Sent) -> JobExit:
+        """Wait for the answer to ``job``, handed to a warm worker by ``_start_warm``."""
+        worker = sent.worker
         try:
-            ended = worker.run(job, reply=self._direct_results)
+            ended = worker.receive()
         finally:
-            if timer is not None:
-                timer.cancel()
+            if sent.timer is not None:
+                sent.timer.cancel()
         if ended is not None:
             return ended
         returncode = self._retire(worker)
-        if expired.is_set():
-            return JobExit(returncode, f"walltime of {walltime:g} s exceeded")
+        if sent.expired.is_set():
+            return JobExit(returncode, f"walltime of {job.resources.walltime:g} s exceeded")
         if not job.paths.stderr.exists():
             # The worker opens it first thing for each job: it never took this one,
             # and what it printed is in its own log.
             reason = _ended_before_start(self._python, returncode, worker.jobs_run > 0)
-            return JobExit(returncode, reason, log=worker.log)
-        return JobExit(returncode)  # the worker died with the job, which is how it ended
+            return JobExit(returncode, reason, log=worker.log, no_result=True)
+        # The worker died with the job, which is how it ended. It never answered, so no
+        # status of its says a channel took the result (an exit 0 is not the job's).
+        reason = _died_in_job(returncode, job, "its warm worker")
+        return JobExit(returncode, reason, no_result=True)
 
     def _run_cold(self, job: JobRequest, devices: list[str] | None) -> JobExit:
         env = dict(self._env)
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-        job.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(job.workdir)
         argv = [*self._launch, "--spec", job.spec_location]
         if self._direct_results:
             job.paths.reply.unlink(missing_ok=True)
             argv += ["--reply-file", str(job.paths.reply)]
-        with open(job.paths.stdout, "wb") as out, open(job.paths.stderr, "wb") as err:
+        with open_private(job.paths.stdout) as out, open_private(job.paths.stderr) as err:
             with self._lock:
                 if job.job_id in self._cancelled:
                     return JobExit(None, "cancelled", cancelled=True)
                 try:
                     proc = _popen(
                         argv,
+                        self._secrets,
                         cwd=job.workdir,
                         env=env,
                         stdin=subprocess.DEVNULL,
@@ -442,6 +660,8 @@ class LocalBackend(Backend):
                     job.paths.stderr.unlink(missing_ok=True)
                     return JobExit(None, str(exc))
                 self._procs[job.job_id] = proc
+            if job.resources.memory_mb:
+                _limit_memory(proc.pid, job.resources.memory_mb)
             if self._on_start is not None:
                 self._on_start(job, str(proc.pid))
             walltime = job.resources.walltime
@@ -453,6 +673,8 @@ class LocalBackend(Backend):
         if returncode > 0 and returncode == self._empty_program_status():
             # The interpreter fails the same way with nothing to run: it never ran the job.
             return JobExit(returncode, _ended_before_start(self._python, returncode))
+        if returncode < 0 and job.resources.memory_mb:
+            return JobExit(returncode, _died_in_job(returncode, job))
         return JobExit(returncode, result=_take_reply(job) if returncode == 0 else None)
 
     def _empty_program_status(self) -> int | None:
@@ -472,6 +694,36 @@ class LocalBackend(Backend):
                 except (OSError, subprocess.TimeoutExpired):
                     return None
             return self._python_status
+
+
+def _limit_memory(pid: int, memory_mb: int) -> None:
+    """Cap the address space of a cold job's process (just started) at ``memory_mb`` MiB."""
+    try:
+        _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+        cap = memory_mb * 1024 * 1024
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.prlimit(pid, resource.RLIMIT_AS, (cap, hard))
+    except (OSError, ValueError) as exc:  # it ended already, or the limit is refused
+        logger.warning("could not limit the memory of process %d: %s", pid, exc)
+
+
+# How a process dies that runs out of memory under RLIMIT_AS (C code that does not
+# check malloc, an abort) or that the kernel's out-of-memory killer chose.
+_OUT_OF_MEMORY_SIGNALS = (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT)
+
+
+def _died_in_job(returncode: int, job: JobRequest, process: str = "its process") -> str:
+    """Why a job is lost whose ``process`` ended while it ran, without a result."""
+    how = f"was {killed_by(returncode)}" if returncode < 0 else "exited"
+    reason = f"{process} {how} while the job ran"
+    memory_mb = job.resources.memory_mb
+    if memory_mb and returncode in _OUT_OF_MEMORY_SIGNALS:
+        reason += (
+            f"; it was limited to memory_mb={memory_mb} (address space, RLIMIT_AS): "
+            "most likely out of memory"
+        )
+    return reason
 
 
 def _take_reply(job: JobRequest) -> bytes | None:

@@ -23,9 +23,9 @@ from idds_fat.backends.base import (
     TransientError,
 )
 from idds_fat.backends.watcher import WATCHER
-from idds_fat.config import Config
+from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config
 from idds_fat.errors import IddsFatError
-from idds_fat.node.spec import SECRETS_FILE_ENV
+from idds_fat.node.spec import SECRETS_ENV, SECRETS_FILE_ENV
 from idds_fat.workdir import WorkflowPaths, write_private
 from idds_fat.wrapper_source import launch_command
 
@@ -41,7 +41,9 @@ _SCRIPT = """#!/bin/bash
 {directives}
 # idds-fat job array: element N runs the jobs of pack N of the jobs file in one
 # interpreter; the wrapper writes each job's stdout, stderr and exit_status in
-# that job's dir.
+# that job's dir. The secrets are in the 0600 file named here, never in the
+# environment: sbatch passes the caller's on, so its secret settings go first.
+unset {unset}
 export {secrets_env}={secrets_file}
 exec {launch} --jobs-file {jobs_file} --pack "$SLURM_ARRAY_TASK_ID"
 """
@@ -70,7 +72,10 @@ class SlurmBackend(Backend):
     job, or ``jobs_per_worker`` of them in sequence in one interpreter, each
     result published when done), each job in its own dir; the job's secrets
     come from a 0600 file in the workflow's work dir (its path, not its
-    content, is in the script). The cache must be one
+    content, is in the script and the job's environment), removed when the
+    workflow closes (``shutdown`` with ``wait`` or ``cancel``), and the
+    caller's secret settings (``IDDS_FAT_TOKEN``, ...) are unset in the
+    script. The cache must be one
     the nodes can read (a shared directory or the HTTP service) and the result
     channel one they can reach.
 
@@ -198,6 +203,9 @@ class SlurmBackend(Backend):
         script = _SCRIPT.format(
             directives="\n".join(f"#SBATCH {d}" for d in directives),
             jobs_file=shlex.quote(str(jobs_file)),
+            unset=" ".join(
+                [SECRETS_ENV, *(ENV_PREFIX + s.upper() for s in sorted(SECRET_SETTINGS))]
+            ),
             secrets_env=SECRETS_FILE_ENV,
             secrets_file=shlex.quote(str(self._secrets_file)),
             launch=shlex.join(launch_command(self._python, self._wrapper)),
@@ -249,13 +257,18 @@ class SlurmBackend(Backend):
     def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
         """Stop watching; with ``cancel``, ``scancel`` every element still known first.
 
-        Slurm runs the jobs whatever this process does, so ``wait`` changes nothing.
+        Slurm runs the jobs whatever this process does; ``wait`` (the workflow is
+        done with its jobs) or ``cancel`` also removes the job secrets file, which
+        elements not started yet would still need. Detaching (neither) keeps it
+        for the jobs that run on.
         """
         if cancel:
             with self._lock:
                 job_ids = [job.job_id for pack in self._live.values() for job in pack]
             self.cancel(job_ids)
         self._watch.close()
+        if cancel or wait:
+            self._secrets_file.unlink(missing_ok=True)
 
     # --- watching --------------------------------------------------------------------
 
@@ -281,8 +294,15 @@ class SlurmBackend(Backend):
                 array, _, index = parts[0].partition("_")
                 if index.isdigit():
                     queued.add((array, int(index)))
+        asked = set(arrays)
         with self._lock:
-            ended = [(where, pack) for where, pack in self._live.items() if where not in queued]
+            # An array submitted since the listing (from another thread: a job whose
+            # inputs just finished) is not in it, and has not ended.
+            ended = [
+                (where, pack)
+                for where, pack in self._live.items()
+                if where[0] in asked and where not in queued
+            ]
             for where, _ in ended:
                 self._live.pop(where)
         if not ended:

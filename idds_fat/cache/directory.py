@@ -9,6 +9,7 @@ from pathlib import Path
 
 from idds_fat.cache.base import ContentStore, check_key, verify
 from idds_fat.errors import CacheError
+from idds_fat.workdir import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,8 @@ class DirectoryStore(ContentStore):
     Writes go to a temporary file in the object's own directory and are renamed
     into place, so a reader never sees a partial object and concurrent puts of
     the same key (from threads, processes or nodes sharing the directory) are safe.
+    Objects hold pickled arguments and results: files are 0600 and the
+    directories it creates 0700, whatever the umask (only their user's jobs read them).
     """
 
     def __init__(self, root: Path) -> None:
@@ -40,12 +43,12 @@ class DirectoryStore(ContentStore):
     def _write(self, key: str, data: bytes) -> None:
         target = self.path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(target.parent)
+            # mkstemp creates the file 0600, whatever the umask.
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
-                os.chmod(tmp, 0o644)
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -4,8 +4,8 @@
 own modules: ``status`` and ``logs`` (:mod:`idds_fat.cli.status`), ``results``
 and ``cancel`` (:mod:`idds_fat.cli.reconnect`), ``config show``
 (:mod:`idds_fat.cli.config_show`), ``smoke`` (:mod:`idds_fat.cli.smoke`),
-``monitor`` (:mod:`idds_fat.cli.monitor`) and ``wrapper``
-(:mod:`idds_fat.cli.wrapper`).
+``monitor`` (:mod:`idds_fat.cli.monitor`), ``wrapper``
+(:mod:`idds_fat.cli.wrapper`) and ``token`` (:mod:`idds_fat.cli.token`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from idds_fat import __version__
 from idds_fat.config import load_config
 from idds_fat.errors import IddsFatError
 from idds_fat.workdir import WorkDirPaths
@@ -22,7 +23,12 @@ from idds_fat.workdir import WorkDirPaths
 TOKEN_ENV = "IDDS_FAT_TOKEN"
 
 
-@click.group()
+# -h as well as --help, on every command (click passes the group's context settings down).
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", "-V", prog_name="idds-fat")
 def main() -> None:
     """idds-fat: run Python functions as distributed tasks."""
 
@@ -44,8 +50,17 @@ def main() -> None:
     help=(
         f"Bearer token clients must send. Set it in the environment ({TOKEN_ENV}) "
         "rather than on the command line, where other users can see it. "
-        "Required unless listening on a loopback address."
+        "Required, on loopback too: at least 22 characters, 10 of them different; "
+        "`idds-fat token` makes one."
     ),
+)
+@click.option(
+    "--public-host",
+    "public_hosts",
+    multiple=True,
+    help="A name clients reach the service by (repeatable). Requests whose Host header "
+    "is not a loopback name, such a name (or the host of service_url from the config), "
+    "or, beyond loopback, this machine's name or an IP address get 421.",
 )
 @click.option(
     "--result-ttl-days",
@@ -74,6 +89,7 @@ def serve(
     result_ttl_days: float | None,
     broker: str | None,
     mirror_queue: str | None,
+    public_hosts: tuple[str, ...],
 ) -> None:
     """Run the idds-fat service (cache, result store, monitoring page) until interrupted."""
     from idds_fat.monitor import monitor_routes
@@ -107,6 +123,7 @@ def serve(
             * 86400.0,
             mirror=mirror,
             routes=lambda guarded: monitor_routes(config.work_dir, guarded, Workflow.attach),
+            public_hosts=(*public_hosts, config.service_url or ""),
         )
     except IddsFatError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -119,9 +136,10 @@ def _add_commands() -> None:
     from idds_fat.cli.reconnect import cancel, results
     from idds_fat.cli.smoke import smoke
     from idds_fat.cli.status import logs, status
+    from idds_fat.cli.token import token
     from idds_fat.cli.wrapper import wrapper
 
-    for command in (status, logs, results, cancel, config, smoke, monitor, wrapper):
+    for command in (status, logs, results, cancel, config, smoke, monitor, wrapper, token):
         main.add_command(command)
 
 

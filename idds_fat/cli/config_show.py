@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from idds_fat.cli.output import echo_json, json_option, reports_errors, table
-from idds_fat.config import ENV_PREFIX, Config, config_file_path, load_config
+from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config, config_file_path, load_config
 from idds_fat.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -19,8 +19,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-#: Settings whose values are never printed.
-SECRET_SETTINGS = frozenset({"token", "broker_password"})
 MASK = "********"
 
 

@@ -17,7 +17,7 @@ from idds_fat.errors import IddsFatError
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Job states in the order a job goes through them; others follow alphabetically.
-STATE_ORDER = ("queued", "running", "done", "failed", "lost", "cancelled")
+STATE_ORDER = ("waiting", "queued", "running", "done", "failed", "lost", "cancelled")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

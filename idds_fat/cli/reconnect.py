@@ -26,7 +26,9 @@ from idds_fat.cli.output import (
 )
 from idds_fat.errors import IddsFatError
 from idds_fat.results import AsyncResult
+from idds_fat.workdir import WorkDirPaths
 from idds_fat.workflow import Workflow, catalog
+from idds_fat.workflow.driver import Driver
 
 # Job states of the record that mean "not finished yet".
 _UNFINISHED = ("queued", "running")
@@ -104,11 +106,13 @@ def _finished_jobs(root: Path, workflow_id: str, tasks: list[str]) -> tuple[set,
     return {(j.task_id, j.index) for j in jobs if j.status not in _UNFINISHED}, len(jobs)
 
 
-def _settle(wf: Workflow, finished: set) -> None:
+def _settle(wf: Workflow, finished: set, timeout: float | None = None) -> None:
     # An attached workflow completes the futures of its finished jobs from the
     # result store a moment after attach returns; acting before would miss them.
+    # Never longer than the command's --timeout: that one must hold.
     settling = [f for t, m in wf.tasks.items() for f in m.futures if (t, f.job) in finished]
-    concurrent.futures.wait(settling, _SETTLE_SECONDS)
+    limit = _SETTLE_SECONDS if timeout is None else min(timeout, _SETTLE_SECONDS)
+    concurrent.futures.wait(settling, limit)
 
 
 def _echo_results(workflow_id: str, records: list[dict], names: dict, as_json: bool) -> None:
@@ -160,15 +164,21 @@ def results(
     """Reconnect to WORKFLOW and print every task's results, in input order.
 
     Waits for the jobs still running, up to --timeout: those unfinished then
-    are shown as pending and left running, and the command exits 1.
+    are shown as pending and left running, and the command exits 1. For a
+    workflow whose body runs as a driver (``wf.submit()``), prints the body's
+    return value once it ends (exit 1 if it raised or its driver was lost).
     """
     root = effective_work_dir(work_dir)
     full_id = catalog.resolve_workflow_id(root, workflow_id)
+    driver = Driver.of(WorkDirPaths(root).workflow(full_id).root)
+    if driver is not None and task is None:
+        _driver_result(full_id, driver, timeout, as_json)
+        return
     task_id = catalog.resolve_task_id(root, full_id, task) if task else None
     chosen = [task_id] if task_id else [t.id for t in catalog.task_summaries(root, full_id)]
     finished, _ = _finished_jobs(root, full_id, chosen)
     with _attach(root, full_id) as wf:
-        _settle(wf, finished)
+        _settle(wf, finished, timeout)
         tasks = wf.tasks
         futures = [f for t in chosen for f in tasks[t].futures]
         _, pending = concurrent.futures.wait(futures, timeout)
@@ -181,6 +191,33 @@ def results(
                 f"{len(pending)} of {len(futures)} jobs of workflow {wf.id} unfinished "
                 f"after {timeout:g} s; still running"
             )
+
+
+def _driver_result(workflow_id: str, driver: Driver, timeout: float | None, as_json: bool) -> None:
+    """Print the value the driver's body returned (waiting up to ``timeout``); raise
+    IddsFatError, with the body's error, if it raised or the driver was lost."""
+    try:
+        value = driver.result(timeout)
+    except TimeoutError as exc:
+        raise IddsFatError(str(exc)) from None
+    except Exception as exc:
+        error = {"type": type(exc).__name__, "message": str(exc)}
+        if as_json:
+            echo_json({"workflow": workflow_id, "driver": driver.status, "error": error})
+        raise IddsFatError(
+            f"the body of workflow {workflow_id} failed: {error['type']}: {exc}"
+        ) from None
+    if as_json:
+        echo_json(
+            {
+                "workflow": workflow_id,
+                "driver": "finished",
+                "value": _as_json(value),
+                "repr": repr(value),
+            }
+        )
+    else:
+        click.echo(f"workflow {workflow_id}: its body returned\n{value!r}")
 
 
 @click.command()

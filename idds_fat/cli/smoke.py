@@ -129,9 +129,14 @@ def _run_once(config: Config, channel: str, deadline: float) -> SmokeRun:
         _check_results(wf, squares, boom)
     stats = wf.stats
     if stats.get(channel, 0) == 0:
+        subscriber = wf.parts.subscriber
+        why = ""
+        if channel == "stomp" and subscriber is not None and subscriber.last_error:
+            why = f"; the caller's STOMP subscription failed: {subscriber.last_error}"
         raise SmokeFailure(
             f"no result of workflow {wf.id} arrived over {channel} "
             f"(results by channel: stomp {stats.get('stomp', 0)}, rest {stats.get('rest', 0)})"
+            + why
         )
     return SmokeRun(channel, wf.id, len(everything), time.monotonic() - started, stats)
 

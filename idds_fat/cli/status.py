@@ -19,6 +19,7 @@ from idds_fat.cli.output import (
 )
 from idds_fat.workdir import WorkDirPaths, read_tail
 from idds_fat.workflow import catalog
+from idds_fat.workflow.driver import Driver
 
 
 @click.command()
@@ -61,10 +62,12 @@ def _show_workflows(root: Path, as_json: bool) -> None:
 def _workflow_header(summary: catalog.WorkflowSummary) -> str:
     states = state_counts(summary.job_states)
     tasks = "task" if summary.tasks == 1 else "tasks"
+    driver = Driver.of(summary.path)
     return "\n".join(
         [
             f"workflow  {summary.id} ({summary.name})",
             f"status    {summary.status}, backend {summary.backend or '-'}",
+            *([f"driver    {driver.describe()}"] if driver is not None else []),
             f"created   {local_time(summary.created)}, updated {local_time(summary.updated)}",
             f"jobs      {summary.jobs} in {summary.tasks} {tasks}: {states}",
             f"path      {summary.path}",
@@ -76,7 +79,10 @@ def _show_tasks(root: Path, workflow_id: str, as_json: bool) -> None:
     summary = catalog.workflow_summary(root, workflow_id)
     tasks = catalog.task_summaries(root, summary.id)
     if as_json:
-        echo_json({"workflow": summary.to_dict(), "tasks": [t.to_dict() for t in tasks]})
+        described = summary.to_dict()
+        if (driver := Driver.of(summary.path)) is not None:
+            described["driver"] = {"status": driver.status, **driver.where}
+        echo_json({"workflow": described, "tasks": [t.to_dict() for t in tasks]})
         return
     click.echo(_workflow_header(summary))
     if not tasks:
@@ -139,20 +145,33 @@ def logs(
     """Print what job JOB (its index) of TASK printed, from its log file.
 
     TASK is a task id such as t0001 or a unique task name. For a job that was
-    run again, the log of its last attempt is printed.
+    run again, the log of its last attempt is printed. With --stderr, a job that
+    raised ends with the traceback of its exception, as its caller recorded it
+    (the job hands its exception back as its result instead of printing it).
     """
     found = catalog.job_log_paths(effective_work_dir(work_dir), workflow_id, task, job)
     path = found.stderr if stderr else found.stdout
     stream = "stderr" if stderr else "stdout"
     # Read from the end: memory grows with the lines asked for, not with the log.
     text = read_tail(path, tail, max_bytes=None)
-    if text is None:
+    raised = found.error if stderr and found.status == "failed" and found.error else None
+    if text is None and raised is None:
         why = "cannot be read" if path.exists() else "does not exist"
         raise click.ClickException(
             f"no {stream} for job {found.task_id}/{found.index} ({found.name}, "
             f"{found.status}) of workflow {found.workflow_id}: {path} {why}"
         )
+    text = text or ""
+    if raised is not None and raised not in text:
+        text += _raised_section(found, raised)
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:] if tail else [])
     if as_json:
         echo_json({**found.to_dict(), "stream": stream, "path": str(path), "text": text})
     else:
         click.echo(text, nl=False)
+
+
+def _raised_section(found: catalog.JobSummary, error: str) -> str:
+    heading = f"--- job {found.task_id}/{found.index} raised (recorded by its caller) ---\n"
+    return heading + error.rstrip("\n") + "\n"

@@ -30,6 +30,7 @@ from pathspec import GitIgnoreSpec
 
 from idds_fat.cache.base import check_key
 from idds_fat.errors import ContextError, ContextTooLargeError
+from idds_fat.workdir import private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -394,9 +395,9 @@ def _read_index(path: Path) -> tuple[str, int] | None:
 def _write_index(path: Path, sha256: str, content_bytes: int) -> None:
     # Best effort: without an index entry the next workflow packs the tree again.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)  # it names the user's trees: theirs alone, as the work dir
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sha256": sha256, "content_bytes": content_bytes}))
+        write_private(tmp, json.dumps({"sha256": sha256, "content_bytes": content_bytes}).encode())
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("could not record the packed code context in %s: %s", path, exc)

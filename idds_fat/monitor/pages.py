@@ -60,7 +60,7 @@ _WORKFLOW_BODY = """<body data-page="workflow" data-workflow="{workflow}">
 <h2>Tasks</h2>
 <table id="tasks" class="grid">
   <thead><tr><th>Iteration</th><th>Task</th><th>Name</th><th>Function</th><th>Jobs</th>
-  <th>Queued</th><th>Running</th><th>Done</th><th>Failed</th><th>Lost</th><th>Cancelled</th>
+  <th>Waiting</th><th>Queued</th><th>Running</th><th>Done</th><th>Failed</th><th>Lost</th><th>Cancelled</th>
   <th>Best</th><th></th></tr></thead>
   <tbody></tbody>
 </table>
@@ -69,7 +69,8 @@ _WORKFLOW_BODY = """<body data-page="workflow" data-workflow="{workflow}">
 <section class="plots">
 <div>
 <h2>Timeline of jobs</h2>
-<p class="legend"><span class="queued">queued</span> <span class="running">running</span>
+<p class="legend"><span class="waiting">waiting</span> <span class="queued">queued</span>
+<span class="running">running</span>
 <span class="done">done</span> <span class="failed">failed</span>
 <span class="lost">lost</span> <span class="cancelled">cancelled</span>
 <span id="timeline-note"></span></p>
@@ -84,9 +85,22 @@ _WORKFLOW_BODY = """<body data-page="workflow" data-workflow="{workflow}">
 </div>
 </section>
 
+<section>
+<h2>Trials</h2>
+<p class="hint">Each job's arguments (for HPO, its hyper-parameters) and the number it
+returned; click a row for its details.</p>
+<table id="trials" class="grid">
+  <thead><tr><th>Job</th><th>Arguments</th><th>Status</th>
+  <th><button type="button" id="sort-value" class="link" data-order="none">Value</button></th>
+  </tr></thead>
+  <tbody></tbody>
+</table>
+</section>
+
 <section id="job" hidden>
 <h2>Job <span id="job-title"></span></h2>
 <p id="job-summary" class="summary"></p>
+<p class="summary">Arguments: <code id="job-arguments"></code></p>
 <h3>Remote traceback</h3>
 <pre id="job-error"></pre>
 <h3>Last lines of stderr</h3>

@@ -53,7 +53,9 @@ def workflow_view(work_dir: Path, workflow_id: str) -> dict[str, Any]:
     each task also has ``values`` (``count``, ``min``, ``max`` of the real
     numbers its jobs returned, or ``None``). ``timeline`` holds the
     :data:`TIMELINE_LIMIT` jobs submitted last (``jobs``, times in seconds since
-    the epoch) and how many there are in all (``total``); ``now`` is the
+    the epoch, each with its ``arguments`` and ``value`` for the table of trials),
+    how many there are in all (``total``) and where it ends (``end``): the
+    workflow's end once it ended (or its caller went away), else ``now``, the
     service's clock, which running jobs' bars reach.
 
     Raises:
@@ -64,11 +66,16 @@ def workflow_view(work_dir: Path, workflow_id: str) -> dict[str, Any]:
     tasks = catalog.task_summaries(work_dir, summary.id)
     values = catalog.task_values(work_dir, summary.id)
     timings = catalog.job_timings(work_dir, summary.id, limit=TIMELINE_LIMIT)
+    now = time.time()
     return {
         "workflow": _with_user(summary),
         "tasks": [{**t.to_dict(), "values": _values(values.get(t.id))} for t in tasks],
-        "timeline": {"jobs": [j.to_dict() for j in timings], "total": summary.jobs},
-        "now": time.time(),
+        "timeline": {
+            "jobs": [j.to_dict() for j in timings],
+            "total": summary.jobs,
+            "end": summary.ended if summary.ended is not None else now,
+        },
+        "now": now,
     }
 
 

@@ -2,7 +2,8 @@
 
 Data flow of one job (names are this package's modules)::
 
-    backend: python3 wrapper.py --spec LOCATION        (secrets: IDDS_FAT_JOB_SECRETS[_FILE])
+    backend: python3 wrapper.py --spec LOCATION        (secrets: a pipe, IDDS_FAT_JOB_SECRETS_FD,
+       |                                                  or a 0600 file, ..._FILE)
        |
        v
     main --> spec.read_secrets

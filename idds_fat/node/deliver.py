@@ -108,17 +108,49 @@ class StompEvents:
                 raise WrapperError(f"no {what} from the broker within {timeout:g} s")
 
 
-def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
-    """Send ``message`` as a persistent STOMP 1.2 message to the workflow's queue and mirror.
+# Broker connections kept open between results, by (brokers, user), once a process that
+# delivers many results asked for it (keep_stomp_connections); None: one per result.
+_kept_connections: dict[tuple, tuple] | None = None
 
-    Returns only after the broker sent a receipt for both sends. Raises
-    WrapperError (or a stomp.py exception) when it did not.
-    """
+
+def keep_stomp_connections() -> None:
+    """Keep each broker connection open for the next result (a warm worker, a pack:
+    one connection for all their jobs) until ``close_stomp_connections``."""
+    global _kept_connections
+    if _kept_connections is None:
+        _kept_connections = {}
+
+
+def close_stomp_connections() -> None:
+    """Disconnect the kept broker connections; from now on one connection per result."""
+    global _kept_connections
+    kept, _kept_connections = _kept_connections or {}, None
+    for conn, _ in kept.values():
+        _disconnect(conn)
+
+
+def _disconnect(conn) -> None:
+    try:
+        conn.disconnect()
+    except Exception:  # gone already: nothing to close
+        pass
+
+
+def _stomp_connection(stomp_spec: dict, secrets: dict, timeout: float) -> tuple:
+    """Return a connected ``(connection, events)``: the one kept for these brokers and
+    user while it is sound, else a new one (kept, when connections are kept)."""
     import stomp  # only jobs of workflows with a broker need stomp.py
 
-    timeout = float(stomp_spec.get("timeout", 10.0))
+    brokers = [tuple(b) for b in stomp_spec["brokers"]]
+    key = (tuple(brokers), secrets.get("broker_user"))
+    if _kept_connections is not None and key in _kept_connections:
+        conn, events = _kept_connections[key]
+        if not (events.closed or events.error) and conn.is_connected():
+            return conn, events
+        del _kept_connections[key]  # the broker went away or refused something: start again
+        _disconnect(conn)
     conn = stomp.Connection12(
-        host_and_ports=[tuple(b) for b in stomp_spec["brokers"]],
+        host_and_ports=brokers,
         reconnect_attempts_max=1,
         reconnect_sleep_initial=0.0,  # one pass over the brokers; deliver() does the retrying
         reconnect_sleep_increase=0.0,
@@ -131,6 +163,26 @@ def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
     try:
         conn.connect(secrets.get("broker_user"), secrets.get("broker_password"), wait=False)
         events.wait_for(lambda: events.connected, timeout, "connection")
+    except BaseException:
+        _disconnect(conn)
+        raise
+    if _kept_connections is not None:
+        _kept_connections[key] = (conn, events)
+    return conn, events
+
+
+def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
+    """Send ``message`` as a persistent STOMP 1.2 message to the workflow's queue and mirror.
+
+    Returns only after the broker sent a receipt for both sends. Raises
+    WrapperError (or a stomp.py exception) when it did not. The connection is
+    closed after, unless connections are kept (``keep_stomp_connections``);
+    one that failed is closed either way.
+    """
+    timeout = float(stomp_spec.get("timeout", 10.0))
+    conn, events = _stomp_connection(stomp_spec, secrets, timeout)
+    kept = _kept_connections is not None
+    try:
         sends = [(stomp_spec["destination"], {})]
         if stomp_spec.get("mirror"):
             expires = int((time.time() + float(stomp_spec.get("mirror_ttl", 86400))) * 1000)
@@ -142,11 +194,17 @@ def publish_stomp(message: bytes, stomp_spec: dict, secrets: dict) -> None:
             headers = {"persistent": "true", "receipt": receipt, **extra}
             conn.send(destination, body=message, headers=headers)
         events.wait_for(lambda: wanted <= events.receipts, timeout, "receipt")
-    finally:
-        try:
-            conn.disconnect()
-        except Exception:
-            pass
+        with events.changed:
+            events.receipts -= wanted  # a kept connection's set would grow with every result
+    except BaseException:
+        if kept:
+            _kept_connections.pop(
+                (tuple(tuple(b) for b in stomp_spec["brokers"]), secrets.get("broker_user")), None
+            )
+        _disconnect(conn)
+        raise
+    if not kept:
+        _disconnect(conn)
 
 
 def deliver(envelope: bytes, spec: JobSpec, secrets: dict) -> str:

@@ -6,7 +6,8 @@ interpreter), ``venv`` (built from requirements, or a venv-pack tarball),
 an iDDS-style ``init_env`` shell prefix. ``enter_environment`` builds what is
 needed (once per node, under a file lock, in a cache dir keyed by content
 hash) and runs this wrapper again there with the same arguments; the secrets
-follow in the environment, never on a command line.
+follow on a new pipe (a container's stdin), never in an environment block or on
+a command line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .envelope import sha256_hex
 from .errors import InterpreterMismatchError, JobEnvironmentError, WrapperError
 from .extract import safe_untar
 from .fetch import fetch_object
-from .spec import SECRETS_ENV, JobSpec
+from .spec import SECRETS_ENV, SECRETS_FD_ENV, JobSpec, secrets_json, secrets_pipe
 
 ENV_STAGE_ENV = "IDDS_FAT_ENV_STAGE"  # the stages this process already runs inside
 ENV_CACHE_ENV = "IDDS_FAT_ENV_CACHE_DIR"  # the node's choice of cache dir wins
@@ -215,8 +216,10 @@ def container_command(
 
     The job's work dir (and a directory cache, so the spec and its objects can be
     read and large results stored) are bound at the same paths; the wrapper runs
-    as a copy in the work dir with the same arguments. Secrets pass by name
-    (``-e NAME``: the runtime reads the value from its own environment).
+    as a copy in the work dir with the same arguments. Secrets pass on the
+    container's stdin (``-i``; apptainer and singularity pass stdin on anyway),
+    which the wrapper inside reads first (``IDDS_FAT_JOB_SECRETS_FD=0``): neither
+    the runtime's environment nor the container's holds them.
     """
     import shutil
 
@@ -237,31 +240,44 @@ def container_command(
         where = ["--pwd", str(workdir)]
         return [runtime, "exec", *options, *bind_options, *where, env["image"], *inner]
     bind_options = [part for path in binds for part in ("-v", f"{path}:{path}")]
-    names = ["-e", SECRETS_ENV, "-e", f"{ENV_STAGE_ENV}={stages}"]
+    names = ["-i", "-e", f"{SECRETS_FD_ENV}=0", "-e", f"{ENV_STAGE_ENV}={stages}"]
     where = ["-w", str(workdir)]
     return [runtime, "run", "--rm", *options, *bind_options, *where, *names, env["image"], *inner]
 
 
-def secrets_environment(secrets: dict, stages: str, flavour: str = "") -> dict:
-    """The environment of the re-executed wrapper: ours, plus the secrets and the stages done."""
-    raw = json.dumps(
-        {
-            "hmac_key": secrets["key"].hex(),
-            "token": secrets.get("token"),
-            "broker_user": secrets.get("broker_user"),
-            "broker_password": secrets.get("broker_password"),
-        }
-    )
-    child = dict(os.environ, **{SECRETS_ENV: raw, ENV_STAGE_ENV: stages})
+def rerun_environment(secrets_fd: int, stages: str, flavour: str = "") -> dict:
+    """The environment of the wrapper run again: ours, the secrets' descriptor, the stages done.
+
+    ``secrets_fd`` is the number under which the new process finds the pipe
+    holding its secrets (``secrets_pipe``; 0 in a container, whose stdin it is).
+    """
+    child = dict(os.environ, **{SECRETS_FD_ENV: str(secrets_fd), ENV_STAGE_ENV: stages})
+    child.pop(SECRETS_ENV, None)
     if flavour in ("apptainer", "singularity"):
         # Under --cleanenv these pass on only variables named with their prefix.
         prefix = flavour.upper() + "ENV_"
-        child.update({prefix + SECRETS_ENV: raw, prefix + ENV_STAGE_ENV: stages})
+        child.update({prefix + SECRETS_FD_ENV: str(secrets_fd), prefix + ENV_STAGE_ENV: stages})
     return child
 
 
-def _run_container(command: list[str], child_env: dict, env: dict) -> int:
-    """Run the containerised wrapper; return its exit status.
+def exec_with_secrets_on_a_pipe(secrets: dict) -> None:
+    """Run this wrapper again, same interpreter and command line, its secrets on a pipe.
+
+    For secrets that came in the environment (``IDDS_FAT_JOB_SECRETS``): the
+    environment block a process starts with stays readable in
+    ``/proc/PID/environ`` whatever it removes later, so the user's code must run
+    in a process started without them. Returns only if ``exec`` fails (raising
+    OSError).
+    """
+    fd = secrets_pipe(secrets_json(secrets))
+    env = dict(os.environ, **{SECRETS_FD_ENV: str(fd)})
+    env.pop(SECRETS_ENV, None)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _run_container(command: list[str], child_env: dict, env: dict, secrets: bytes) -> int:
+    """Run the containerised wrapper, ``secrets`` on its stdin; return its exit status.
 
     The runtime's own failures (exit 125-127: no image, no runtime, no python in
     the image) raise JobEnvironmentError with the runtime's message, so the
@@ -271,7 +287,7 @@ def _run_container(command: list[str], child_env: dict, env: dict) -> int:
     import tempfile
 
     with tempfile.TemporaryFile() as err:
-        done = subprocess.run(command, env=child_env, stdin=subprocess.DEVNULL, stderr=err)
+        done = subprocess.run(command, env=child_env, input=secrets, stderr=err)
         err.seek(0)
         text = err.read().decode("utf-8", "replace")
     sys.stderr.write(text)
@@ -285,33 +301,102 @@ def _run_container(command: list[str], child_env: dict, env: dict) -> int:
     return done.returncode
 
 
+def _prefix_runtime(init_env: str) -> str:
+    """The container runtime an ``init_env`` prefix starts with (``""`` if none):
+    the wrapper then runs inside it, under the image's ``python3``."""
+    import shlex
+
+    try:
+        words = shlex.split(init_env)
+    except ValueError:
+        return ""
+    for word in words:
+        if "=" in word.split("/")[0]:  # VAR=value before the command
+            continue
+        name = Path(word).name
+        return name if name in CONTAINER_RUNTIMES else ""
+    return ""
+
+
+def run_behind_prefix(init_env: str, secrets: dict, argv: list[str], stages: str) -> int:
+    """Run this wrapper again as the command ``init_env`` prefixes, as iDDS does;
+    return its exit status.
+
+    The shell (bash when there is one: iDDS strings say ``source``) runs
+    ``INIT_ENV PYTHON WRAPPER --spec SPEC``, so ``"singularity exec image.simg "``
+    wraps the wrapper and ``"source setup.sh; "`` runs before it. PYTHON is this
+    interpreter, or ``python3`` behind a container runtime (whose image has its
+    own), or ``$IDDS_FAT_PYTHON`` when the prefix sets it. The secrets follow on a
+    pipe the prefix passes on (``singularity exec`` keeps open descriptors).
+
+    Raises:
+        JobEnvironmentError: the wrapper never started behind the prefix (its
+            secrets were never read): the prefix failed; the message quotes the
+            tail of its stderr.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    flavour = _prefix_runtime(init_env)
+    python = "python3" if flavour else sys.executable
+    if flavour:  # the wrapper file must be where the container sees it: the job's dir
+        shutil.copyfile(argv[0], ".idds-fat-wrapper.py")
+        argv = [os.path.abspath(".idds-fat-wrapper.py"), *argv[1:]]
+    script = "p=$1; shift; " + init_env.rstrip("\n") + ' "${IDDS_FAT_PYTHON:-$p}" "$@"'
+    shell = shutil.which("bash") or "/bin/sh"
+    fd = secrets_pipe(secrets_json(secrets))
+    try:
+        with tempfile.TemporaryFile() as err:
+            sys.stdout.flush(), sys.stderr.flush()
+            done = subprocess.run(
+                [shell, "-c", script, "idds-fat-init-env", python, *argv],
+                env=rerun_environment(fd, stages, flavour),
+                pass_fds=(fd,),
+                stderr=err,
+            )
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        os.set_blocking(fd, False)
+        try:
+            unread = os.read(fd, 1)
+        except BlockingIOError:  # pragma: no cover - the pipe's writer is closed
+            unread = b""
+    finally:
+        os.close(fd)
+    if unread:
+        tail = "\n".join(text.splitlines()[-10:])
+        raise JobEnvironmentError(
+            f"init_env {init_env.strip()!r} failed (exit {done.returncode}) before the job "
+            f"started:\n{tail}"
+        )
+    return done.returncode
+
+
 def enter_environment(
     spec: JobSpec, secrets: dict, spec_location: str, workdir: Path
 ) -> int | None:
     """Put this job inside its environment; return None when this process should run it.
 
-    Applies, in order, the spec's ``init_env`` (a shell prefix, as iDDS runs
-    it; by bash, else ``/bin/sh``) and its environment, each by re-executing
-    this wrapper with the same arguments (``os.execve`` for ``init_env``, venv
-    and conda; a child process for a container, whose exit status is then
-    returned for ``main`` to exit with). Stages already applied are named in
-    ``IDDS_FAT_ENV_STAGE``. A failure is printed and raised; ``run_one``
-    reports it as the job's setup error, so the caller sees why.
+    Applies, in order, the spec's ``init_env`` (the prefix of the wrapper's
+    command, as iDDS runs it: ``run_behind_prefix``) and its environment, each
+    by running this wrapper again with the same arguments (``os.execve`` for
+    venv and conda; a child process behind ``init_env`` and in a container,
+    whose exit status is then returned for ``main`` to exit with), the secrets
+    on a new pipe. Stages
+    already applied are named in ``IDDS_FAT_ENV_STAGE``. A failure is printed
+    and raised; ``run_one`` reports it as the job's setup error, so the caller
+    sees why.
     """
     env = spec.environment or {"kind": "current"}
     done = [s for s in os.environ.pop(ENV_STAGE_ENV, "").split(",") if s]
     argv = [own_file(), "--spec", spec_location]
     try:
         if spec.init_env and "init_env" not in done:
-            import shutil
-
             stages = ",".join([*done, "init_env"])
-            script = spec.init_env + '\np=$1; shift; exec "${IDDS_FAT_PYTHON:-$p}" "$@"'
-            # bash when there is one: iDDS strings say "source", which dash lacks.
-            shell = shutil.which("bash") or "/bin/sh"
-            command = [shell, "-c", script, "idds-fat-init-env", sys.executable, *argv]
-            sys.stdout.flush(), sys.stderr.flush()
-            os.execve(shell, command, secrets_environment(secrets, stages))
+            return run_behind_prefix(spec.init_env, secrets, argv, stages)
         kind = env.get("kind", "current")
         if kind == "current" or "environment" in done:
             return None
@@ -319,11 +404,13 @@ def enter_environment(
         if kind in ("venv", "conda"):
             python = environment_python(env, spec, secrets)
             sys.stdout.flush(), sys.stderr.flush()
-            os.execve(python, [python, *argv], secrets_environment(secrets, stages))
+            fd = secrets_pipe(secrets_json(secrets))
+            os.execve(python, [python, *argv], rerun_environment(fd, stages))
         if kind == "container":
             command = container_command(env, spec, spec_location, workdir, stages)
             flavour = Path(command[0]).name
-            return _run_container(command, secrets_environment(secrets, stages, flavour), env)
+            child_env = rerun_environment(0, stages, flavour)
+            return _run_container(command, child_env, env, secrets_json(secrets))
         raise JobEnvironmentError(f"unknown environment kind {kind!r}")
     except Exception as exc:
         print(f"idds-fat wrapper: entering {environment_label(env)} failed: {exc}", file=sys.stderr)

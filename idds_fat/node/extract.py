@@ -1,17 +1,43 @@
 """Safe extraction of what a job unpacks: its code context (zip) and environment tarballs.
 
 Nothing lands outside the target directory, whatever the archive's names,
-links or sizes claim; a refusal raises UnsafeArchiveError.
+links or sizes claim; a refusal raises UnsafeArchiveError and removes what the
+extraction had written, so a failed job leaves nothing behind (a warm worker
+would otherwise keep it until it exits).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UnsafeArchiveError
+
+#: A tarball (an environment: venv-pack, conda-pack) may expand to this many times
+#: its own size, or ``MIN_UNTAR_BYTES`` if more. Real ones expand 2-5 times; a
+#: bomb made of zeros, a thousand.
+MAX_UNTAR_RATIO = 100
+MIN_UNTAR_BYTES = 64 * 1024 * 1024
+
+
+@contextmanager
+def _removed_on_failure(dest: Path):
+    """Remove, if the block raises, every entry of ``dest`` that was not there before."""
+    before = set(os.listdir(dest))
+    try:
+        yield
+    except BaseException:
+        for name in set(os.listdir(dest)) - before:
+            path = dest / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_000) -> int:
@@ -21,11 +47,17 @@ def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_0
     than ``max_files`` entries, and more than ``max_bytes`` of content (counted
     while decompressing, so a lying header does not help a zip bomb).
 
-    Raises UnsafeArchiveError, leaving only what was written before the refusal.
+    Raises UnsafeArchiveError, having removed what it wrote (every entry of
+    ``dest`` that was not there before).
     """
+    dest = Path(dest).resolve()
+    with _removed_on_failure(dest):
+        return _extract_zip(data, dest, max_bytes, max_files)
+
+
+def _extract_zip(data: bytes, dest: Path, max_bytes: int, max_files: int) -> int:
     import zipfile  # only jobs with a code context need it
 
-    dest = Path(dest).resolve()
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -63,22 +95,46 @@ def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_0
     return written
 
 
-def safe_untar(data: bytes, dest: Path) -> None:
-    """Extract tar ``data`` (any compression) into ``dest``.
+def safe_untar(
+    data: bytes, dest: Path, max_bytes: int | None = None, max_files: int = 1_000_000
+) -> int:
+    """Extract tar ``data`` (any compression) into ``dest``; return the bytes of content.
 
     Refuses absolute names, ``..`` components, device files and any member that
     would land outside ``dest`` (also through a symlink extracted before it).
     Symlinks themselves may point anywhere: a venv-pack tarball's ``bin/python``
-    names the interpreter by absolute path. Raises UnsafeArchiveError.
-    """
-    import tarfile
+    names the interpreter by absolute path. Refuses more than ``max_files``
+    members and more than ``max_bytes`` of content (default: ``MAX_UNTAR_RATIO``
+    times the tarball's size, at least ``MIN_UNTAR_BYTES``), counted from the
+    members' headers as they are read, before the stream past them is
+    decompressed or anything is written.
 
+    Raises UnsafeArchiveError, having removed what it wrote (every entry of
+    ``dest`` that was not there before).
+    """
+    if max_bytes is None:
+        max_bytes = max(MIN_UNTAR_BYTES, MAX_UNTAR_RATIO * len(data))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    with _removed_on_failure(dest):
+        return _extract_tar(data, dest, max_bytes, max_files)
+
+
+def _extract_tar(data: bytes, dest: Path, max_bytes: int, max_files: int) -> int:
+    import tarfile
+
+    total = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
+            members = []
+            for member in tar:  # one header at a time: a bomb is refused before it expands
+                members.append(member)
+                if len(members) > max_files:
+                    raise UnsafeArchiveError(f"tarball has more than {max_files} members")
+                if member.isfile():
+                    total += member.size
+                    if total > max_bytes:
+                        raise UnsafeArchiveError(f"tarball expands beyond {max_bytes} bytes")
                 parts = member.name.replace("\\", "/").split("/")
                 if member.name.startswith("/") or ".." in parts:
                     raise UnsafeArchiveError(f"tar member {member.name!r} points outside the tree")
@@ -89,7 +145,7 @@ def safe_untar(data: bytes, dest: Path) -> None:
             if hasattr(tarfile, "tar_filter"):  # Python 3.12, and 3.8.17+/3.11.4+
                 # It also refuses a member that would be written through a symlink.
                 tar.extractall(dest, members, filter="tar")
-                return
+                return total
             root = dest.resolve()
             for member in members:
                 target = (root / member.name).resolve()
@@ -98,3 +154,4 @@ def safe_untar(data: bytes, dest: Path) -> None:
                 tar.extract(member, dest)
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"environment archive refused: {exc}") from None
+    return total

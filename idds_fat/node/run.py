@@ -15,9 +15,14 @@ from pathlib import Path
 
 from .envelope import seal, unseal
 from .environments import check_interpreter
+from .errors import IntegrityError
 from .extract import safe_extract
 from .fetch import fetch_object
 from .spec import JobSpec
+
+#: The persistent id of another job's result stored by reference, as the caller
+#: pickles it into a dependent job's call: (this tag, cache key, task, job, attempt).
+RESULT_REFERENCE = "idds-fat/result"
 
 
 def _pickler():
@@ -47,6 +52,27 @@ def _error_body(exc: BaseException, tb_text: str) -> dict:
         "traceback": tb_text,
         "pickled": pickled,
     }
+
+
+def _hint_missing_module(exc: BaseException) -> None:
+    """Tell the caller how to give a job a module it could not import.
+
+    The exception keeps its type (``except ModuleNotFoundError`` still works on
+    the caller): the hint is a note (3.11+) or, on 3.10, the end of its message.
+    """
+    if not isinstance(exc, ModuleNotFoundError):
+        return
+    hint = (
+        f"idds-fat: module {exc.name!r} is not importable where the job ran "
+        f"({sys.executable} on {os.uname().nodename}). Give the task an environment "
+        "that has it (environment=Venv([...]), Conda(...) or Container(...) on @work or "
+        "the workflow; docs/environments/), or ship your own code with source_dir=."
+    )
+    if hasattr(exc, "add_note"):
+        exc.add_note(hint)
+    else:  # pragma: no cover - exercised only on 3.10
+        exc.msg = f"{exc.msg}\n{hint}"
+        exc.args = (exc.msg, *exc.args[1:])
 
 
 class WarmState:
@@ -141,6 +167,39 @@ def install_sources(sources: dict | None) -> None:
         linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
 
 
+def _loader(spec: JobSpec, key: bytes, get):
+    """Return ``loads(data)`` that also resolves the results of other jobs the call names
+    by reference: each is fetched from the cache (its sha256 checked), its envelope
+    verified with the workflow's key and its header checked, once per job."""
+    import io
+
+    inputs: dict = {}
+
+    def stored_result(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == RESULT_REFERENCE):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        _, ref, task, job, attempt = pid
+        if ref not in inputs:
+            header, body = unseal(get(ref), key)
+            named = (header.get("workflow"), header.get("task"), header.get("job"))
+            if (
+                header.get("kind") != "result"
+                or header.get("status") != "ok"
+                or named != (spec.workflow, task, job)
+                or header.get("attempt") != attempt
+            ):
+                raise IntegrityError(f"input {ref} is not the value of job {task}/{job}")
+            inputs[ref] = pickle.loads(body)
+        return inputs[ref]
+
+    class _Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return stored_result(pid)
+
+    # cloudpickle's loads is pickle's: the plain Unpickler reads its pickles.
+    return lambda data: _Unpickler(io.BytesIO(data)).load()
+
+
 def _run_function(
     spec: JobSpec,
     secrets: dict,
@@ -163,7 +222,8 @@ def _run_function(
         header, payload = unseal(get(spec.payload["key"]), key)
         sources = header.get("sources")
         check_interpreter(header, spec, cloudpickle)
-        fn, args, kwargs = cloudpickle.loads(payload)
+        loads = _loader(spec, key, get)
+        fn, args, kwargs = loads(payload)
         job_kwargs = spec.kwargs
         if job_kwargs:
             raw = (
@@ -172,10 +232,11 @@ def _run_function(
                 else get(job_kwargs["key"])
             )
             _, body = unseal(raw, key)
-            kwargs = {**kwargs, **cloudpickle.loads(body)}
+            kwargs = {**kwargs, **loads(body)}
     except Exception as exc:
         import traceback  # only failures need it: a job that works never pays the import
 
+        _hint_missing_module(exc)  # unpickling the call needed a module the node lacks
         text = traceback.format_exc()
         print(f"idds-fat wrapper: job setup failed:\n{text}", file=sys.stderr)
         return "setup_error", _error_body(exc, text)
@@ -192,6 +253,7 @@ def _run_function(
 
         # Only now: a job that works never pays for linecache's imports.
         install_sources(sources)
+        _hint_missing_module(exc)
         text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
         return "error", _error_body(exc, text)
     finally:

@@ -1,18 +1,29 @@
-"""What a job is given: its spec (``JobSpec``, from the cache) and its secrets (environment)."""
+"""What a job is given: its spec (``JobSpec``, from the cache) and its secrets (a pipe or a file).
+
+Secrets never sit in a job process's environment block (``/proc/PID/environ``,
+which removing a variable later does not change): the process that starts a
+wrapper hands them over on an inherited pipe (``IDDS_FAT_JOB_SECRETS_FD``
+names its descriptor) or in a 0600 file (``IDDS_FAT_JOB_SECRETS_FILE`` names
+it); either variable holds no secret. ``IDDS_FAT_JOB_SECRETS`` (the JSON
+itself) is still read, for sites that set it, and then the wrapper starts
+itself again with the secrets on a pipe (``main``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import select
 from pathlib import Path
 from typing import Any
 
 from .envelope import WRAPPER_VERSION
 from .errors import WrapperError
 
-SECRETS_ENV = "IDDS_FAT_JOB_SECRETS"
-SECRETS_FILE_ENV = "IDDS_FAT_JOB_SECRETS_FILE"
+SECRETS_ENV = "IDDS_FAT_JOB_SECRETS"  # the JSON itself: a site's hook, moved to a pipe at start
+SECRETS_FILE_ENV = "IDDS_FAT_JOB_SECRETS_FILE"  # the path of a 0600 file holding the JSON
+SECRETS_FD_ENV = "IDDS_FAT_JOB_SECRETS_FD"  # the number of an inherited pipe holding the JSON
 
 # Keys written only when set (a job on S3 gets presigned URLs); the others are always written.
 _WRITTEN_WHEN_SET = ("urls", "result_object", "result_put_url")
@@ -83,14 +94,73 @@ class JobSpec:
         return cls(**{f.name: doc[f.name] for f in fields if f.name in doc})
 
 
+def secrets_json(secrets: dict) -> bytes:
+    """Return the JSON a wrapper reads its secrets from (``secrets`` as ``read_secrets`` gives)."""
+    return json.dumps(
+        {
+            "hmac_key": secrets["key"].hex(),
+            "token": secrets.get("token"),
+            "broker_user": secrets.get("broker_user"),
+            "broker_password": secrets.get("broker_password"),
+        }
+    ).encode()
+
+
+def secrets_pipe(raw: bytes) -> int:
+    """Return the read end of a new pipe that holds ``raw`` and is closed for writing.
+
+    The descriptor is inheritable by an ``exec`` (give it to ``subprocess`` with
+    ``pass_fds``), and the caller closes its own copy once the child started.
+    Raises WrapperError when ``raw`` exceeds ``select.PIPE_BUF`` bytes: only that
+    much is sure to fit in a pipe nobody reads yet.
+    """
+    if len(raw) > select.PIPE_BUF:
+        raise WrapperError(f"the job secrets are {len(raw)} bytes, over {select.PIPE_BUF}")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, raw)
+    finally:
+        os.close(write_end)
+    os.set_inheritable(read_end, True)
+    return read_end
+
+
+def _read_pipe(fd: int) -> str:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        if fd == 0:  # stdin (a container's): what the job reads there must be empty
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+        else:
+            os.close(fd)
+    return b"".join(chunks).decode()
+
+
 def read_secrets() -> dict:
-    """Take the job's secrets out of the environment (or the file it names)."""
-    raw = os.environ.pop(SECRETS_ENV, None)
+    """Take the job's secrets from the pipe, the file or the variable the environment names.
+
+    The three variables (``SECRETS_FD_ENV``, ``SECRETS_FILE_ENV``,
+    ``SECRETS_ENV``, tried in this order) are removed from ``os.environ``, so
+    processes the job starts do not inherit them; a pipe is read to its end and
+    closed (stdin is left reading ``/dev/null``). Raises WrapperError when none
+    is set, OSError when the pipe or file cannot be read, ValueError when the
+    JSON is not valid.
+    """
+    fd = os.environ.pop(SECRETS_FD_ENV, None)
     path = os.environ.pop(SECRETS_FILE_ENV, None)
-    if raw is None and path:
+    raw = os.environ.pop(SECRETS_ENV, None)
+    if fd:
+        raw = _read_pipe(int(fd))
+    elif path:
         raw = Path(path).read_text()
     if raw is None:
-        raise WrapperError(f"no job secrets: set {SECRETS_ENV} or {SECRETS_FILE_ENV}")
+        raise WrapperError(
+            f"no job secrets: set {SECRETS_FD_ENV}, {SECRETS_FILE_ENV} or {SECRETS_ENV}"
+        )
     secrets = json.loads(raw)
     return {
         "key": bytes.fromhex(secrets["hmac_key"]),

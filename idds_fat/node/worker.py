@@ -13,12 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-from .deliver import deliver, reply_message
-from .environments import own_file, secrets_environment
+from .deliver import close_stomp_connections, deliver, keep_stomp_connections, reply_message
+from .environments import own_file, rerun_environment
 from .errors import EXIT_UNDELIVERED, EXIT_UNREPORTED, DeliveryError, WrapperError
 from .fetch import load_spec
 from .run import WarmState, run_job
-from .spec import JobSpec
+from .spec import JobSpec, secrets_json, secrets_pipe
 
 
 def _needs_own_process(spec: JobSpec) -> bool:
@@ -28,11 +28,15 @@ def _needs_own_process(spec: JobSpec) -> bool:
 
 
 def _run_in_child(location: str, secrets: dict, workdir: Path) -> int:
-    """Run one job cold, as a child process, handing it the secrets in its environment."""
+    """Run one job cold, as a child process, handing it the secrets on a pipe."""
     import subprocess
 
     argv = [sys.executable, own_file(), "--spec", location]
-    return subprocess.call(argv, cwd=workdir, env=secrets_environment(secrets, ""))
+    fd = secrets_pipe(secrets_json(secrets))
+    try:
+        return subprocess.call(argv, cwd=workdir, env=rerun_environment(fd, ""), pass_fds=(fd,))
+    finally:
+        os.close(fd)
 
 
 def _run_warm_job(
@@ -70,16 +74,21 @@ def _point_output_at(stdout_fd: int, stderr_fd: int) -> None:
     os.dup2(stderr_fd, 2)
 
 
+def _append_private(path: Path):
+    # 0600 whatever the umask: a job's output can hold what only its user may read.
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
 def _run_command(
     command: dict, secrets: dict, idle: tuple[int, int], warm: WarmState
 ) -> tuple[int, bytes | None, JobSpec | None]:
     """Run one job of a warm session in its work dir, its output in that dir's files."""
     workdir = Path(command["workdir"])
     home = Path.cwd()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(0o700, parents=True, exist_ok=True)
     with (
-        open(workdir / "stdout.txt", "ab") as out,
-        open(workdir / "stderr.txt", "ab") as err,
+        _append_private(workdir / "stdout.txt") as out,
+        _append_private(workdir / "stderr.txt") as err,
     ):
         _point_output_at(out.fileno(), err.fileno())
     try:
@@ -94,6 +103,121 @@ def _run_command(
     finally:
         os.chdir(home)
         _point_output_at(*idle)
+
+
+class ProcessState:
+    """The process-wide state a job of a warm worker may change and the next job must
+    not inherit: resource limits, umask, environment variables, Python's signal
+    handlers, ``sys.path``, the recursion limit, the switch interval, CPU affinity,
+    niceness, user and group ids. (The current directory and descriptors 1 and 2 are put back by
+    ``_run_command``; imported modules and their state stay, which is what a warm
+    worker is for.)
+    """
+
+    def __init__(self) -> None:
+        # _signal, not signal: the latter's enum conversions cost a millisecond per job.
+        import _signal
+        import resource
+
+        self.limits = {
+            name: resource.getrlimit(getattr(resource, name))
+            for name in dir(resource)
+            if name.startswith("RLIMIT_")
+        }
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        # The encoded mapping: copying it decodes nothing (os.environ's own store).
+        self.environ = dict(os.environ._data)  # type: ignore[attr-defined]
+        self.handlers = {}
+        for signum in _signal.valid_signals():
+            try:
+                self.handlers[signum] = _signal.getsignal(signum)
+            except (OSError, ValueError):
+                pass
+        self.path = list(sys.path)
+        self.recursion_limit = sys.getrecursionlimit()
+        self.switch_interval = sys.getswitchinterval()
+        self.affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        self.ids = (os.getresuid(), os.getresgid(), os.getgroups())
+
+    @classmethod
+    def capture(cls) -> ProcessState:
+        """Take a snapshot of the state now (before a job)."""
+        return cls()
+
+    def restore(self, memory_limited: bool = False) -> list[str]:
+        """Put the snapshot back; return what could not be (then the worker must go).
+
+        ``memory_limited``: the job ran under ``limit_memory``, whose limit is
+        lifted here without counting as a change the job made.
+        """
+        import _signal
+        import resource
+
+        kept = []
+        for name, limits in self.limits.items():
+            which = getattr(resource, name)
+            if resource.getrlimit(which) == limits:
+                continue
+            try:
+                resource.setrlimit(which, limits)
+            except (OSError, ValueError):  # a lowered hard limit goes back only for root
+                kept.append(name)
+                continue
+            if not (memory_limited and name == "RLIMIT_AS"):
+                print(f"idds-fat wrapper: the job changed {name}; set back", file=sys.stderr)
+        os.umask(self.umask)
+        if os.environ._data != self.environ:  # type: ignore[attr-defined]
+            os.environ.clear()
+            os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self.environ.items()})
+        for signum, handler in self.handlers.items():
+            try:
+                if handler is not None and _signal.getsignal(signum) != handler:
+                    _signal.signal(signum, handler)
+            except (OSError, ValueError):
+                kept.append(f"the handler of signal {signum}")
+        sys.path[:] = self.path
+        sys.setrecursionlimit(self.recursion_limit)
+        sys.setswitchinterval(self.switch_interval)
+        if self.affinity is not None and os.sched_getaffinity(0) != self.affinity:
+            try:
+                os.sched_setaffinity(0, self.affinity)
+            except OSError:
+                kept.append("its CPU affinity")
+        if (os.getresuid(), os.getresgid(), os.getgroups()) != self.ids:
+            try:
+                (ruid, euid, suid), (rgid, egid, sgid), groups = self.ids
+                os.setgroups(groups)
+                os.setresgid(rgid, egid, sgid)
+                os.setresuid(ruid, euid, suid)
+            except OSError:  # a job that gave up its privileges cannot take them back
+                kept.append("its user or group ids")
+        if os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
+            except OSError:  # lowering niceness again takes privilege
+                kept.append("its niceness")
+        return kept
+
+
+def limit_memory(memory_mb: int | None) -> bool:
+    """Cap this process's address space (``RLIMIT_AS``) at ``memory_mb`` MiB for a job.
+
+    Returns whether a limit was set (``ProcessState.restore`` lifts it). The
+    cap counts virtual memory, the interpreter's own included; the hard limit
+    is left as it is, so the cap can be lifted again.
+    """
+    if not memory_mb:
+        return False
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(memory_mb) * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return True
 
 
 class _WarmSession:
@@ -120,18 +244,39 @@ class _WarmSession:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _deliver_after_all(message: bytes | None, spec: JobSpec | None, secrets: dict) -> None:
+    """Deliver a result the caller did not record, through the usual channels."""
+    if message is None or spec is None:
+        return
+    try:
+        deliver(message, spec, secrets)
+    except DeliveryError as exc:
+        print(f"idds-fat wrapper: {exc}", file=sys.stderr)
+
+
 def serve_worker(secrets: dict) -> int:
     """Run jobs one after another as the caller sends them; return 0 when it stops sending.
 
     Protocol, one JSON object per line: the caller writes
-    ``{"spec": LOCATION, "workdir": DIR, "reply": BOOL}`` to stdin; the worker
-    runs the job in ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and
-    ``DIR/stderr.txt``) and answers ``{"exit": STATUS}`` on its original stdout.
-    Without ``reply`` it delivers the result as a cold job would; with it, the
-    answer also carries the signed result message, base64-encoded, as
-    ``"result"`` (the caller verifies it like any other). If that answer cannot
-    be written (the caller died), the result is delivered the usual way. End
-    of input ends the worker, after the job it is running.
+    ``{"spec": LOCATION, "workdir": DIR, "reply": BOOL}`` (and optionally
+    ``"memory_mb": N``) to stdin; the worker runs the job in ``DIR`` (its stdout
+    and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``) and answers
+    ``{"exit": STATUS}`` on its original stdout, with ``"recycle": true`` when
+    the job changed process state that cannot be put back (the worker exits
+    after this answer, once its results are acknowledged). Without ``reply`` it
+    delivers the result as a cold job would; with it, the answer also carries
+    the signed result message, base64-encoded, as ``"result"`` (the caller
+    verifies it like any other), and the caller must then answer
+    ``{"ack": true}`` once it has recorded the result durably, or
+    ``{"ack": false}`` when it could not. Acks come in the order of the answers
+    that carried results, and may come after the next command: a caller can
+    send job N+1 before it records job N's result, so that the worker never
+    waits for the caller's bookkeeping (the caller needs no more than one job
+    ahead). Until its ack a result is not delivered: on a false ack, or end of
+    input before the ack (the caller died, even with the answer unread in the
+    pipe), or an answer that cannot be written, the worker delivers it the
+    usual way (STOMP, REST). End of input ends the worker, after the job it is
+    running.
     """
     control = os.fdopen(os.dup(1), "w", buffering=1)
     stderr = os.dup(2)
@@ -140,23 +285,56 @@ def serve_worker(secrets: dict) -> int:
     sys.stdin = open(os.devnull)  # jobs must not read the control channel
     commands = os.fdopen(os.dup(0), "r")
     os.dup2(sys.stdin.fileno(), 0)
+    # Results answered and not yet acknowledged, oldest first: (message, spec).
+    unacked: list[tuple[bytes, JobSpec | None]] = []
+
+    def take_ack(ack: dict) -> None:
+        message, spec = unacked.pop(0)
+        if not ack["ack"]:
+            # The caller could not record it: it goes out the usual way.
+            _deliver_after_all(message, spec, secrets)
+
+    keep_stomp_connections()  # one broker connection for all the jobs of this worker
     # The caller starts each worker in a directory of its own, which it removes
     # should it have to kill the worker: nothing is left behind in /tmp.
     with _WarmSession(Path.cwd()) as warm:
-        for line in commands:
-            status, message, spec = _run_command(json.loads(line), secrets, idle, warm)
-            answer = {"exit": status}
+        while line := commands.readline():
+            command = json.loads(line)
+            if "ack" in command:
+                if unacked:
+                    take_ack(command)
+                continue
+            before = ProcessState.capture()
+            memory_limited = limit_memory(command.get("memory_mb"))
+            try:
+                status, message, spec = _run_command(command, secrets, idle, warm)
+            finally:
+                kept = before.restore(memory_limited)
+            answer: dict = {"exit": status}
             if message is not None:
                 answer["result"] = binascii.b2a_base64(message, newline=False).decode()
+                unacked.append((message, spec))
+            if kept:
+                print(
+                    f"idds-fat wrapper: the job changed {', '.join(kept)}; recycling the worker",
+                    file=sys.stderr,
+                )
+                answer["recycle"] = True
             try:
                 control.write(json.dumps(answer) + "\n")
-            except OSError:  # the caller is gone: its result must still get out
-                if message is not None and spec is not None:
-                    try:
-                        deliver(message, spec, secrets)
-                    except DeliveryError as exc:
-                        print(f"idds-fat wrapper: {exc}", file=sys.stderr)
+            except OSError:  # the caller is gone: its results must still get out
                 break
+            if kept:
+                # Wait for the acks still due; the caller sends no more jobs here.
+                while unacked and (line := commands.readline()):
+                    if "ack" in (ack := json.loads(line)):
+                        take_ack(ack)
+                break
+        # Written to the pipe is not received: the caller died (or closed our input)
+        # before recording these.
+        for message, spec in unacked:
+            _deliver_after_all(message, spec, secrets)
+    close_stomp_connections()
     return 0
 
 
@@ -194,15 +372,20 @@ def run_pack(jobs: list[dict], secrets: dict) -> int:
     # killed by the batch system, it leaves them there, not in the node's /tmp.
     first = Path(jobs[0]["workdir"])
     first.mkdir(parents=True, exist_ok=True)
-    with _WarmSession(first) as warm:
-        for command in jobs:
-            status, _, _ = _run_command(command, secrets, idle, warm)
-            if status in _ENDED_BY_SIGTERM:
-                # The batch system is ending this pack (scancel, walltime) and signals the
-                # deepest processes first: a job run as a child dies before this process
-                # hears of it. Stop here: a next job's child would escape the kill, and an
-                # exit status of -15 would hide the scheduler's own account of the end.
-                return status
-            Path(command["workdir"], "exit_status").write_text(f"{status}\n")
-            worst = worst or status
+    keep_stomp_connections()  # one broker connection for the whole pack
+    try:
+        with _WarmSession(first) as warm:
+            for command in jobs:
+                status, _, _ = _run_command(command, secrets, idle, warm)
+                if status in _ENDED_BY_SIGTERM:
+                    # The batch system is ending this pack (scancel, walltime) and signals
+                    # the deepest processes first: a job run as a child dies before this
+                    # process hears of it. Stop here: a next job's child would escape the
+                    # kill, and an exit status of -15 would hide the scheduler's own
+                    # account of the end.
+                    return status
+                Path(command["workdir"], "exit_status").write_text(f"{status}\n")
+                worst = worst or status
+    finally:
+        close_stomp_connections()
     return worst

@@ -181,7 +181,7 @@ class ResultCollector:
             if header.get("status") == "ok":
                 # Fetched when the user first asks for the value, not before.
                 ref_header = header
-                body = LazyValue(lambda: self._resolve(ref_header)[1])
+                body = LazyValue(lambda: self._resolve(ref_header)[1], reference=ref_header)
             else:
                 try:
                     header, body = self._resolve(header)

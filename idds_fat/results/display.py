@@ -3,10 +3,59 @@
 from __future__ import annotations
 
 import html
+import reprlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
+
+#: Longest text kept of a job's arguments (the state record, the monitoring page, HTML).
+ARGUMENTS_CHARS = 200
+
+# Short reprs of big containers and strings: an argument may be a million-row list.
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 10
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def arguments_repr(
+    args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, limit: int = ARGUMENTS_CHARS
+) -> str:
+    """Return a call's arguments as they would be written, ``1, 'a', x=2``, at most ``limit`` chars.
+
+    For display only (nothing parses it back): containers and long strings are
+    shortened, and an argument whose ``repr`` raises shows as ``<TypeName ...>``.
+    """
+    parts = [_safe_repr(a) for a in args]
+    parts += [f"{k}={_safe_repr(v)}" for k, v in (kwargs or {}).items()]
+    return _shorten(", ".join(parts), limit)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return _short.repr(value)
+    except Exception:  # a user's __repr__ may raise anything
+        return f"<{type(value).__name__}>"
+
+
+def outcome_text(future: Future, limit: int = 80) -> str:
+    """Return what a finished job gave, for a table cell: ``repr`` of its value, or
+    ``ExceptionType: message`` (first line) if it raised; ``""`` if pending or cancelled."""
+    if not future.done() or future.cancelled():
+        return ""
+    exc = future.exception()
+    if exc is not None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _shorten(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, limit)
+    try:
+        value = future.result()
+    except Exception as fetch:  # a large value fetched on first use may fail to load
+        return _shorten(f"{type(fetch).__name__}: {fetch}", limit)
+    return _shorten(_safe_repr(value), limit)
 
 
 def outcome_counts(futures: Iterable[Future]) -> dict[str, int]:
@@ -29,7 +78,10 @@ class WaitProgress:
 
     Shows done / failed / running counts; ``running`` is asked of ``running_count``.
     tqdm hides it when stderr is not a TTY (outside Jupyter); ``enabled=False``
-    turns it off altogether. Use as a context manager around the wait.
+    turns it off altogether. Use as a context manager around the wait. When the
+    wait ends the bar stays, with its final counts: on a terminal as its last
+    line, in Jupyter as a line of text in the cell's output (a saved notebook
+    does not keep a widget's state).
     """
 
     def __init__(
@@ -52,7 +104,7 @@ class WaitProgress:
         from tqdm.auto import tqdm  # imported only when a bar can show
 
         self._bar = tqdm(
-            total=len(self._futures), desc=self._description, unit="job", disable=None, leave=False
+            total=len(self._futures), desc=self._description, unit="job", disable=None, leave=True
         )
         for future in self._futures:
             future.add_done_callback(self._advance)
@@ -73,7 +125,18 @@ class WaitProgress:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             if self._bar is not None:
-                self._bar.close()
+                bar = self._bar
+                # The postfix was set without a refresh; draw the last counts before leaving.
+                bar.refresh()
+                if hasattr(bar, "container"):
+                    # A Jupyter widget: a saved notebook keeps only the text it showed
+                    # when first displayed (0/N). Leave the final counts as a text line.
+                    final = str(bar)
+                    bar.leave = False
+                    bar.close()
+                    bar.write(final)
+                else:
+                    bar.close()
                 self._bar = None
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from idds_fat.results.display import html_table, outcome_counts
+from idds_fat.results.display import arguments_repr, html_table, outcome_counts, outcome_text
+from idds_fat.results.idds_names import IddsAsyncResultNames, IddsMapResultNames
 
 # The states of concurrent.futures.Future (CPython Lib/concurrent/futures/_base.py),
 # stable since 3.2: AsyncResult adds the one transition it lacks, RUNNING to CANCELLED.
@@ -25,11 +27,14 @@ class LazyValue:
     """A value fetched on first use (a large result travelling by reference).
 
     ``get()`` runs ``load`` once, from whichever thread asks first, and keeps the
-    value (or the exception) for every later call.
+    value (or the exception) for every later call. ``reference`` is the verified
+    header of the signed reference it was sent as (its cache key ``ref``, task,
+    job, attempt): a dependent job is handed that instead of the value.
     """
 
-    def __init__(self, load: Callable[[], Any]) -> None:
+    def __init__(self, load: Callable[[], Any], reference: Mapping[str, Any] | None = None) -> None:
         self._load = load
+        self.reference = reference
         self._lock = threading.Lock()
         self._done = False
         self._value: Any = None
@@ -84,7 +89,7 @@ def wait_interruptibly(
     return done, pending
 
 
-class AsyncResult(concurrent.futures.Future):
+class AsyncResult(IddsAsyncResultNames, concurrent.futures.Future):
     """The result of one job: a :class:`concurrent.futures.Future`.
 
     ``concurrent.futures.as_completed``, ``wait`` and ``asyncio.wrap_future``
@@ -100,6 +105,8 @@ class AsyncResult(concurrent.futures.Future):
         job: the job's index in its task.
         kwargs: the job's own keyword arguments (its entry of ``multi_jobs_kwargs_list``).
         name: a readable job name for messages.
+        arguments: the whole call's arguments as text (positional, common and the
+            job's own keyword arguments; shortened), for display.
     """
 
     def __init__(
@@ -109,12 +116,14 @@ class AsyncResult(concurrent.futures.Future):
         kwargs: Mapping[str, Any] | None = None,
         name: str = "",
         canceller: Callable[[AsyncResult], None] | None = None,
+        arguments: str | None = None,
     ) -> None:
         super().__init__()
         self.task_id = task_id
         self.job = job
         self.kwargs = dict(kwargs or {})
         self.name = name or f"{task_id}/{job}"
+        self.arguments = arguments_repr((), self.kwargs) if arguments is None else arguments
         self._canceller = canceller
 
     def cancel(self) -> bool:
@@ -212,6 +221,14 @@ class AsyncResult(concurrent.futures.Future):
         wait_interruptibly([self], timeout)
         return 0  # done now, or out of time
 
+    def reference(self) -> Mapping[str, Any] | None:
+        """Return the verified header of the signed reference a large value travelled
+        by (its cache key ``ref``, ``task``, ``job``, ``attempt``), or None: the job is
+        not done with a value, or its value came inline. Loads nothing."""
+        if not self.done() or self.cancelled() or super().exception() is not None:
+            return None
+        return getattr(super().result(), "reference", None)
+
     def get_result(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`, as iDDS names it."""
         return self.result(timeout)
@@ -233,7 +250,10 @@ class AsyncResult(concurrent.futures.Future):
         return f"<AsyncResult {self.name} {self.status()}>"
 
     def _repr_html_(self) -> str:
-        return html_table(["job", "kwargs", "status"], [[self.name, self.kwargs, self.status()]])
+        return html_table(
+            ["job", "arguments", "status", "value"],
+            [[self.name, self.arguments, self.status(), outcome_text(self)]],
+        )
 
 
 def _canonical(kwargs: Mapping[str, Any]) -> str | None:
@@ -243,16 +263,19 @@ def _canonical(kwargs: Mapping[str, Any]) -> str | None:
         return None
 
 
-class MapResult(Sequence):
+class MapResult(IddsMapResultNames, Sequence):
     """The results of a task's jobs, one per entry of ``multi_jobs_kwargs_list``.
 
     Reads like a list in input order (``results[i]``, ``len``, iteration give
-    values, blocking as needed), and by arguments: ``get_result(args=kwargs)``.
+    values, blocking as needed), and by arguments: ``get_result(args=kwargs)``
+    (with iDDS's ``name``, ``key`` and ``with_details``: results/idds_names.py).
     ``as_completed()`` yields the jobs' :class:`AsyncResult` as they finish, and
     ``futures`` gives them all for ``concurrent.futures.wait``.
     """
 
-    def __init__(self, futures: Sequence[AsyncResult]) -> None:
+    future_type = AsyncResult
+
+    def __init__(self, futures: Sequence[AsyncResult] = ()) -> None:
         self.futures: list[AsyncResult] = list(futures)
         self._index: dict[str, int] = {}
         for position, future in enumerate(self.futures):
@@ -270,8 +293,9 @@ class MapResult(Sequence):
         return self.futures[position].result()
 
     def __iter__(self) -> Iterator[Any]:
-        for future in self.futures:
-            yield future.result()
+        with self._killing_on_interrupt():
+            for future in self.futures:
+                yield future.result()
 
     def future_for(self, args: Mapping[str, Any]) -> AsyncResult:
         """Return the job whose keyword arguments equal ``args``.
@@ -287,23 +311,20 @@ class MapResult(Sequence):
                 return future
         raise KeyError(f"no job of this map was called with {args!r}")
 
-    def get_result(self, args: Mapping[str, Any], timeout: float | None = None) -> Any:
-        """Return the value of the job called with keyword arguments ``args``.
-
-        Raises:
-            KeyError: no job has these arguments.
-            TimeoutError: it is not done within ``timeout`` seconds.
-            Exception: the job's own exception, or JobLostError.
-        """
-        return self.future_for(args).result(timeout)
-
     def items(self, timeout: float | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
-        """Yield ``(kwargs, value)`` in input order, blocking for each."""
-        for future in self.futures:
-            yield future.kwargs, future.result(timeout)
+        """Yield ``(kwargs, value)`` in input order, blocking for each (Ctrl-C kills the rest)."""
+        with self._killing_on_interrupt():
+            for future in self.futures:
+                yield future.kwargs, future.result(timeout)
 
     def results(self, timeout: float | None = None) -> list[Any]:
-        """Return all values in input order; raise the first failure in input order."""
+        """Return all values in input order; raise the first failure in input order.
+
+        Raises:
+            TimeoutError: some job is still unfinished after ``timeout`` seconds.
+            KeyboardInterrupt: Ctrl-C, after cancelling (killing) the unfinished jobs.
+            Exception: the first failed job's exception, CancelledError or JobLostError.
+        """
         self.wait(timeout)
         return [f.result() for f in self.futures]
 
@@ -315,13 +336,26 @@ class MapResult(Sequence):
         """
         return concurrent.futures.as_completed(self.futures, timeout)
 
+    @contextlib.contextmanager
+    def _killing_on_interrupt(self) -> Iterator[None]:
+        # Ctrl-C in a wait for these jobs means "stop them", as it does for a
+        # blocking @work call (Workflow.wait): left pending they would run on unseen.
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.kill()
+            raise
+
     def wait(self, timeout: float | None = None) -> MapResult:
         """Block until every job has finished; return self.
 
         Raises:
-            TimeoutError: some job is still unfinished after ``timeout`` seconds.
+            TimeoutError: some job is still unfinished after ``timeout`` seconds
+                (they run on).
+            KeyboardInterrupt: Ctrl-C, after cancelling (killing) the unfinished jobs.
         """
-        _, pending = wait_interruptibly(self.futures, timeout)
+        with self._killing_on_interrupt():
+            _, pending = wait_interruptibly(self.futures, timeout)
         if pending:
             raise TimeoutError(f"{len(pending)} of {len(self.futures)} jobs still unfinished")
         return self
@@ -346,10 +380,19 @@ class MapResult(Sequence):
         return [f for f in self.futures if f.done() and (f.cancelled() or f.exception())]
 
     def __await__(self) -> Generator[Any, None, MapResult]:
+        """``await results``: wait for every job without blocking the event loop; return self.
+
+        Raises the first failure in input order, as :meth:`results` does (the
+        job's exception, ``CancelledError`` or ``JobLostError``), once all finished.
+        """
+
         async def _all() -> MapResult:
             await asyncio.gather(
                 *(asyncio.wrap_future(f) for f in self.futures), return_exceptions=True
             )
+            for future in self.futures:
+                if future.cancelled() or future.exception() is not None:
+                    future.result()  # raises what the job raised, or CancelledError
             return self
 
         return _all().__await__()
@@ -363,12 +406,11 @@ class MapResult(Sequence):
         summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
         rows = []
         for future in self.futures[:max_rows]:
-            value = ""
-            if future.done() and not future.cancelled() and future.exception() is None:
-                value = repr(future.result())[:80]
-            rows.append([future.job, future.kwargs, future.status(), value])
+            rows.append([future.job, future.arguments, future.status(), outcome_text(future)])
         if len(self.futures) > max_rows:
             rows.append(["…", f"{len(self.futures) - max_rows} more", "", ""])
         return html_table(
-            ["job", "kwargs", "status", "value"], rows, caption=f"MapResult: {summary or 'empty'}"
+            ["job", "arguments", "status", "value"],
+            rows,
+            caption=f"MapResult: {summary or 'empty'}",
         )

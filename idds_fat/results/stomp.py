@@ -44,6 +44,10 @@ class StompResultSubscriber:
     heart-beats, hands every message body to ``on_message``, and reports the
     channel's state to ``on_state(True/False)``. When the connection drops it
     reports ``False`` at once and retries every ``retry_seconds``.
+
+    Attributes:
+        last_error: why the last attempt to connect failed (a refused login says
+            so, with the broker's own words), or None once connected.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class StompResultSubscriber:
         self._thread: threading.Thread | None = None
         self._listener: _Listener | None = None
         self.up = False
+        self.last_error: str | None = None
 
     def start(self) -> None:
         """Start connecting in the background."""
@@ -98,7 +103,13 @@ class StompResultSubscriber:
             try:
                 self._session()
             except Exception as exc:
-                logger.debug("STOMP connection to %s failed: %s", self.brokers, exc)
+                reason = str(exc) or type(exc).__name__
+                # Said once per new reason: a wrong password would otherwise be
+                # a line a second, or (as before) only "no result came over stomp".
+                if reason != self.last_error:
+                    where = ", ".join(f"{h}:{p}" for h, p in self.brokers)
+                    logger.warning("STOMP subscription via %s failed: %s", where, reason)
+                self.last_error = reason
             self._set_up(False)
             self._stop.wait(self._retry_seconds)
 
@@ -122,8 +133,12 @@ class StompResultSubscriber:
                     lambda: listener.connected or listener.closed or listener.error,
                     self._connect_timeout,
                 )
+            if listener.error and not listener.connected:
+                who = f"user {self._user!r}" if self._user else "an anonymous user"
+                raise ConnectionError(f"the broker refused the login of {who}: {listener.error}")
             if not listener.connected or listener.closed:
                 raise ConnectionError(listener.error or "no CONNECTED frame")
+            self.last_error = None
             conn.subscribe(
                 self.destination,
                 id="idds-fat-results",

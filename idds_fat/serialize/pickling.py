@@ -28,6 +28,9 @@ from idds_fat.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
+#: pickle's ``persistent_id`` hook: an object's persistent id, or None to pickle it as usual.
+PersistentId = Callable[[Any], Any]
+
 _registered: set[str] = set()
 # (root, module name, id(module)) already looked at: a call per job must not
 # resolve the path of every loaded module again (that took ~20 ms a call).
@@ -119,9 +122,12 @@ class _CodePickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def _dumps(obj: Any) -> tuple[bytes, set[str]]:
+def _dumps(obj: Any, persistent_id: PersistentId | None = None) -> tuple[bytes, set[str]]:
     buffer = io.BytesIO()
     pickler = _CodePickler(buffer)
+    if persistent_id is not None:
+        # Only then: a persistent_id hook is a Python call for every object pickled.
+        pickler.persistent_id = persistent_id  # type: ignore[method-assign]
     pickler.dump(obj)
     return buffer.getvalue(), pickler.code_files
 
@@ -198,11 +204,17 @@ def _named_arguments(
 
 
 def dumps_call(
-    fn: Callable, args: Sequence[Any], kwargs: Mapping[str, Any], max_bytes: int
+    fn: Callable,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    max_bytes: int,
+    persistent_id: PersistentId | None = None,
 ) -> PickledCall:
     """Pickle the call ``fn(*args, **kwargs)`` as one object under a size cap.
 
     Returns the pickle and the source text of the code it carries by value.
+    ``persistent_id`` (pickle's hook) writes some objects as references the
+    node resolves (a dependency's large result, ``idds_fat.workflow.dependencies``).
 
     Raises:
         ArgumentError: naming the argument (or the function) that does not pickle
@@ -210,7 +222,7 @@ def dumps_call(
     """
     call = (fn, tuple(args), dict(kwargs))
     try:
-        data, files = _dumps(call)
+        data, files = _dumps(call, persistent_id)
     except Exception:
         data, files = None, set()
     if data is not None and len(data) <= max_bytes:
@@ -229,8 +241,14 @@ def dumps_call(
     )
 
 
-def dumps_job_kwargs(kwargs: Mapping[str, Any], index: int, max_bytes: int) -> bytes:
-    """Pickle the keyword arguments of job ``index`` of a map under a size cap.
+def dumps_job_kwargs(
+    kwargs: Mapping[str, Any],
+    index: int,
+    max_bytes: int,
+    persistent_id: PersistentId | None = None,
+) -> bytes:
+    """Pickle the keyword arguments of job ``index`` of a map under a size cap
+    (``persistent_id`` as for :func:`dumps_call`).
 
     Raises:
         ArgumentError: naming ``multi_jobs_kwargs_list[index]['key']``.
@@ -242,7 +260,7 @@ def dumps_job_kwargs(kwargs: Mapping[str, Any], index: int, max_bytes: int) -> b
             f"multi_jobs_kwargs_list[{index}]",
         )
     try:
-        data, _ = _dumps(dict(kwargs))
+        data, _ = _dumps(dict(kwargs), persistent_id)
     except Exception:
         data = None
     if data is not None and len(data) <= max_bytes:

@@ -10,7 +10,8 @@ How data moves through it::
     browser       --/, /api/...-----------> routes its builder mounted (the monitoring page)
 
 ``create_app`` (app.py) builds the ASGI app, every route behind one bearer-token
-check; ``EmbeddedService`` (server.py) runs it in a thread of the caller's
+check and, before it, the Host and Origin checks of ``exposure.py`` (which also
+holds the token rule); ``EmbeddedService`` (server.py) runs it in a thread of the caller's
 process, ``serve`` runs it as ``idds-fat serve``. This package imports neither
 the workflow nor the monitor: a workflow's parts and ``idds-fat serve`` hand
 the monitoring page's routes in.

@@ -1,7 +1,7 @@
 """The idds-fat HTTP service: a content cache and a result store with long polling.
 
-Endpoints (all but ``/healthz`` need ``Authorization: Bearer <token>`` when a
-token is set):
+Endpoints (all but ``/healthz`` need ``Authorization: Bearer <token>``; the
+service always has a token):
 
 - ``PUT /cache/{key}``: store the body under its sha256 ``key``; 201 new, 200 existed.
 - ``GET|HEAD /cache/{key}``: the object's bytes; 404 when absent. The service
@@ -11,11 +11,16 @@ token is set):
   ``{"cursor": n, "results": [{"seq": n, "envelope": "<base64>"}]}``, waiting up
   to ``wait`` seconds (at most 60) for a result newer than ``since``.
 - ``GET /healthz``: ``{"ok": true}``.
+- ``POST /pilots/{pool}/lease`` and ``/done``: pilots pull jobs (:mod:`idds_fat.service.leases`).
 
 Whoever builds the app may mount more routes behind the same token check
 (``routes``): the workflow's embedded service and ``idds-fat serve`` mount the
 monitoring page (:mod:`idds_fat.monitor`) this way, so this package imports
 nothing of the monitor.
+
+Before any route, :class:`~idds_fat.service.exposure.RequestOriginCheck`
+answers 421 to a ``Host`` the service does not answer to (DNS rebinding) and
+403 to a state-changing or ``/api`` request from another origin.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from idds_fat.cache.base import check_key, content_key
 from idds_fat.cache.directory import DirectoryStore
+from idds_fat.service.exposure import HostPolicy, RequestOriginCheck
+from idds_fat.service.leases import lease_routes
 from idds_fat.service.mirror import BrokerMirror
 from idds_fat.service.result_store import ResultStore
 
@@ -131,17 +139,21 @@ def _query_number(request: Request, name: str, default: float, kind: type) -> fl
 def create_app(
     cache_root: Path,
     db_path: Path,
-    token: str | None,
+    token: str,
     result_ttl_seconds: float,
     mirror: dict[str, Any] | None = None,
     routes: ExtraRoutes | None = None,
+    hosts: HostPolicy | None = None,
 ) -> Starlette:
     """Return the service as an ASGI application.
 
     ``cache_root`` holds the content cache (a :class:`DirectoryStore` layout);
     ``db_path`` is the SQLite file of results, opened when the app starts and
-    closed when it stops. With ``token`` set, every endpoint but ``/healthz``
-    answers 401 unless the request carries ``Authorization: Bearer <token>``.
+    closed when it stops. Every endpoint but ``/healthz`` answers 401 unless the
+    request carries ``Authorization: Bearer <token>``. ``hosts`` says which
+    ``Host`` headers it answers to (default: loopback names only); requests from
+    a browser page of another origin are refused
+    (:mod:`idds_fat.service.exposure`).
     Expired results are purged at startup and then every hour. With ``mirror``
     (the keyword arguments of :class:`~idds_fat.service.mirror.BrokerMirror`
     but the store: ``brokers``, ``destination``, ``user``, ``password``), the
@@ -154,16 +166,18 @@ def create_app(
     release long-polling readers before shutting down; ``app.state.results``
     (the :class:`ResultStore`, once the app has started) lets it store results
     it got by other means.
+
+    Raises:
+        ValueError: ``token`` is empty: a service without one answers anybody.
     """
+    if not token:
+        raise ValueError("the service needs a token (idds_fat.service.exposure.generate_token)")
     cache = DirectoryStore(Path(cache_root))
-    expected = ("Bearer " + token).encode() if token else None
+    expected = ("Bearer " + token).encode()
     wakeups = ResultWakeups()
     state: dict[str, ResultStore] = {}
 
     def guarded(handler: Handler) -> Handler:
-        if expected is None:
-            return handler
-
         async def check(request: Request) -> Response:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
@@ -298,7 +312,12 @@ def create_app(
         Route("/cache/{key}", guarded(get_object), methods=["GET", "HEAD"]),
         Route("/results/{workflow}", guarded(post_result), methods=["POST"]),
         Route("/results/{workflow}", guarded(get_results), methods=["GET"]),
+        *lease_routes(guarded),  # pilots pull jobs here (leases.py)
     ]
-    app = Starlette(routes=[*own_routes, *(routes(guarded) if routes else ())], lifespan=lifespan)
+    app = Starlette(
+        routes=[*own_routes, *(routes(guarded) if routes else ())],
+        middleware=[Middleware(RequestOriginCheck, hosts=hosts or HostPolicy())],
+        lifespan=lifespan,
+    )
     app.state.wakeups = wakeups
     return app

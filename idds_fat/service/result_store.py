@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from idds_fat.node.envelope import peek
+from idds_fat.workdir import private_dir, touch_private
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,16 @@ class ResultStore:
     header to index them. Identical bytes are stored once; two different
     envelopes for the same (task, job, attempt) are both kept, so a forged
     message can never block the real one: the caller verifies and dedupes.
-    Thread-safe: one connection guarded by a lock.
+    Thread-safe: one connection guarded by a lock. The file and its ``-wal`` and
+    ``-shm`` companions are 0600, in a directory created 0700.
     """
 
     def __init__(self, db_path: Path, ttl_seconds: float) -> None:
         self.db_path = Path(db_path)
         self.ttl_seconds = ttl_seconds
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.db_path.parent)
+        # Created 0600 before SQLite opens it: its -wal and -shm files take its mode.
+        touch_private(self.db_path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
         with self._lock:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from idds_fat.errors import ServiceError
 from idds_fat.service.app import ExtraRoutes, create_app
+from idds_fat.service.exposure import HostPolicy, check_token, generate_token, is_loopback
 from idds_fat.service.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -25,13 +26,17 @@ RESULTS_DB = "results.sqlite3"
 _START_TIMEOUT_SECONDS = 30.0
 
 
+__all__ = ["EmbeddedService", "is_loopback", "serve"]
+
+
 def _app_for(
     data_dir: Path,
-    token: str | None,
+    token: str,
     result_ttl_seconds: float,
     mirror: dict | None = None,
     routes: ExtraRoutes | None = None,
-):
+    hosts: HostPolicy | None = None,
+) -> Starlette:
     data_dir = Path(data_dir)
     return create_app(
         cache_root=data_dir / "cache",
@@ -40,6 +45,7 @@ def _app_for(
         result_ttl_seconds=result_ttl_seconds,
         mirror=mirror,
         routes=routes,
+        hosts=hosts,
     )
 
 
@@ -55,6 +61,11 @@ class EmbeddedService:
     routes behind the token check (:func:`~idds_fat.service.app.create_app`):
     a workflow mounts its monitoring page there. Use as a context manager, or
     call :meth:`start` and :meth:`stop`.
+
+    It always has a token: ``token=None`` makes a random one (``self.token``),
+    which every request but ``/healthz`` must carry. It answers loopback
+    ``Host`` names only, and refuses browser requests from other origins
+    (:mod:`idds_fat.service.exposure`).
     """
 
     def __init__(
@@ -69,7 +80,7 @@ class EmbeddedService:
         self.data_dir = Path(data_dir)
         self.routes = routes
         self.port = port
-        self.token = token
+        self.token = token or generate_token()
         self.result_ttl_seconds = result_ttl_seconds
         self.mirror = mirror
         self._server: uvicorn.Server | None = None
@@ -196,16 +207,6 @@ class EmbeddedService:
         self.stop()
 
 
-def is_loopback(host: str) -> bool:
-    """Return whether ``host`` (an address or ``localhost``) only reaches this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name could resolve anywhere
-
-
 def serve(
     host: str,
     port: int,
@@ -214,30 +215,38 @@ def serve(
     result_ttl_seconds: float,
     mirror: dict | None = None,
     routes: ExtraRoutes | None = None,
+    public_hosts: Sequence[str] = (),
 ) -> None:
     """Run the service in the foreground until interrupted (Ctrl-C or SIGTERM).
 
     With ``mirror`` (``brokers``, ``destination``, ``user``, ``password``) it
     also keeps a copy of every result sent to that broker destination.
     ``routes`` mounts more routes behind the token check (``idds-fat serve``
-    mounts the monitoring page there).
+    mounts the monitoring page there). It answers the ``Host`` names of
+    :meth:`HostPolicy.for_listener`: loopback names, ``public_hosts`` (names or
+    URLs clients reach it by), and beyond loopback this machine's names and any
+    IP address.
 
     Raises:
-        ServiceError: ``host`` is not a loopback address and no ``token`` is set:
-            anyone on the network could read the cache and forge results.
+        ServiceError: no ``token``, or one too weak
+            (:data:`~idds_fat.service.exposure.TOKEN_RULE`): on loopback too, other
+            users of the machine and web pages in its browsers can reach the service.
     """
-    if not token and not is_loopback(host):
+    try:
+        token = check_token(token)
+    except ValueError as exc:
         raise ServiceError(
-            f"refusing to listen on {host} without a token: anyone who can reach it could "
-            "read the cache and post results. Set IDDS_FAT_TOKEN, or listen on 127.0.0.1."
-        )
+            f"refusing to start the service on {host}: {exc}. Set IDDS_FAT_TOKEN "
+            "(export IDDS_FAT_TOKEN=$(idds-fat token))."
+        ) from None
     if not is_loopback(host):
         logger.warning(
             "listening on %s over plain HTTP: the token travels in clear text; "
             "put a TLS proxy in front for untrusted networks",
             host,
         )
-    app = _app_for(data_dir, token, result_ttl_seconds, mirror, routes)
+    hosts = HostPolicy.for_listener(host, public_hosts)
+    app = _app_for(data_dir, token, result_ttl_seconds, mirror, routes, hosts)
     logger.info("idds-fat service on http://%s:%d, data in %s", host, port, data_dir)
     uvicorn.run(
         app,

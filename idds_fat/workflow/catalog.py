@@ -11,6 +11,7 @@ which ``Workflow.attach`` uses too).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import sqlite3
@@ -24,7 +25,16 @@ from typing import Any
 from idds_fat.errors import IddsFatError
 from idds_fat.workdir import STATE_FILE as STATE_FILE  # where a test finds it
 from idds_fat.workdir import WorkDirPaths
-from idds_fat.workflow.state import LATER_JOB_COLUMNS, job_columns
+from idds_fat.workflow.state import (
+    FINAL_WORKFLOW,
+    LATER_JOB_COLUMNS,
+    caller_gone,
+    job_columns,
+)
+
+#: The status a reader shows for a workflow recorded as running whose caller (the
+#: process that ran or last attached to it) has ended without closing it.
+CALLER_GONE = "caller gone"
 
 # Seconds a reader waits for a writer's lock before giving up.
 _BUSY_TIMEOUT = 5.0
@@ -71,8 +81,14 @@ class WorkflowSummary:
     Attributes:
         id, name, status: the workflow's id, readable name and last recorded status
             (``running``, ``finished``, ``failed``, ``cancelled``; ``unreadable``
-            when its database could not be read).
-        created, updated: seconds since the epoch.
+            when its database could not be read; ``caller gone`` (:data:`CALLER_GONE`)
+            when it is recorded as running but the process that followed it on this
+            host has ended without closing it).
+        created: seconds since the epoch.
+        updated: the last time anything of it was recorded (it, or any of its jobs).
+        ended: when it finished, failed or was cancelled (None while it runs; for
+            ``caller gone``, the last time anything was recorded).
+        caller: who followed it last, ``{"host", "pid", "start"}``, if recorded.
         backend: the backend it ran on (from its recorded settings).
         tasks, jobs: how many tasks and jobs it submitted.
         job_states: number of jobs in each status (``queued``, ``done``, ``failed``,
@@ -90,15 +106,20 @@ class WorkflowSummary:
     jobs: int
     job_states: dict[str, int] = field(hash=False)
     path: Path
+    ended: float | None = None
+    caller: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (times as ISO 8601 in UTC, the path as a string)."""
+        caller = self.caller or {}
         return {
             "id": self.id,
             "name": self.name,
             "status": self.status,
             "created": _iso(self.created),
             "updated": _iso(self.updated),
+            "ended": _iso(self.ended),
+            "caller": {"host": caller.get("host"), "pid": caller.get("pid")} if caller else None,
             "backend": self.backend,
             "tasks": self.tasks,
             "jobs": self.jobs,
@@ -137,8 +158,11 @@ class JobSummary:
     """One job of a task: its index, name, status, return code and log files.
 
     ``started`` and ``ended`` (seconds since the epoch), ``value`` (the real
-    number it returned) and ``error`` (what it raised, with the remote traceback)
-    are ``None`` when not known, as in records written before they were kept.
+    number it returned), ``error`` (what it raised, with the remote traceback)
+    and ``arguments`` (a shortened repr of its call's arguments, made by its
+    caller) are ``None`` when not known, as in records written before they were kept.
+    ``depends`` is the JSON list, as recorded, of the jobs whose futures it took as
+    arguments (``dependencies`` reads it); such a job is ``waiting`` until they are done.
     """
 
     workflow_id: str
@@ -154,6 +178,13 @@ class JobSummary:
     ended: float | None = None
     value: float | None = None
     error: str | None = None
+    arguments: str | None = None
+    depends: str | None = None
+
+    @property
+    def dependencies(self) -> list[str]:
+        """The jobs (``t0001/0``) whose futures it took as arguments."""
+        return list(json.loads(self.depends)) if self.depends else []
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (times as ISO 8601 in UTC, paths as strings)."""
@@ -169,6 +200,8 @@ class JobSummary:
             "ended": _iso(self.ended),
             "value": self.value,
             "error": self.error,
+            "arguments": self.arguments,
+            "depends": self.dependencies,
             "stdout": str(self.stdout),
             "stderr": str(self.stderr),
         }
@@ -180,7 +213,8 @@ class JobTiming:
 
     Times are seconds since the epoch (``queued`` is its task's submission);
     ``started`` and ``ended`` are ``None`` when not (yet) known. ``value`` is the
-    real number the job returned, if it returned one.
+    real number the job returned, if it returned one; ``arguments`` the text
+    recorded of its call (for HPO, its hyper-parameters), if any.
     """
 
     task_id: str
@@ -191,6 +225,7 @@ class JobTiming:
     started: float | None
     ended: float | None
     value: float | None
+    arguments: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict, times as seconds since the epoch (a plot needs numbers)."""
@@ -203,6 +238,7 @@ class JobTiming:
             "started": self.started,
             "ended": self.ended,
             "value": self.value,
+            "arguments": self.arguments,
         }
 
 
@@ -282,24 +318,56 @@ def _summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
     path = paths.root
     try:
         with _open_state(paths.state) as db:
+            caller_term = "caller" if "caller" in job_columns(db, "workflow") else "NULL"
             row = db.execute(
-                "SELECT name, status, created, updated, settings FROM workflow LIMIT 1"
+                f"SELECT name, status, created, updated, settings, {caller_term} "
+                "FROM workflow LIMIT 1"
             ).fetchone()
             tasks = db.execute("SELECT COUNT(*), COALESCE(SUM(jobs), 0) FROM tasks").fetchone()
             states = _counts(db)
+            ended_term = "MAX(ended)" if "ended" in job_columns(db) else "NULL"
+            last_job = db.execute(f"SELECT MAX(updated), {ended_term} FROM jobs").fetchone()
     except sqlite3.Error:
         # One damaged record must not hide the others from a listing.
         return WorkflowSummary(workflow_id, "", "unreadable", None, None, None, 0, 0, {}, path)
     if row is None:
         return WorkflowSummary(workflow_id, "", "starting", None, None, None, 0, 0, {}, path)
-    name, status, created, updated, settings = row
+    name, status, created, updated, settings, caller_json = row
     try:
         backend = json.loads(settings or "{}").get("backend")
     except (ValueError, AttributeError):
         backend = None
+    try:
+        caller = json.loads(caller_json) if caller_json else None
+    except ValueError:
+        caller = None
+    # A workflow's own row changes only when its status does; its jobs tell when it moved.
+    updated = max((t for t in (updated, *last_job) if t is not None), default=None)
+    ended = row[3] if status in FINAL_WORKFLOW else None
     return WorkflowSummary(
-        workflow_id, name, status, created, updated, backend, tasks[0], tasks[1], states, path
+        workflow_id,
+        name,
+        status,
+        created,
+        updated,
+        backend,
+        tasks[0],
+        tasks[1],
+        states,
+        path,
+        ended,
+        caller if isinstance(caller, dict) else None,
     )
+
+
+def _with_caller_checked(summary: WorkflowSummary) -> WorkflowSummary:
+    """Show a running workflow whose caller has ended as :data:`CALLER_GONE`.
+
+    Checked at each read, not kept: the caller may end long after the record settled.
+    """
+    if summary.status != "running" or not caller_gone(summary.caller):
+        return summary
+    return dataclasses.replace(summary, status=CALLER_GONE, ended=summary.updated)
 
 
 def _state_stamp(path: Path) -> tuple[int, ...] | None:
@@ -332,12 +400,12 @@ def _summary_if_changed(work_dir: Path, workflow_id: str) -> WorkflowSummary:
     # mtimes tick coarsely, and a WAL rewritten in place keeps its size.
     settled = stamp is not None and time.time_ns() - max(stamp[1], stamp[3]) > _SETTLED_NS
     if settled and known is not None and known[0] == stamp:
-        return known[1]
+        return _with_caller_checked(known[1])
     summary = _summary(work_dir, workflow_id)
     if stamp is not None:
         with _listed_lock:
             _listed[(work_dir, workflow_id)] = (stamp, summary)
-    return summary
+    return _with_caller_checked(summary)
 
 
 def list_workflows(work_dir: Path) -> list[WorkflowSummary]:
@@ -358,7 +426,9 @@ def workflow_summary(work_dir: Path, workflow_id: str) -> WorkflowSummary:
     Raises:
         WorkflowNotFound: no workflow matches, or several do.
     """
-    return _summary(Path(work_dir), resolve_workflow_id(work_dir, workflow_id))
+    return _with_caller_checked(
+        _summary(Path(work_dir), resolve_workflow_id(work_dir, workflow_id))
+    )
 
 
 def task_summaries(work_dir: Path, workflow_id: str) -> list[TaskSummary]:
@@ -402,7 +472,8 @@ def resolve_task_id(work_dir: Path, workflow_id: str, task: str) -> str:
 
 
 def _later_columns(db: sqlite3.Connection) -> list[str]:
-    """Return ``started, ended, value, error`` as SELECT terms, NULL where a record lacks them."""
+    """Return ``started, ended, value, error, arguments`` as SELECT terms, NULL where a
+    record lacks them."""
     known = job_columns(db)
     return [c if c in known else "NULL" for c in LATER_JOB_COLUMNS]
 
@@ -417,10 +488,13 @@ def job_timings(work_dir: Path, workflow_id: str, limit: int | None = None) -> l
         IddsFatError: its state database cannot be read.
     """
     with _reading(work_dir, workflow_id) as (_, db):
-        started, ended, value, _ = _later_columns(db)
+        started, ended, value, _, arguments, *_ = (
+            f"j.{c}" if c != "NULL" else c for c in _later_columns(db)
+        )
         order = "DESC" if limit is not None else ""
         rows = db.execute(
-            f"SELECT j.task, j.job, j.name, j.status, t.created, {started}, {ended}, {value} "
+            f"SELECT j.task, j.job, j.name, j.status, t.created, {started}, {ended}, {value}, "
+            f"{arguments} "
             f"FROM jobs AS j JOIN tasks AS t ON t.id = j.task "
             f"ORDER BY t.created {order}, j.task {order}, j.job {order} "
             + ("LIMIT ?" if limit is not None else ""),

@@ -2,7 +2,8 @@
 
 ::
 
-    map(fn, xs, ys)  ->  map_entries: one job per (x, y), its own keyword ``args=(x, y)``
+    map(fn, xs, ys)  ->  map_entries: fn(x, y) checked against fn's signature (binding.py),
+                         one job per (x, y), its own keyword ``args=(x, y)``
                          and call_with_args(fn) as the task's function (pickled by value)
                      ->  results_in_order: each value in input order, waited for when
                          reached; jobs not started are cancelled when the iterator is left
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from idds_fat.results import AsyncResult
+from idds_fat.workflow.binding import check_elements
 
 
 def map_entries(
@@ -23,8 +25,13 @@ def map_entries(
     """Return the task ``map`` submits: its function, one entry per element, its name.
 
     Elements are taken as ``zip`` takes them (up to the shortest iterable).
+
+    Raises:
+        SignatureError: an element does not fit ``fn``'s signature (the first such).
     """
-    entries = [{"args": args} for args in zip(*iterables, strict=False)]
+    elements = list(zip(*iterables, strict=False))
+    check_elements(fn, elements)
+    entries = [{"args": args} for args in elements]
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function")
     return _call_with_args(fn), entries, name
 

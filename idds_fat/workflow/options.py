@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from idds_fat.backends import BACKENDS, Resources
 from idds_fat.config import Config, load_config
 from idds_fat.context.environment import Environment, as_environment
 from idds_fat.errors import ConfigError, IgnoredParameterWarning
+from idds_fat.workflow import idds_names
 
 # iDDS parameter names -> our resource names.
 _IDDS_RESOURCES = {"core_count": "cores", "total_memory": "memory_mb", "max_walltime": "walltime"}
@@ -38,6 +40,14 @@ def warn_ignored(parameter: str, backend: str, what: str = "") -> None:
     )
 
 
+def _cache_dir(config: Config) -> str | None:
+    """The directory cache's path, when the cache is a directory."""
+    cache = config.cache
+    if not cache or cache == "service" or "://" in cache and not cache.startswith("file://"):
+        return None
+    return cache.removeprefix("file://")
+
+
 @dataclass
 class WorkflowOptions:
     """A workflow's options, resolved: what :class:`Workflow` was given, checked and merged.
@@ -51,8 +61,12 @@ class WorkflowOptions:
         placement: iDDS placement parameters (``queue``, ``site``, ``cloud``,
             ``init_env``, ``container_options``, ``service``, ``local``).
         environment: the default environment of its tasks (``None``: the current one).
-        source_dir: the directory shipped as the jobs' code context, if any.
+        source_dir: the directory shipped as the jobs' code context, if any
+            (default: iDDS's, the current directory; ``idds_names.code_context``).
         exclude_source_files: ``.gitignore``-style patterns left out of it.
+        call: iDDS's workflow function and its arguments (``func``, ``args``,
+            ``kwargs``, ``pre_kwargs``), and ``use_func_dir``,
+            ``source_dir_parent_level`` (idds_names.py).
     """
 
     config: Config
@@ -61,6 +75,7 @@ class WorkflowOptions:
     environment: Environment | None = None
     source_dir: Path | None = None
     exclude_source_files: tuple[str, ...] = ()
+    call: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def resolve(
@@ -70,7 +85,7 @@ class WorkflowOptions:
         options: Mapping[str, Any],
         backend: str | None = None,
         on_exit: str | None = None,
-        source_dir: str | Path | None = None,
+        source_dir: str | Path | bool | None = None,
         exclude_source_files: Sequence[str] = (),
         config: Config | None = None,
     ) -> WorkflowOptions:
@@ -82,6 +97,7 @@ class WorkflowOptions:
         """
         resolved = dict(resources)
         placement: dict[str, Any] = {}
+        call: dict[str, Any] = {}
         environment = None
         settings: dict[str, Any] = {"backend": backend, "on_exit": on_exit}
         config_fields = set(Config.__dataclass_fields__)
@@ -94,19 +110,27 @@ class WorkflowOptions:
                 placement[key] = value
             elif key in config_fields:
                 settings[key] = value
+            elif key in idds_names.CALL_NAMES or key in idds_names.SOURCE_NAMES:
+                call[key] = value
+            elif key in idds_names.IGNORED_NAMES or key in idds_names.ALWAYS_NAMES:
+                placement[key] = value  # recorded; warn_ignored_parameters says so
             else:
                 raise ConfigError(f"Workflow got an unknown option {key!r}")
         loaded = load_config(base=config, **settings) if config else load_config(**settings)
         if loaded.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {loaded.backend!r}; available: {sorted(BACKENDS)}")
+        # Absolute now, against the current directory: jobs run elsewhere.
+        root, own_dirs = idds_names.code_context(
+            source_dir, call, (loaded.work_dir, loaded.env_cache_dir, _cache_dir(loaded))
+        )
         return cls(
             config=loaded,
             resources=Resources(**resolved),
             placement=placement,
             environment=environment,
-            # Absolute now, against the current directory: jobs run elsewhere.
-            source_dir=Path(source_dir).expanduser().resolve() if source_dir is not None else None,
-            exclude_source_files=tuple(exclude_source_files),
+            source_dir=root,
+            exclude_source_files=(*own_dirs, *exclude_source_files),
+            call=call,
         )
 
     def warn_ignored_parameters(self) -> None:
@@ -117,11 +141,11 @@ class WorkflowOptions:
         backend = self.config.backend
         supported = BACKENDS[backend].supported_parameters
         for key, value in self.placement.items():
-            if key == "local":
-                if not value:
-                    warn_ignored(
-                        "local=False", backend, " (the workflow body runs in this process)"
-                    )
+            if key in idds_names.IGNORED_NAMES or key in idds_names.ALWAYS_NAMES:
+                if key in idds_names.IGNORED_NAMES and idds_names.is_set(value):
+                    idds_names.warn_idds_ignored(key, stacklevel=4)
+            elif key == "local":
+                pass  # local=False: submit() runs the body as a driver (workflow/driver.py)
             elif value is not None and key not in supported and key not in _ENVIRONMENT_PARAMETERS:
                 warn_ignored(key, backend)
         for key in _RESOURCE_NAMES:

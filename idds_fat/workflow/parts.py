@@ -16,14 +16,17 @@ import secrets
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from idds_fat.backends import BACKENDS, Backend, BackendSetup
+import requests
+
+from idds_fat.backends import Backend, BackendSetup, backend_class
 from idds_fat.cache import ContentStore, DirectoryStore, HttpStore, open_store
 from idds_fat.context import ContextArchive, build_context_archive
-from idds_fat.errors import ServiceError
+from idds_fat.errors import ServiceAccessError, ServiceError
 from idds_fat.results import RestResultSource, ResultCollector
 from idds_fat.results.stomp import StompResultSubscriber
-from idds_fat.workdir import WorkDirPaths, WorkflowPaths, slug, write_private
+from idds_fat.workdir import WorkDirPaths, WorkflowPaths, private_dir, slug, write_private
 from idds_fat.workflow.deadlines import Deadlines
 from idds_fat.workflow.specs import node_location, presigns
 from idds_fat.workflow.state import WorkflowState
@@ -36,6 +39,48 @@ if TYPE_CHECKING:
     from idds_fat.workflow.tracker import JobTracker
 
 logger = logging.getLogger(__name__)
+
+
+def check_service(url: str, token: str | None, workflow_id: str) -> None:
+    """Check that the idds-fat service at ``url`` answers and takes ``token``.
+
+    Asks for the workflow's results (``GET /results/{workflow_id}?limit=1``):
+    cheap, behind the token check, and the very request its collector will make.
+
+    Raises:
+        ServiceAccessError: it could not be reached, refused the token (401) or
+            answered another error; the message names the service and the status,
+            never the token.
+    """
+    parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no user:password
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = requests.get(
+            f"{url}/results/{workflow_id}",
+            params={"since": 0, "wait": 0, "limit": 1},
+            headers=headers,
+            timeout=(5.0, 15.0),
+        )
+    except requests.RequestException as exc:
+        raise ServiceAccessError(
+            f"idds-fat service at {shown} (service_url) could not be reached: "
+            f"{type(exc).__name__}: {exc}",
+            shown,
+        ) from None
+    status = response.status_code
+    if status == 200:
+        return
+    if status in (401, 403):
+        given = "the token given was refused" if token else "no token was given"
+        why = f"{given}; set token (or IDDS_FAT_TOKEN) to the service's token"
+    elif status == 404:
+        why = "is it an idds-fat service (idds-fat serve)?"
+    else:
+        why = response.text[:200].strip()
+    raise ServiceAccessError(
+        f"idds-fat service at {shown} (service_url) answered HTTP {status}: {why}", shown, status
+    )
 
 
 def _caller() -> dict[str, Any]:
@@ -86,15 +131,19 @@ class WorkflowParts:
 
         Raises:
             ContextError: the code context cannot be packed.
-            ServiceError: the service cannot be reached or started.
+            ServiceAccessError: a configured ``service_url`` cannot be reached or
+                refuses the token (checked first).
+            ServiceError: the embedded service cannot be started.
         """
         options = self.options
         config = options.config
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
         self.workflow_id = f"{slug(name)}-{stamp}-{secrets.token_hex(3)}"
+        if config.service_url:  # checked before anything is written or packed
+            check_service(config.service_url.rstrip("/"), config.token, self.workflow_id)
         paths = WorkDirPaths(config.work_dir).workflow(self.workflow_id)
         self.work_dir = paths.root
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.work_dir)  # 0700 from the work dir down: only its user reads it
         self.key = secrets.token_bytes(32)
         write_private(paths.hmac_key, self.key)
         source_dir = options.source_dir
@@ -173,9 +222,10 @@ class WorkflowParts:
         else:
             self.service_url = config.service_url or connection["service_url"]
             self.token = config.token or connection["token"]
+            check_service(self.service_url.rstrip("/"), self.token, self.workflow_id)
         self._open_cache(connection["cache"])
         self.state = WorkflowState(paths.state)
-        self.state.set_workflow_status("running")
+        self.state.follow()
 
     def start(self, tracker: JobTracker, catch_up: bool = False) -> None:
         """Start listening for results (handed to ``tracker``) and the backend (whose
@@ -295,8 +345,9 @@ class WorkflowParts:
             direct_results=bool(
                 config.local_direct_results and self.service is not None and not config.broker
             ),
+            service_url=self.service_url if self.service is not None else None,
         )
-        self.backend = BACKENDS[config.backend].create(config, setup)
+        self.backend = backend_class(config.backend, config.slurm_mode).create(config, setup)
 
     def stop(self) -> None:
         """Stop what was started, in reverse (the backend is shut down by the caller

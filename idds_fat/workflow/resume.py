@@ -4,6 +4,10 @@
 (:class:`~idds_fat.workflow.parts.WorkflowParts`), books its tasks again in the
 job tracker from their specs, catches up on the results stored meanwhile, and
 hands the unfinished jobs back to the backend.
+
+A workflow whose body runs as a driver (:mod:`idds_fat.workflow.driver`) is
+followed by its driver: any other process that attaches only observes it
+(``wf.driver``: its status, the body's value), and never acts on its jobs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import JobExit, JobRequest
 from idds_fat.config import Config, load_config
-from idds_fat.errors import IddsFatError
+from idds_fat.context import ContextArchive
+from idds_fat.errors import DependencyError, IddsFatError
 from idds_fat.workdir import WorkDirPaths, WorkflowPaths
 from idds_fat.workflow.catalog import resolve_workflow_id
+from idds_fat.workflow.driver import Driver, is_driving
 from idds_fat.workflow.state import WorkflowState
 
 if TYPE_CHECKING:
@@ -63,14 +69,15 @@ def find_workflow(
     Raises:
         WorkflowNotFound: no workflow matches, or several do.
         IddsFatError: its state is unreadable, or the process following it is still
-            alive here (unless ``force``).
+            alive here (unless ``force``, or its driver follows it: then this
+            process observes only).
     """
     config = load_config(work_dir=work_dir, **settings)
     paths = WorkDirPaths(config.work_dir).workflow(
         resolve_workflow_id(config.work_dir, workflow_id)
     )
     workflow_dir = paths.root
-    if not force:
+    if not force and Driver.of(workflow_dir) is None:
         _refuse_if_followed(workflow_dir)
     state = WorkflowState(paths.state)
     try:
@@ -89,14 +96,21 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
 
     Reopens its parts, rebuilds every task's futures from their specs, settles
     the results that arrived meanwhile, watches the jobs still running and runs
-    the jobs that never started.
+    the jobs that never started. A workflow run by a driver other than this
+    process is only observed: ``workflow.driver`` is set, nothing is reopened.
 
     Raises:
         ServiceError: its service cannot be reached or started.
         OSError: its work dir cannot be read.
     """
     parts = workflow.parts
+    driver = Driver.of(workflow_dir)
+    if driver is not None and not is_driving(workflow_dir.name):
+        parts.workflow_id, parts.work_dir = workflow_dir.name, workflow_dir
+        workflow.driver = driver
+        return
     parts.reopen(workflow_dir)
+    _reopen_context(workflow)
     pending = _rebuild_tasks(workflow)
     parts.start(workflow.tracker, catch_up=True)
     assert parts.backend is not None
@@ -114,6 +128,17 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
     )
 
 
+def _reopen_context(workflow: Workflow) -> None:
+    """Give the reopened workflow its packed code context again, so tasks submitted
+    after attaching (a driver's) ship it as the first ones did."""
+    parts = workflow.parts
+    assert parts.state is not None
+    recorded = parts.state.workflow_record()["settings"]
+    if recorded.get("context_sha256"):
+        source_dir = Path(recorded.get("source_dir") or ".")
+        parts.archive = ContextArchive(None, recorded["context_sha256"], 0, 0, source_dir)
+
+
 def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
     """Book every recorded task again from its jobs' specs; return the unfinished
     jobs with the backend's reference to each (None: it never started)."""
@@ -122,17 +147,26 @@ def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
     pending = []
     for task_id, task_name, jobs in parts.state.tasks():
         requests, futures = [], []
-        for index, name, spec_key, _status, _returncode, _ref in jobs:
+        for index, name, spec_key, _status, _returncode, _ref, arguments in jobs:
             request = specs.request(task_id, index, name, spec_key, workflow.resources)
-            kwargs = specs.job_kwargs(specs.read(request))
+            # A job still waiting on its inputs has no spec yet (dependencies.py).
+            kwargs = specs.job_kwargs(specs.read(request)) if spec_key else None
             requests.append(request)
-            futures.append(tracker.new_future(task_id, index, kwargs, request.name))
+            future = tracker.new_future(task_id, index, kwargs, request.name)
+            if arguments is not None:
+                future.arguments = arguments
+            futures.append(future)
         tracker.add_task(task_id, task_name, futures, requests, restored=True)
-        for (*_, status, returncode, ref), request, future in zip(
+        for (*_, status, returncode, ref, _arguments), request, future in zip(
             jobs, requests, futures, strict=True
         ):
             if status == "cancelled":
                 future.mark_cancelled()
+            elif status == "waiting":
+                # Its inputs' futures lived in the caller that went away.
+                reason = "its caller went away while it waited for its inputs; submit it again"
+                error = DependencyError(f"{future.name} did not run: {reason}", future.name)
+                tracker.fail(future, error)
             elif status == "lost":
                 tracker.lose(request, JobExit(returncode, "lost before the caller went away"))
             elif status in ("queued", "running"):

@@ -11,10 +11,12 @@ What it holds lives next door: its options (options.py), the parts it runs
 from __future__ import annotations
 
 import concurrent.futures
+import html
 import logging
 import os
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,12 +26,15 @@ from idds_fat.backends import Resources
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError, WorkflowClosedError
 from idds_fat.results import AsyncResult, MapResult
-from idds_fat.results.display import WaitProgress, html_table
+from idds_fat.results.display import WaitProgress, arguments_repr, html_table
 from idds_fat.results.futures import wait_interruptibly
 from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules
 from idds_fat.workflow import resume
+from idds_fat.workflow.binding import check_call
 from idds_fat.workflow.current import drop_current, push_current
+from idds_fat.workflow.dependencies import DependentTasks, inputs_of
 from idds_fat.workflow.executor_map import is_kwargs_list, map_entries, results_in_order
+from idds_fat.workflow.idds_names import IddsWorkflowNames, body_of, idds_arguments
 from idds_fat.workflow.options import OptionAttribute, WorkflowOptions
 from idds_fat.workflow.parts import WorkflowParts
 from idds_fat.workflow.specs import JobSpecs
@@ -38,7 +43,7 @@ from idds_fat.workflow.tracker import JobTracker
 logger = logging.getLogger(__name__)
 
 
-class Workflow(concurrent.futures.Executor):
+class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
     """A workflow: the context in which ``@work`` calls run as jobs.
 
     Use it as a context manager (``with Workflow(backend="local") as wf:``) or
@@ -61,7 +66,10 @@ class Workflow(concurrent.futures.Executor):
         name: a readable name (default ``"workflow"``); part of the id.
         backend: ``"local"`` (default from configuration).
         source_dir: directory zipped and shipped as the jobs' code context; its
-            modules are pickled by value. ``None`` ships no archive.
+            modules are pickled by value. ``None`` (the default) is iDDS's: the
+            current directory (with ``use_func_dir=True``, the directory of
+            ``func``'s file, ``source_dir_parent_level`` levels up); ``False``
+            ships no archive. The work dir and caches inside it are left out.
         exclude_source_files: ``.gitignore``-style patterns left out of the context.
         cores, memory_mb, gpus, walltime: default resources of every job.
         on_exit: ``"wait"`` or ``"cancel"``.
@@ -95,7 +103,7 @@ class Workflow(concurrent.futures.Executor):
         name: str | None = None,
         *,
         backend: str | None = None,
-        source_dir: str | os.PathLike | None = None,
+        source_dir: str | os.PathLike | bool | None = None,
         exclude_source_files: Sequence[str] = (),
         cores: int | None = None,
         memory_mb: int | None = None,
@@ -106,6 +114,7 @@ class Workflow(concurrent.futures.Executor):
         config: Config | None = None,
         **options: Any,
     ) -> None:
+        name = idds_arguments(name, options)  # iDDS: Workflow(func, ...), named after func
         self.options = WorkflowOptions.resolve(
             resources={"cores": cores, "memory_mb": memory_mb, "gpus": gpus, "walltime": walltime},
             options=options,
@@ -117,10 +126,11 @@ class Workflow(concurrent.futures.Executor):
         )
         self.name = name or "workflow"
         self.timeout = timeout
-        self.body: Callable[..., Any] | None = None
+        self.body: Callable[..., Any] | None = body_of(self.options.call)
         self.parts = WorkflowParts(self.options, attach=type(self).attach)
         self.specs = JobSpecs(self.options, self.parts)
         self.tracker = JobTracker(self.options, self.parts, self.specs)
+        self.dependents = DependentTasks(self.options, self.parts, self.specs, self.tracker)
         self._started = False
         self._closed = False
         self._closer: threading.Thread | None = None  # shutdown's closing thread
@@ -153,6 +163,21 @@ class Workflow(concurrent.futures.Executor):
     @service_url.setter
     def service_url(self, url: str) -> None:
         self.parts.service_url = url
+
+    @property
+    def monitor_url(self) -> str:
+        """The address of its monitoring page (``""`` until it starts), to open in a browser.
+
+        The service's token rides in the fragment (``#token=...``), which a
+        browser keeps to itself: it reaches neither the server nor its logs, and
+        the page moves it into the tab's storage and out of the address bar. It
+        is still the token: don't log it or paste it where others read.
+        """
+        if not self.service_url or not self.id:
+            return ""
+        url = f"{self.service_url}/workflows/{urllib.parse.quote(self.id, safe='')}"
+        token = self.parts.token
+        return f"{url}#{urllib.parse.urlencode({'token': token})}" if token else url
 
     @property
     def result_queue(self) -> str:
@@ -311,7 +336,9 @@ class Workflow(concurrent.futures.Executor):
 
     def _finish(self, cancel: bool) -> None:
         try:
-            if not cancel:
+            if cancel:  # before the backend stops: a job released now could not start
+                self.tracker.cancel(self.dependents.waiting())
+            else:
                 # Results decide when a job is done; the backend's own view may lag.
                 concurrent.futures.wait(self.tracker.futures())
             if self.parts.backend is not None:
@@ -320,9 +347,7 @@ class Workflow(concurrent.futures.Executor):
             if (state := self.parts.state) is not None:
                 futures = self.tracker.futures()
                 failed = any(f.done() and not f.cancelled() and f.exception() for f in futures)
-                state.set_workflow_status(
-                    "cancelled" if cancel else "failed" if failed else "finished"
-                )
+                state.end_workflow("cancelled" if cancel else "failed" if failed else "finished")
             self.parts.stop()
             drop_current(self)
 
@@ -374,13 +399,22 @@ class Workflow(concurrent.futures.Executor):
 
     # --- tasks -----------------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncResult:
+    def submit(self, fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` as one job; return its :class:`AsyncResult` at once.
 
+        Without arguments it is iDDS's ``wf.submit()``: :meth:`submit_body` runs
+        the workflow's body here and returns the workflow's id.
+
         Raises:
+            SignatureError: a ``TypeError``: the arguments do not fit ``fn``'s
+                signature (checked here, before any job is submitted).
             ArgumentError: an argument does not pickle or is too large.
             WorkflowClosedError: the workflow was closed, detached or shut down.
         """
+        if fn is None and not args and not kwargs:
+            return self.submit_body()
+        if fn is None:
+            raise TypeError("submit() needs a function to run (or no arguments: iDDS's submit)")
         return self.submit_task(fn, args, kwargs)[0]
 
     def map(  # type: ignore[override]
@@ -412,6 +446,8 @@ class Workflow(concurrent.futures.Executor):
         (``wf.map(fn, iter(dicts))``).
 
         Raises:
+            SignatureError: a ``TypeError``: the arguments do not fit ``fn``'s
+                signature (checked here, before any job is submitted).
             ArgumentError: an argument does not pickle or is too large.
             WorkflowClosedError: the workflow was closed, detached or shut down.
             ValueError: ``chunksize`` is below 1.
@@ -448,6 +484,8 @@ class Workflow(concurrent.futures.Executor):
         in the order of ``kwargs_list``.
 
         Raises:
+            SignatureError: a ``TypeError``: the arguments do not fit ``fn``'s
+                signature (checked here, before any job is submitted).
             ArgumentError: an argument does not pickle or is too large.
             WorkflowClosedError: the workflow was closed, detached or shut down.
         """
@@ -467,18 +505,22 @@ class Workflow(concurrent.futures.Executor):
     ) -> list[AsyncResult]:
         """Submit one task: one job, or one per entry of ``kwargs_list``.
 
-        Everything is checked (arguments pickle and fit, resources can be had)
-        before anything is stored or submitted, so a bad call leaves no trace.
+        Everything is checked (arguments bind to ``fn``'s signature, pickle and
+        fit, resources can be had) before anything is stored or submitted, so a
+        bad call leaves no trace.
         ``environment`` (an ``Environment`` or its string form; default the
         workflow's), ``init_env`` and the iDDS ``container_options`` say where
         the jobs run (``idds_fat.context.environment``).
 
         Raises:
+            SignatureError: a ``TypeError``: the arguments (or an entry of
+                ``kwargs_list``) do not fit ``fn``'s signature.
             ArgumentError: an argument does not pickle or is too large.
             ValueError: the backend cannot give the jobs ``resources``.
             ConfigError: a malformed environment.
             ContextError: an environment archive cannot be read or packed.
         """
+        check_call(fn, args, kwargs, kwargs_list)  # before start: a bad call costs nothing
         self.start()
         parts, config = self.parts, self.config
         assert parts.cache is not None and parts.backend is not None and parts.state is not None
@@ -487,19 +529,29 @@ class Workflow(concurrent.futures.Executor):
         job_resources = self.resources.merged(resources or Resources())
         parts.backend.check(job_resources)
         register_user_modules(self.source_dir)
-        call = dumps_call(fn, args, kwargs, config.max_argument_bytes)
         entries = [None] if kwargs_list is None else list(kwargs_list)
         if not entries:
             return []
+        if inputs_of(args, kwargs, *entries):  # futures among the arguments: dependencies.py
+            return self.dependents.submit(
+                fn,
+                fn_name,
+                task_name,
+                args,
+                kwargs,
+                entries,
+                self.specs.environment(environment, container_options),
+                init_env,
+                job_resources,
+                self._new_task_id,
+            )
+        call = dumps_call(fn, args, kwargs, config.max_argument_bytes)
         env_spec = self.specs.environment(environment, container_options)
         job_kwargs = [
             None if entry is None else dumps_job_kwargs(entry, i, config.max_argument_bytes)
             for i, entry in enumerate(entries)
         ]
-        with self._lock:
-            if self._closed:
-                raise WorkflowClosedError("this workflow is closed; create a new one")
-            task_id = self.tracker.new_task_id()
+        task_id = self._new_task_id()
         requests = self.specs.store_task(
             task_id, task_name, call, job_kwargs, env_spec, init_env, job_resources
         )
@@ -507,14 +559,30 @@ class Workflow(concurrent.futures.Executor):
             self.tracker.new_future(task_id, index, entry, request.name)
             for index, (entry, request) in enumerate(zip(entries, requests, strict=True))
         ]
+        for future, entry in zip(futures, entries, strict=True):
+            # What the page and _repr_html_ show of the call: the service reads no payload.
+            future.arguments = arguments_repr(args, {**kwargs, **(entry or {})})
         self.tracker.add_task(task_id, task_name, futures, requests)
-        parts.state.record_task(task_id, task_name, fn_name, self.specs.rows(task_name, requests))
+        parts.state.record_task(
+            task_id,
+            task_name,
+            fn_name,
+            self.specs.rows(task_name, requests),
+            [f.arguments for f in futures],
+        )
         try:
             parts.backend.submit(requests)
         except BaseException:
             self.tracker.forget_task(task_id)  # the call raises: nobody holds these futures
             raise
         return futures
+
+    def _new_task_id(self) -> str:
+        """Book a new task's id. Raises WorkflowClosedError once the workflow is closed."""
+        with self._lock:
+            if self._closed:
+                raise WorkflowClosedError("this workflow is closed; create a new one")
+            return self.tracker.new_task_id()
 
     def wait(self, futures: Sequence[AsyncResult], timeout: float | None = None) -> None:
         """Block until ``futures`` are all done; cancel them on Ctrl-C or timeout.
@@ -561,4 +629,12 @@ class Workflow(concurrent.futures.Executor):
         caption = (
             f"Workflow {self.id or self.name} ({self._state()}, backend {self.config.backend})"
         )
-        return html_table(headers, self.tracker.task_rows(), caption=caption)
+        table = html_table(headers, self.tracker.task_rows(), caption=caption)
+        url = self.monitor_url
+        if not url or self._closed:
+            return table
+        link = (
+            f'<p><a href="{html.escape(url, quote=True)}" target="_blank" '
+            'rel="noopener noreferrer">monitoring page</a></p>'
+        )
+        return table + link

@@ -53,6 +53,12 @@ def job_name(task_name: str, index: int) -> str:
     return f"{task_name}[{index}]"
 
 
+def request_name(workflow_id: str, task_id: str, name: str) -> str:
+    """Return the name of the request (and the future) of the job named ``name``
+    (``job_name``) of a task: ``workflow/task/fn[3]``."""
+    return f"{workflow_id}/{task_id}/{name}"
+
+
 class JobSpecs:
     """Builds, stores and reads back one workflow's job specs, and the requests that carry them.
 
@@ -216,7 +222,7 @@ class JobSpecs:
         assert parts.work_dir is not None, "the workflow has not started"
         return JobRequest(
             job_id=f"{task_id}/{index}",
-            name=f"{parts.workflow_id}/{task_id}/{name}",
+            name=request_name(parts.workflow_id, task_id, name),
             spec_location=node_location(self._cache, spec_key),
             workdir=WorkflowPaths(parts.work_dir).job(task_id, index).root,
             resources=resources,

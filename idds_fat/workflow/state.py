@@ -8,12 +8,16 @@ line, the monitor), both from the tables and columns defined here.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from idds_fat.workdir import touch_private
 
 #: The tables of a record as the first release wrote them.
 SCHEMA = """
@@ -34,19 +38,71 @@ CREATE TABLE IF NOT EXISTS jobs (
 #: writer adds them on open, so a record of an older version gains them too; a reader
 #: reads them as NULL where a record it opens read-only lacks them. They play the
 #: part of a schema version: a new column goes here, and both sides follow.
-LATER_JOB_COLUMNS = {"started": "REAL", "ended": "REAL", "value": "REAL", "error": "TEXT"}
+LATER_JOB_COLUMNS = {
+    "started": "REAL",
+    "ended": "REAL",
+    "value": "REAL",
+    "error": "TEXT",
+    "arguments": "TEXT",  # a short repr of the call's arguments, written by the caller
+    "depends": "TEXT",  # JSON list of the jobs ("t0001/0") whose futures it took as arguments
+}
+
+#: Columns of ``workflow`` added later, as for jobs: ``caller`` is who follows the
+#: workflow now, JSON ``{"host", "pid", "start"}`` (:func:`caller_identity`), so a
+#: reader tells a running workflow from one whose caller went away without closing it.
+LATER_WORKFLOW_COLUMNS = {"caller": "TEXT"}
+
+#: Workflow statuses after which it does not change (but for an attach that runs jobs).
+FINAL_WORKFLOW = ("finished", "failed", "cancelled")
 
 # Statuses after which a job does not change (but for a run again): they set ``ended``.
 _FINAL = ("done", "failed", "lost", "cancelled")
 
 
-def job_columns(db: sqlite3.Connection) -> set[str]:
-    """Return the names of the columns the ``jobs`` table of ``db`` has.
+def job_columns(db: sqlite3.Connection, table: str = "jobs") -> set[str]:
+    """Return the names of the columns the ``jobs`` (or another) table of ``db`` has.
 
     Raises:
         sqlite3.Error: the database cannot be read.
     """
-    return {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None if unknown or gone.
+
+    With the pid alone, a pid reused by a later process would pass for the caller.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def caller_identity() -> dict[str, Any]:
+    """Return who this process is, as the record keeps its caller: host, pid, start."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def caller_gone(caller: dict[str, Any] | None) -> bool:
+    """Return True if the process ``caller`` (:func:`caller_identity`) has ended.
+
+    False when it still runs, and when that cannot be told: a caller on another
+    host, or a record that names none.
+    """
+    if not caller or caller.get("host") != socket.gethostname() or not caller.get("pid"):
+        return False
+    pid = int(caller["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process has this pid: it is not our caller if it started later
+    start = caller.get("start")
+    return start is not None and _process_start(pid) not in (start, None)
 
 
 class WorkflowState:
@@ -58,50 +114,127 @@ class WorkflowState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # 0600 before SQLite creates it 0644: its -wal and -shm files take its mode.
+        touch_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        known = job_columns(self._db)
-        for column, kind in LATER_JOB_COLUMNS.items():
-            if column not in known:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        for table, later in (("jobs", LATER_JOB_COLUMNS), ("workflow", LATER_WORKFLOW_COLUMNS)):
+            known = job_columns(self._db, table)
+            for column, kind in later.items():
+                if column not in known:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
+        # Whether this follower changed any job (or started the workflow): one that
+        # only read a finished workflow's results leaves its record as it was.
+        self._changed = False
 
-    def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> None:
+    def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> int:
+        """Run a change; return how many rows it changed."""
         with self._lock:
             if isinstance(rows, tuple):
-                self._db.execute(sql, rows)
+                changed = self._db.execute(sql, rows).rowcount
             else:
                 self._db.execute("BEGIN")
-                self._db.executemany(sql, rows)
+                changed = self._db.executemany(sql, rows).rowcount
                 self._db.execute("COMMIT")
+            if changed > 0:
+                self._changed = True
+            return changed
 
     def record_workflow(self, workflow_id: str, name: str, settings: dict[str, Any]) -> None:
-        """Record the workflow as running with ``settings`` (JSON-able, no secrets)."""
+        """Record the workflow as running with ``settings`` (JSON-able, no secrets),
+        followed by this process."""
         now = time.time()
         self._run(
-            "INSERT OR REPLACE INTO workflow VALUES (?, ?, 'running', ?, ?, ?)",
-            (workflow_id, name, now, now, json.dumps(settings, default=str)),
+            "INSERT OR REPLACE INTO workflow "
+            "(id, name, status, created, updated, settings, caller) "
+            "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+            (
+                workflow_id,
+                name,
+                now,
+                now,
+                json.dumps(settings, default=str),
+                json.dumps(caller_identity()),
+            ),
         )
+
+    def follow(self) -> None:
+        """Record this process as the workflow's caller (``attach``), and the workflow
+        as running again if it has unfinished jobs; a finished one keeps its record."""
+        with self._lock:
+            self._db.execute("UPDATE workflow SET caller = ?", (json.dumps(caller_identity()),))
+            unfinished = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+            ).fetchone()[0]
+        if unfinished:
+            self._run("UPDATE workflow SET status = 'running', updated = ?", (time.time(),))
 
     def set_workflow_status(self, status: str) -> None:
         """Record the workflow's status (``running``, ``finished``, ``cancelled``, ``failed``)."""
         self._run("UPDATE workflow SET status = ?, updated = ?", (status, time.time()))
 
+    def end_workflow(self, status: str) -> None:
+        """Record how the workflow ended (``finished``, ``cancelled``, ``failed``), as its
+        caller closes it.
+
+        A follower that changed nothing of a workflow that had ended already (one
+        attached to read its results) leaves the record as it was: reading must
+        not rewrite when, or how, a workflow ended.
+        """
+        if not self._changed:
+            with self._lock:
+                row = self._db.execute("SELECT status FROM workflow").fetchone()
+            if row is not None and row[0] in FINAL_WORKFLOW:
+                return
+        self.set_workflow_status(status)
+
     def record_task(
-        self, task_id: str, name: str, function: str, jobs: Iterable[tuple[int, str, str]]
+        self,
+        task_id: str,
+        name: str,
+        function: str,
+        jobs: Iterable[tuple[int, str, str]],
+        arguments: Sequence[str | None] | None = None,
     ) -> None:
-        """Record a task and its jobs ``(index, name, spec_key)`` as queued."""
+        """Record a task and its jobs ``(index, name, spec_key)`` as queued.
+
+        ``arguments``, one per job, is the text the monitoring page shows of each
+        job's call (a shortened repr made by the caller: the service reads no payload).
+        """
         jobs = list(jobs)
+        texts = list(arguments) if arguments is not None else [None] * len(jobs)
         now = time.time()
         self._run(
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
         )
         self._run(
-            "INSERT INTO jobs (task, job, name, spec, status, updated) "
-            "VALUES (?, ?, ?, ?, 'queued', ?)",
-            [(task_id, index, job_name, spec, now) for index, job_name, spec in jobs],
+            "INSERT INTO jobs (task, job, name, spec, status, updated, arguments) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+            [
+                (task_id, index, job_name, spec, now, text)
+                for (index, job_name, spec), text in zip(jobs, texts, strict=True)
+            ],
+        )
+
+    def set_waiting(self, task_id: str, depends: Sequence[Sequence[str]]) -> None:
+        """Record the jobs of a task as ``waiting`` on the jobs ``depends`` lists for each
+        (ids such as ``t0001/0``): they have no spec yet and are not submitted."""
+        self._run(
+            "UPDATE jobs SET status = 'waiting', depends = ? WHERE task = ? AND job = ?",
+            [(json.dumps(list(ids)), task_id, index) for index, ids in enumerate(depends)],
+        )
+
+    def set_released(self, task_id: str, jobs: Iterable[tuple[int, str, str]]) -> None:
+        """Record the waiting jobs ``(index, name, spec_key)`` of a task as queued, with
+        their specs: their inputs are done and they go to the backend."""
+        now = time.time()
+        self._run(
+            "UPDATE jobs SET status = 'queued', spec = ?, updated = ? "
+            "WHERE task = ? AND job = ? AND status = 'waiting'",
+            [(spec, now, task_id, index) for index, _, spec in jobs],
         )
 
     def set_job_status(
@@ -116,15 +249,19 @@ class WorkflowState:
         """Record a job's status (``done``, ``failed``, ``lost``, ``cancelled``).
 
         ``value`` (a real number the job returned) and ``error`` (what it raised,
-        with its remote traceback) are kept for the monitoring page.
+        with its remote traceback) are kept for the monitoring page. A job that
+        ended with this status already is left as recorded: a follower that
+        attaches later settles its futures from the stored results again, and
+        must not move the times the job ended and was updated.
         """
         now = time.time()
         ended = now if status in _FINAL else None
         self._run(
             "UPDATE jobs SET status = ?, returncode = COALESCE(?, returncode), updated = ?, "
             "ended = COALESCE(?, ended), value = COALESCE(?, value), "
-            "error = COALESCE(?, error) WHERE task = ? AND job = ?",
-            (status, returncode, now, ended, value, error, task_id, job),
+            "error = COALESCE(?, error) WHERE task = ? AND job = ? "
+            "AND NOT (status = ? AND ended IS NOT NULL)",
+            (status, returncode, now, ended, value, error, task_id, job, status),
         )
 
     def set_job_started(self, task_id: str, job: int, backend_ref: str) -> None:
@@ -150,12 +287,13 @@ class WorkflowState:
 
     def tasks(self) -> list[tuple[str, str, list[tuple]]]:
         """Return every task as ``(id, name, jobs)``, in submission order; each job is
-        ``(index, name, spec_key, status, returncode, backend_ref)``, in index order."""
+        ``(index, name, spec_key, status, returncode, backend_ref, arguments)``, in index
+        order (``arguments``: the text recorded of its call, or None)."""
         with self._lock:
             tasks = self._db.execute("SELECT id, name FROM tasks ORDER BY created, id").fetchall()
             jobs = self._db.execute(
-                "SELECT task, job, name, spec, status, returncode, backend_ref FROM jobs "
-                "ORDER BY task, job"
+                "SELECT task, job, name, spec, status, returncode, backend_ref, arguments "
+                "FROM jobs ORDER BY task, job"
             ).fetchall()
         by_task: dict[str, list[tuple]] = {}
         for task, *row in jobs:

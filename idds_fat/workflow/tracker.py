@@ -9,6 +9,7 @@
         cancelled                                   -> the future is cancelled
         clean exit, result on its way (STOMP)       -> look again after the grace period
                                                        (run it again, up to max_resubmits)
+        died with no result handed over (no_result) -> JobLostError at once
         anything else without a result              -> JobLostError, with its stderr tail
 """
 
@@ -194,7 +195,10 @@ class JobTracker:
         if future is None or future.done():
             return False
         if isinstance(body, LazyValue):
-            ok, value = True, LazyValue(lambda: decode_result(header, body.get())[1])
+            ok, value = (
+                True,
+                LazyValue(lambda: decode_result(header, body.get())[1], reference=body.reference),
+            )
         else:
             try:
                 ok, value = decode_result(header, body)
@@ -246,7 +250,12 @@ class JobTracker:
         if future.done():
             return
         deadlines = self._parts.deadlines
-        if outcome.returncode == 0 and deadlines and (self._parts.subscriber or not checked):
+        if (
+            outcome.returncode == 0
+            and not outcome.no_result
+            and deadlines
+            and (self._parts.subscriber or not checked)
+        ):
             # A clean exit means a channel took the result. Over STOMP it may still
             # be on its way (or the broker lost it), or the store could not be read
             # just now (it restarts): look again after a grace period.
@@ -324,6 +333,20 @@ class JobTracker:
                 # Recorded here, not when the backend reports the kill: a detached
                 # caller would not hear that report.
                 self._record(future, "cancelled")
+
+    def fail(self, future: AsyncResult, exc: BaseException) -> bool:
+        """Settle ``future`` with ``exc`` and record its job failed, unless it is done
+        already (its job never ran: an input failed, or it could not be submitted);
+        return whether this settled it."""
+        if _settle(future, False, exc):
+            self._record(future, "failed", **recorded_outcome(False, exc))
+            return True
+        return False
+
+    @property
+    def detached(self) -> bool:
+        """Whether the caller stopped following the workflow (``Workflow.detach``)."""
+        return self._detached
 
     def cancel_future(self, future: AsyncResult) -> None:
         """Cancel the job of ``future``, which is being cancelled or killed (its canceller)."""

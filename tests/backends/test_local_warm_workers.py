@@ -210,3 +210,162 @@ def test_a_cold_job_that_exits_is_not_blamed_on_its_interpreter():
             dies()
     assert "the interpreter" not in str(lost.value)
     assert lost.value.stderr_path.endswith("stderr.txt")
+
+
+def test_a_warm_job_that_exits_0_without_a_result_is_lost_at_once_with_a_broker(activemq, tmp_path):
+    # Issue 17, item 3: with a broker, an exit 0 meant "a channel took the result", so
+    # the caller waited 2 x 30 s and ran the job twice. A warm worker that dies in a
+    # job never answered: no status of its says a result was handed over.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @work
+    def vanishes():
+        (runs / str(os.getpid())).touch()
+        os._exit(0)
+
+    settings = {
+        "broker": activemq.url,
+        "broker_user": "idds",
+        "broker_password": "fat-secret",
+        "result_grace_seconds": 600.0,  # waiting it out would fail the timeout below
+    }
+    with Workflow(max_workers=1, progress=False, **settings):
+        future = vanishes.submit()
+        with pytest.raises(JobLostError, match="its warm worker exited while the job ran"):
+            future.result(timeout=120)
+        assert whoami(5)[1] == 5  # and the next job runs, in a fresh worker
+    assert len(os.listdir(runs)) == 1  # run once, not again after a grace period
+
+
+@work
+def meddle():
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    os.umask(0o077)
+    os.environ["MEDDLED"] = "yes"
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    sys.path.append("/meddled")
+    return os.getpid(), soft
+
+
+@work
+def look():
+    import resource
+    import signal
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return {
+        "pid": os.getpid(),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "umask": umask,
+        "meddled": "MEDDLED" in os.environ,
+        "sigusr1": signal.getsignal(signal.SIGUSR1),
+        "path": "/meddled" in sys.path,
+        "uid": os.getuid(),
+    }
+
+
+def test_process_state_a_warm_job_changes_is_put_back_before_the_next_job():
+    # Issue 17, item 9: a job's setrlimit leaked into the next job of its worker.
+    with Workflow(max_workers=1, progress=False):
+        pid, nofile = meddle()
+        after = look()
+    assert nofile > 64
+    assert after["pid"] == pid  # the same worker, its state put back
+    assert after["nofile"] == nofile
+    assert after["umask"] != 0o077 and not after["meddled"] and not after["path"]
+    assert after["sigusr1"] is not __import__("signal").SIG_IGN
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="drops a Linux capability")
+def test_a_warm_worker_whose_job_changed_what_cannot_be_put_back_is_replaced():
+    @work
+    def lower_for_good():
+        import ctypes
+        import resource
+
+        if os.geteuid() == 0:  # root could raise the hard limit again: give that up first
+            libc = ctypes.CDLL(None, use_errno=True)
+            header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+            data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2)
+            assert libc.capget(header, data) == 0
+            cap_sys_resource = 1 << 24
+            data[0] &= ~cap_sys_resource
+            data[1] &= ~cap_sys_resource
+            assert libc.capset(header, data) == 0
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the hard limit too
+        return os.getpid()
+
+    with Workflow(max_workers=1, progress=False):
+        pid = lower_for_good()
+        after = look()
+    assert after["pid"] != pid  # a fresh worker: the old one could not be put back
+    assert after["nofile"] > 64
+
+
+@work(memory_mb=400)
+def hog():
+    return len(bytearray(2 * 1024**3))  # 2 GiB: over its 400 MiB
+
+
+@work
+def address_space_limit():
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_memory_mb_is_enforced_and_lifted_for_the_next_job(mode):
+    # Issue 17, item 10: memory_mb was accepted and not enforced on `local`.
+    with Workflow(max_workers=1, local_mode=mode, progress=False):
+        with pytest.raises(MemoryError):
+            hog()
+        assert address_space_limit()  # the next job (same warm worker) has no cap
+
+
+def test_a_job_that_dies_out_of_memory_is_reported_as_such():
+    @work(memory_mb=400)
+    def unchecked_malloc():
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        size = 2 * 1024**3
+        ctypes.memset(libc.malloc(size), 0, size)  # C code that trusts malloc: NULL
+
+    with Workflow(max_workers=1, progress=False):
+        with pytest.raises(JobLostError, match="memory_mb=400.*most likely out of memory"):
+            unchecked_malloc()
+        assert whoami(2)[1] == 2
+
+
+@pytest.mark.parametrize("direct_results", [True, False])
+def test_closing_a_workflow_leaves_no_unclosed_file(direct_results):
+    # Issue 16, part 5: every close warned "ResourceWarning: unclosed file" (the warm
+    # worker's pipe); a worker retired after its job killed it counts too.
+    import gc
+    import warnings
+
+    @work
+    def dies():
+        os._exit(3)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with Workflow(max_workers=2, local_direct_results=direct_results, progress=False):
+            assert [x for _, x in whoami.map([{"x": i} for i in range(4)]).results()] == [
+                0,
+                1,
+                2,
+                3,
+            ]
+            with pytest.raises(JobLostError):
+                dies()
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

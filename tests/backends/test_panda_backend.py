@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -40,6 +41,7 @@ from idds_fat.backends.panda import (
     api_base,
     pseudo_input,
 )
+from idds_fat.backends.panda import backend as panda_backend
 from idds_fat.errors import ConfigError, IddsFatError
 from idds_fat.testing import wait_until
 
@@ -404,12 +406,29 @@ def test_task_aborted_elsewhere_is_a_failure_not_a_cancel(rsps, client, exits) -
 
 def test_task_panda_forgot_is_reported_after_three_polls(rsps, client, exits) -> None:
     backend = submit_three(rsps, client, exits)
+    add_status(rsps, "running")
+    backend.poll()
     # §2b: "Task not found" as success:false.
-    rsps.get(f"{API}/task/get_status", json=envelope(False, "Task not found"))
+    rsps.replace(responses.GET, f"{API}/task/get_status", json=envelope(False, "Task not found"))
     backend.poll()
     backend.poll()
     assert exits.calls == []
     backend.poll()
+    assert {o.reason for _, o in exits.calls} == {"PanDA no longer knows task 4242"}
+    backend.shutdown()
+
+
+def test_task_not_found_right_after_submit_is_not_lost(rsps, client, exits, monkeypatch) -> None:
+    # A live server answers "Task not found" until JEDI has registered the task.
+    backend = submit_three(rsps, client, exits)
+    rsps.get(f"{API}/task/get_status", json=envelope(False, "Task not found"))
+    for _ in range(5):
+        backend.poll()
+    assert exits.calls == []
+    # Never seen, and long past the grace: then it is lost.
+    monkeypatch.setattr(panda_backend, "NOT_FOUND_GRACE", 0.0)
+    for _ in range(3):
+        backend.poll()
     assert {o.reason for _, o in exits.calls} == {"PanDA no longer knows task 4242"}
     backend.shutdown()
 
@@ -674,8 +693,12 @@ def test_put_file_content_addressed_name_that_exists_is_done(rsps, client) -> No
 # --- the job command on a node -----------------------------------------------------------
 
 FAKE_WRAPPER = b"""import json, os, sys
+fd = os.environ.get("IDDS_FAT_JOB_SECRETS_FD")
+secrets = os.read(int(fd), 65536).decode() if fd else None
+with open("/proc/self/environ", "rb") as block:
+    environ = block.read().decode("utf-8", "replace")
 with open("ran.json", "w") as out:
-    json.dump({"argv": sys.argv[1:], "secrets": os.environ.get("IDDS_FAT_JOB_SECRETS")}, out)
+    json.dump({"argv": sys.argv[1:], "secrets": secrets, "environ": environ}, out)
 """
 
 
@@ -720,8 +743,10 @@ def test_job_command_runs_the_wrapper_with_the_secret_the_pilot_wrote(
     wrapper_url, seen = node_cache
     backend = make_backend(client, exits)
     job = make_jobs(3)[2]
-    # pilot3 hide_secrets: the job's secrets as panda_secrets.json in its directory.
-    (tmp_path / "panda_secrets.json").write_text(json.dumps({SECRET_NAME: json.dumps(JOB_SECRETS)}))
+    # pilot3 hide_secrets: the job's secrets as panda_secrets.json in its directory,
+    # with the user's other secrets, which stay.
+    pilots = {SECRET_NAME: json.dumps(JOB_SECRETS), "OTHER": "kept"}
+    (tmp_path / "panda_secrets.json").write_text(json.dumps(pilots))
     command = _node_command(backend, wrapper_url, job)
     if runner != "one string":
         # The pilot runs "./<transPath basename> <job parameters>" in a shell; a runner
@@ -740,8 +765,34 @@ def test_job_command_runs_the_wrapper_with_the_secret_the_pilot_wrote(
     assert done.returncode == 0, done.stderr
     ran = json.loads((tmp_path / "ran.json").read_text())
     assert ran["argv"] == ["--spec", spec_url(2)]
-    assert json.loads(ran["secrets"]) == JOB_SECRETS
+    assert json.loads(ran["secrets"]) == JOB_SECRETS  # on the pipe the bootstrap made
     assert seen == [f"Bearer {JOB_SECRETS['token']}"]
+    # Neither the wrapper's environment block nor the pilot's file holds them any more.
+    assert JOB_SECRETS["hmac_key"] not in ran["environ"]
+    assert JOB_SECRETS["token"] not in ran["environ"]
+    assert json.loads((tmp_path / "panda_secrets.json").read_text()) == {"OTHER": "kept"}
+    assert (tmp_path / "panda_secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_job_command_keeps_a_secret_the_pilot_put_in_the_environment_out_of_the_wrappers(
+    client, exits, tmp_path, node_cache
+) -> None:
+    # Pilots that expose user secrets as environment variables named by their keys.
+    wrapper_url, _ = node_cache
+    backend = make_backend(client, exits)
+    done = subprocess.run(
+        ["bash", "-c", _node_command(backend, wrapper_url, make_jobs(1)[0])],
+        cwd=tmp_path,
+        env=dict(os.environ, **{SECRET_NAME: json.dumps(JOB_SECRETS)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    assert json.loads(ran["secrets"]) == JOB_SECRETS
+    assert JOB_SECRETS["hmac_key"] not in ran["environ"]
+    assert JOB_SECRETS["token"] not in ran["environ"]
 
 
 def test_job_command_refuses_a_wrapper_that_does_not_match_its_sha256(

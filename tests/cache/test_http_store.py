@@ -1,3 +1,5 @@
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +156,23 @@ def test_503_until_attempts_exhausted_raises_cache_error_with_status() -> None:
     with pytest.raises(CacheError, match="503"):
         store.exists(key)
     assert len(responses.calls) == 3
+
+
+def test_the_service_keeps_cache_objects_0600_and_reads_need_the_token(tmp_path: Path) -> None:
+    # Issue 17, item 5: whatever the umask, other users cannot read the objects on disk.
+    old = os.umask(0o000)
+    try:
+        with EmbeddedService(tmp_path / "data", token=TOKEN) as service:
+            store = HttpStore(service.url + "/cache", token=TOKEN)
+            key = store.put(b"pickled arguments")
+            anonymous = requests.get(f"{service.url}/cache/{key}", timeout=10)
+            store.close()
+    finally:
+        os.umask(old)
+    assert anonymous.status_code == 401
+    stored = tmp_path / "data" / "cache" / key[:2] / key
+    assert stored.read_bytes() == b"pickled arguments"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    for directory in (stored.parent, stored.parent.parent, tmp_path / "data"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data" / "results.sqlite3").stat().st_mode) == 0o600

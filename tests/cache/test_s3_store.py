@@ -316,3 +316,48 @@ def test_s3_server_refuses_a_taken_port_and_stops_its_process(
     assert not server.running
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.endpoint_url + "/moto-api/", timeout=2)
+
+
+def _grants(raw: Any, bucket: str, object_key: str) -> list[dict]:
+    return raw.get_object_acl(Bucket=bucket, Key=object_key)["Grants"]
+
+
+def test_every_object_the_store_writes_is_private_to_the_bucket_owner(
+    s3_server: S3Server, bucket: str, raw: Any
+) -> None:
+    # Issue 17, item 5: payloads and results never get a public ACL. The store asks for
+    # none (buckets with ACLs disabled, the AWS default, refuse any but the owner's), so
+    # S3 makes each object the owner's alone.
+    store = S3Store(f"s3://{bucket}/c", client=s3_server.client(), multipart_threshold=5 * MiB)
+    granted: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3",
+        lambda request, **_: granted.extend(
+            h for h in request.headers if h.lower().startswith(("x-amz-acl", "x-amz-grant"))
+        ),
+    )
+    small = store.put(b"pickled arguments")
+    big = store.put(os.urandom(6 * MiB))
+    store.put_named("results/direct", b"a result")
+    url = store.presigned_put("results/from-a-job")  # as a job delivers a large result
+    assert "acl" not in url.lower() and "grant" not in url.lower()
+    request = urllib.request.Request(
+        url, data=b"r", method="PUT", headers={"Content-Type": "application/octet-stream"}
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+    assert granted == []
+    written = [store.object_key(small)]
+    written += [store.named_object_key(n) for n in ("results/direct", "results/from-a-job")]
+    for object_key in written:
+        grants = _grants(raw, bucket, object_key)
+        assert [g["Permission"] for g in grants] == ["FULL_CONTROL"], grants
+        assert grants[0]["Grantee"]["Type"] == "CanonicalUser"
+        # And the server refuses whoever comes without credentials.
+        anonymous = f"{s3_server.endpoint_url}/{bucket}/{urllib.parse.quote(object_key)}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 403
+    # moto keeps no ACL on a multipart object (and serves it to anyone); S3 makes it
+    # private like any other. What the store controls is checked above: no ACL asked.
+    assert raw.head_object(Bucket=bucket, Key=store.object_key(big))["ContentLength"] == 6 * MiB

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from idds_fat import Workflow
+from idds_fat import Workflow, __version__
 from idds_fat.cli import main
 
 needs_attach = pytest.mark.skipif(
@@ -204,7 +205,7 @@ def test_config_show_reports_a_bad_setting_in_one_line(monkeypatch):
     monkeypatch.setenv("IDDS_FAT_MAX_WORKERS", "many")
     result = run("config", "show")
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: setting max_workers='many'")
+    assert result.stderr.startswith("Error: max_workers = 'many' from $IDDS_FAT_MAX_WORKERS")
 
 
 # --- smoke ---------------------------------------------------------------------------
@@ -246,7 +247,9 @@ def test_smoke_fails_in_one_line_on_a_bad_configuration(monkeypatch):
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["ok"] is False
-    assert report["reason"].startswith("ConfigError: unknown backend 'no-such-backend'")
+    assert report["reason"].startswith(
+        "ConfigError: backend = 'no-such-backend' from $IDDS_FAT_BACKEND: expected one of"
+    )
 
 
 def test_smoke_fails_in_one_line_when_time_runs_out():
@@ -399,3 +402,60 @@ def test_results_with_a_timeout_shows_pending_jobs_and_leaves_them_running(orpha
     assert "2 of 3 jobs of workflow" in result.stderr and "still running" in result.stderr
     shown = json.loads(run("status", orphaned_workflow, "--json").output)
     assert shown["workflow"]["job_states"] == {"running": 2, "done": 1}
+
+
+def _recorded_times(wf: Workflow) -> tuple[list, list]:
+    db = sqlite3.connect(f"file:{wf.work_dir / 'state.sqlite3'}?mode=ro", uri=True)
+    try:
+        jobs = db.execute(
+            "SELECT task, job, status, started, ended, updated FROM jobs ORDER BY task, job"
+        ).fetchall()
+        workflow = db.execute("SELECT status, created, updated FROM workflow").fetchall()
+    finally:
+        db.close()
+    return jobs, workflow
+
+
+@needs_attach
+def test_reading_results_never_changes_what_was_recorded(finished_workflow):
+    before = _recorded_times(finished_workflow)
+    assert [job[2] for job in before[0]] == ["done", "done", "done", "failed"]
+    assert all(job[4] is not None for job in before[0])  # every job has its end
+    for _ in range(2):
+        result = run("results", finished_workflow.id)
+        assert result.exit_code == 0, result.output
+        assert _recorded_times(finished_workflow) == before
+
+
+def test_version_and_short_help():
+    version = run("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"idds-fat, version {__version__}"
+    for args in (["-h"], ["status", "-h"], ["logs", "-h"]):
+        shown = run(*args)
+        assert shown.exit_code == 0 and shown.output.startswith("Usage: "), args
+        assert "-h, --help" in shown.output
+
+
+def test_logs_stderr_of_a_job_that_raised_ends_with_its_traceback(finished_workflow):
+    result = run("logs", finished_workflow.id, "broken", "0", "--stderr")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "raised" in lines[0] and "t0002/0" in lines[0]
+    assert "Traceback (most recent call last)" in result.output
+    assert 'raise ValueError("broken on purpose")' in result.output  # the job's own source line
+    assert lines[-1] == "ValueError: broken on purpose"
+    assert run("logs", finished_workflow.id, "broken", "0", "--stderr", "--tail", "1").output == (
+        "ValueError: broken on purpose\n"
+    )
+
+
+def test_smoke_names_a_refused_stomp_login(activemq, monkeypatch):
+    monkeypatch.setenv("IDDS_FAT_BROKER", activemq.url)
+    monkeypatch.setenv("IDDS_FAT_BROKER_USER", "idds")
+    monkeypatch.setenv("IDDS_FAT_BROKER_PASSWORD", "not-the-password")
+    result = run("smoke", "--timeout", "120")
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("smoke failed: no result of workflow")
+    assert "the broker refused the login of user 'idds'" in line, line
+    assert "not-the-password" not in line  # a secret never shows

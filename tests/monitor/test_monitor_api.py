@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from idds_fat import MapResult, Workflow, work
 from idds_fat.cli import main
 from idds_fat.testing import wait_until
+from idds_fat.workflow import catalog
 
 
 @work
@@ -185,3 +186,33 @@ def test_pages_escape_the_workflow_id_and_load_only_their_own_files(running):
         static = requests.get(running.url("/static/" + name), timeout=30)
         assert static.status_code == 200 and kind in static.headers["content-type"]
         assert "http://" not in static.text.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_summary_updated_moves_with_its_jobs_and_a_finished_timeline_ends_at_its_end(
+    isolated_settings,
+):
+    from idds_fat.monitor import views
+
+    gate = isolated_settings.parent / "gate-updated"
+    with Workflow(name="moving", max_workers=2) as wf:
+        waiting = held.map([{"gate": str(gate), "i": 0}])
+        wait_until(lambda: waiting.futures[0].running(), "the job to start")
+        before = views.workflow_view(isolated_settings, wf.id)
+        assert before["timeline"]["end"] == before["now"]  # running: its timeline reaches now
+        started = catalog.workflow_summary(isolated_settings, wf.id).updated
+        gate.touch()
+        waiting.wait(timeout=60)
+        # The job's end is recorded by a thread of the caller just after the future settles.
+        wait_until(
+            lambda: catalog.workflow_summary(isolated_settings, wf.id).updated > started,
+            "the summary's updated to move",
+        )
+        moved = views.workflow_view(isolated_settings, wf.id)
+        job = moved["timeline"]["jobs"][0]
+        assert job["ended"] is not None and job["arguments"] == f"gate={str(gate)!r}, i=0"
+    after = views.workflow_view(isolated_settings, wf.id)
+    summary = after["workflow"]
+    assert summary["status"] == "finished" and summary["ended"] is not None
+    ended = catalog.workflow_summary(isolated_settings, wf.id).ended
+    assert after["timeline"]["end"] == ended < after["now"]
+    assert ended >= after["timeline"]["jobs"][0]["ended"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 from pathlib import Path
+
+import pytest
 
 from idds_fat import Workflow, work
 from idds_fat.testing import wait_until
@@ -127,3 +130,42 @@ def test_page_with_a_wrong_token_asks_again_and_cancels_nothing(browser_page, tm
     finally:
         gate.touch()
         wf.close(cancel=True)
+
+
+@work
+def objective(lr, depth):
+    return (lr - 0.1) ** 2 + depth
+
+
+def test_monitor_url_signs_in_and_the_page_shows_trials_sortable_by_value(browser_page):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    wf = Workflow(name="hpo", max_workers=2).open()
+    try:
+        points = [{"lr": lr, "depth": d} for lr, d in ((0.3, 2), (0.1, 1), (0.5, 3))]
+        assert objective.map(points).results() == [pytest.approx(v) for v in (2.04, 1.0, 3.16)]
+        url = wf.monitor_url
+        assert "#token=" in url and "?" not in url  # the token never in the query string
+        assert html.escape(url, quote=True) in wf._repr_html_()
+
+        page.goto(url)
+        expect(page.locator("#token-form")).to_be_hidden()  # signed in by the link
+        expect(page.locator("#trials tbody tr")).to_have_count(3)
+        assert "#token" not in page.url  # dropped from the address bar and history
+        first_args = page.locator("#trials tbody tr").first.locator("td").nth(1)
+        expect(first_args).to_have_text("lr=0.3, depth=2")
+        page.click("#sort-value")  # least value first
+        expect(first_args).to_have_text("lr=0.1, depth=1")
+        page.click("#sort-value")  # greatest first
+        expect(first_args).to_have_text("lr=0.5, depth=3")
+        page.locator("#trials tbody tr").first.click()
+        expect(page.locator("#job-arguments")).to_have_text("lr=0.5, depth=3")
+        # A time axis with ticks under the timeline, the first labelled with a clock time.
+        ticks = page.locator("#timeline .time-axis line.tick")
+        expect(ticks.first).to_be_attached()
+        assert ticks.count() >= 2
+        labels = page.locator("#timeline .time-axis text").all_text_contents()
+        assert labels[1].startswith("+") and labels[1].endswith(" s"), labels
+    finally:
+        wf.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,8 @@ from idds_fat import Workflow
 from idds_fat.cli import main
 from idds_fat.monitor import monitor_routes
 from idds_fat.service import EmbeddedService
+from idds_fat.testing import wait_until
+from idds_fat.testing.processes import free_port
 from idds_fat.workflow import WorkflowState, catalog
 
 TOKEN = "monitor-service-token"
@@ -145,3 +148,62 @@ def test_records_written_before_timings_were_kept_still_read(isolated_settings):
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     assert {"started", "ended", "value", "error"} <= columns
+
+
+def test_the_page_keeps_working_after_the_caller_exits_when_serve_holds_the_workflow(
+    tmp_path, isolated_settings
+):
+    token = "serve-holds-the-workflow-" + "0123456789abcdef"
+    port = free_port()
+    env = {**os.environ, "IDDS_FAT_TOKEN": token}
+    argv = [sys.executable, "-c", "from idds_fat.cli import main; main()", "serve"]
+    argv += ["--port", str(port), "--data-dir", str(tmp_path / "data")]
+    serve = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            assert serve.poll() is None, serve.stderr.read().decode()
+            try:
+                return requests.get(url + "/healthz", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, "idds-fat serve to answer", timeout=60)
+        script = textwrap.dedent(
+            """
+            from idds_fat import Workflow
+
+            def negated(x):
+                return -x
+
+            with Workflow(name="held", progress=False) as wf:
+                assert wf.map_kwargs(negated, [{"x": -1}, {"x": -2}]).results() == [1, 2]
+                print(wf.monitor_url, flush=True)
+            """
+        )
+        caller = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**env, "IDDS_FAT_SERVICE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert caller.returncode == 0, caller.stderr
+        monitor_url = caller.stdout.strip()
+        page, fragment = monitor_url.split("#")
+        assert page.startswith(url + "/workflows/held-") and fragment == f"token={token}"
+        workflow_id = page.rsplit("/", 1)[1]
+        # The caller is gone; the page and its data are served by `idds-fat serve`.
+        assert requests.get(page, timeout=10).status_code == 200
+        headers = {"Authorization": f"Bearer {token}"}
+        answer = requests.get(f"{url}/api/workflows/{workflow_id}", headers=headers, timeout=10)
+        assert answer.status_code == 200, answer.text
+        shown = answer.json()
+        assert shown["workflow"]["status"] == "finished"
+        assert [t["job_states"] for t in shown["tasks"]] == [{"done": 2}]
+        assert [j["arguments"] for j in shown["timeline"]["jobs"]] == ["x=-1", "x=-2"]
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        serve.stderr.close()

@@ -79,3 +79,29 @@ def test_too_many_entries_are_refused(tmp_path):
 def test_not_a_zip_is_refused(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="not a zip"):
         safe_extract(b"definitely not a zip", tmp_path, 10_000)
+
+
+def test_a_refused_zip_leaves_nothing_it_wrote(tmp_path):
+    # Issue 17, item 8: the part written before the refusal stayed on disk.
+    data = _zip(
+        [
+            ("pkg/first.py", b"x" * 5000, stat.S_IFREG | 0o644),
+            ("pkg/second.py", b"y" * 5000, stat.S_IFREG | 0o644),
+        ]
+    )
+    with pytest.raises(UnsafeArchiveError, match="expands beyond"):
+        safe_extract(data, tmp_path, 7000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_warm_worker_keeps_no_failed_extraction(tmp_path):
+    # Five jobs whose code context is refused leave no bytes in the worker's files
+    # (they stayed until the worker exited: 250 MB for five jobs).
+    from idds_fat.node.run import WarmState
+
+    data = _zip([(f"m{i}.py", b"z" * 100_000, stat.S_IFREG | 0o644) for i in range(5)])
+    warm = WarmState(tmp_path)
+    for job in range(5):
+        with pytest.raises(UnsafeArchiveError):
+            warm.context({"key": f"k{job}", "max_bytes": 250_000}, lambda key: data)
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) == 0

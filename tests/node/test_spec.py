@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,30 @@ def test_a_spec_lacking_a_required_key_is_refused_naming_it_and_unknown_keys_are
         JobSpec.from_json(b"{")
     with pytest.raises(WrapperError, match="not a JSON object"):
         JobSpec.from_json(b"[1]")
+
+
+def test_secrets_come_from_a_0600_file_and_every_secrets_variable_leaves_the_environment(
+    tmp_path, monkeypatch
+):
+    from idds_fat.node.spec import SECRETS_ENV, SECRETS_FD_ENV, SECRETS_FILE_ENV, read_secrets
+    from idds_fat.workdir import write_private
+
+    path = tmp_path / "job-secrets.json"
+    write_private(path, json.dumps({"hmac_key": "ef" * 32, "token": "from-the-file"}).encode())
+    monkeypatch.setenv(SECRETS_FILE_ENV, str(path))
+    monkeypatch.setenv(SECRETS_ENV, json.dumps({"hmac_key": "00" * 32, "token": "env"}))
+    secrets = read_secrets()
+    assert secrets["key"] == bytes.fromhex("ef" * 32) and secrets["token"] == "from-the-file"
+    for name in (SECRETS_ENV, SECRETS_FD_ENV, SECRETS_FILE_ENV):
+        assert name not in os.environ  # processes the job starts inherit none of them
+    with pytest.raises(WrapperError, match=SECRETS_FD_ENV):
+        read_secrets()  # nothing left to read
+
+
+def test_secrets_too_large_to_wait_in_a_pipe_are_refused():
+    import select
+
+    from idds_fat.node.spec import secrets_pipe
+
+    with pytest.raises(WrapperError, match=f"over {select.PIPE_BUF}"):
+        secrets_pipe(b"x" * (select.PIPE_BUF + 1))

@@ -13,6 +13,7 @@ from idds_fat.service import EmbeddedService
 from idds_fat.testing import wait_until
 
 TOKEN = "app-test-token"
+AUTH = {"Authorization": "Bearer " + TOKEN}
 
 
 def envelope(workflow: str = "wf1", body: bytes = b"body", **header) -> bytes:
@@ -139,11 +140,12 @@ def test_long_poll_ignores_other_workflows_and_times_out_empty(service, http) ->
 
 
 def test_stopping_the_service_releases_long_polls(tmp_path: Path) -> None:
-    service = EmbeddedService(tmp_path, token=None).start()
+    service = EmbeddedService(tmp_path, token=TOKEN).start()
     answers: list[int] = []
 
     def poll() -> None:
-        answers.append(requests.get(service.url + "/results/wf1?wait=60", timeout=70).status_code)
+        url = service.url + "/results/wf1?wait=60"
+        answers.append(requests.get(url, headers=AUTH, timeout=70).status_code)
 
     reader = threading.Thread(target=poll)
     reader.start()
@@ -208,8 +210,11 @@ def test_bad_query_parameters_get_400(service, http) -> None:
 
 
 def test_expired_results_are_purged_at_startup(tmp_path: Path) -> None:
-    with EmbeddedService(tmp_path, token=None) as first:
-        requests.post(first.url + "/results/wf1", data=envelope(), timeout=10)
-    with EmbeddedService(tmp_path, token=None, result_ttl_seconds=-1) as second:
-        answer = requests.get(second.url + "/results/wf1", timeout=10).json()
+    with EmbeddedService(tmp_path, token=TOKEN) as first:
+        posted = requests.post(
+            first.url + "/results/wf1", data=envelope(), headers=AUTH, timeout=10
+        )
+        assert posted.status_code == 201
+    with EmbeddedService(tmp_path, token=TOKEN, result_ttl_seconds=-1) as second:
+        answer = requests.get(second.url + "/results/wf1", headers=AUTH, timeout=10).json()
     assert answer == {"cursor": 0, "results": []}

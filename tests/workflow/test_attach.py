@@ -147,3 +147,139 @@ def test_attach_refuses_while_the_original_caller_lives(tmp_path):
     finally:
         caller.communicate("\n", timeout=60)
     assert caller.returncode == 0
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The pids of the warm workers (``wrapper --worker``) that process ``pid`` started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"--worker" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _blocked_reading_a_pipe(pid: int) -> bool:
+    """Whether process ``pid`` sits in read(2) on a pipe (its caller's end of the protocol)."""
+    try:
+        fields = open(f"/proc/{pid}/syscall").read().split()
+        if fields[0] != "0":  # read(2) on x86_64
+            return False
+        return os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}").startswith("pipe:")
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+@pytest.mark.slow  # 200 jobs, a stopped and killed caller, an attach: ~10 s
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads read(2)'s x86_64 number")
+def test_answers_a_stopped_caller_never_read_are_not_lost_when_it_is_killed(tmp_path):
+    # Issue 17, item 1: a warm worker's answer sat in its pipe, unread by a caller that
+    # was stopped and then killed; the worker took end of input for "delivered" and the
+    # job ran but was reported lost. Now an answer counts only once the caller acks it.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    n = 200
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            from idds_fat import Workflow, work
+
+            @work
+            def job(i):
+                time.sleep(0.02)
+                open(os.path.join({str(runs)!r}, f"{{i}}-{{os.getpid()}}-{{time.time_ns()}}"), "w")
+                return i * i
+
+            with Workflow(name="stopped", max_workers=4, publish_timeout=120) as wf:
+                results = job.map([{{"i": i}} for i in range({n})])
+                for done, _ in enumerate(results.as_completed(), 1):
+                    if done == 20:
+                        print("ID", wf.id, flush=True)
+            """
+        )
+    )
+    caller = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = caller.stdout.readline()
+    assert line.startswith("ID "), caller.stderr.read()
+    workflow_id = line.split()[1]
+    caller.send_signal(signal.SIGSTOP)
+    workers = wait_until(lambda: _workers_of(caller.pid), "the caller's warm workers")
+    # Each worker finishes its job and answers into its pipe, which nobody reads now.
+    wait_until(lambda: all(_blocked_reading_a_pipe(w) for w in workers), "every worker to answer")
+    assert len(os.listdir(runs)) < n  # stopped mid-map
+    caller.send_signal(signal.SIGKILL)
+    caller.wait(timeout=30)
+
+    with Workflow.attach(workflow_id) as wf:
+        values = wf.tasks["t0001"].results(timeout=180)
+    assert values == [i * i for i in range(n)]  # 200 of 200: none lost
+    runs_per_job = [name.split("-")[0] for name in os.listdir(runs)]
+    assert len(runs_per_job) == len(set(runs_per_job)) == n  # none run twice
+    assert wf.stats["rejected"] == 0
+
+
+@pytest.mark.slow  # two jobs, a detach, the CLI attaching with a 3 s timeout
+def test_results_with_a_timeout_exits_at_it_while_the_jobs_it_started_run_on(tmp_path):
+    # Issue 17, item 2: `idds-fat results --timeout 3` was still running at 45 s: the
+    # job it started itself (one that never started before) held the process.
+    gate = tmp_path / "gate"
+    script = tmp_path / "detacher.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            from idds_fat import Workflow, work
+            from idds_fat.testing import wait_until
+
+            @work
+            def gated(i):
+                open(os.path.join({str(tmp_path)!r}, f"pid-{{i}}"), "w").write(str(os.getpid()))
+                wait_until(lambda: os.path.exists({str(gate)!r}), "the gate", timeout=600)
+                return i
+
+            wf = Workflow(max_workers=1, publish_timeout=600).open()
+            gated.map([{{"i": 0}}, {{"i": 1}}])  # one worker: job 1 never starts here
+            wait_until(lambda: os.path.exists({str(tmp_path / "pid-0")!r}), "the first job")
+            wf.detach()
+            print(wf.id, flush=True)
+            """
+        )
+    )
+    caller = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert caller.returncode == 0, caller.stderr
+    workflow_id = caller.stdout.strip()
+    first = int((tmp_path / "pid-0").read_text())
+    pids = [first]
+    try:
+        cli = os.path.join(os.path.dirname(sys.executable), "idds-fat")
+        command = [cli, "results", workflow_id, "--timeout", "3"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        second = (tmp_path / "pid-1").read_text()  # the CLI started it
+        pids.append(int(second))
+        assert done.returncode == 1, done.stderr  # the documented status of a timeout
+        assert "unfinished after 3 s; still running" in done.stderr
+        assert not gate.exists() and all(_alive(pid) for pid in pids)  # both run on
+    finally:
+        for pid in pids:
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

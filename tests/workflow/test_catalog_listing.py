@@ -1,13 +1,20 @@
-"""Listing workflows reads again only the state databases that changed."""
+"""Listing workflows: only changed state databases are read again; a caller gone is seen."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
+import pytest
+from click.testing import CliRunner
+
 from idds_fat import Workflow, work
+from idds_fat.cli import main
 from idds_fat.workflow import catalog
-from idds_fat.workflow.state import WorkflowState
+from idds_fat.workflow.state import WorkflowState, caller_gone, caller_identity
 
 
 @work
@@ -51,3 +58,61 @@ def test_a_recently_written_workflow_is_always_read_again(monkeypatch):
     monkeypatch.setattr(catalog, "_summary", lambda *a: reads.append(a) or real(*a))
     catalog.list_workflows(wf.config.work_dir)
     assert len(reads) == 1  # written seconds ago: its stamp is not trusted yet
+
+
+_UNCLOSED_CALLER = """
+import sys
+from idds_fat import Workflow
+
+wf = Workflow(name="unclosed", progress=False).open()  # never closed
+assert wf.submit(abs, -3).result(timeout=60) == 3
+print("ID", wf.id, flush=True)
+if sys.argv[1] == "block":
+    sys.stdin.readline()
+"""
+
+
+def _start_unclosed(how: str) -> tuple[subprocess.Popen, str]:
+    caller = subprocess.Popen(
+        [sys.executable, "-c", _UNCLOSED_CALLER, how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = caller.stdout.readline()
+    assert line.startswith("ID "), caller.stderr.read()
+    return caller, line.split()[1]
+
+
+@pytest.mark.parametrize("ending", ["exits", "is killed"])
+def test_a_workflow_whose_caller_ended_without_closing_it_shows_caller_gone(
+    isolated_settings, ending
+):
+    caller, workflow_id = _start_unclosed("block")
+    try:
+        assert catalog.workflow_summary(isolated_settings, workflow_id).status == "running"
+        if ending == "exits":
+            caller.stdin.close()  # lets the script end without closing its workflow
+        else:
+            caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=60)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(timeout=30)
+    summary = catalog.workflow_summary(isolated_settings, workflow_id)
+    assert summary.status == catalog.CALLER_GONE
+    assert summary.ended is not None and summary.caller["pid"] == caller.pid
+    (listed,) = catalog.list_workflows(isolated_settings)
+    assert listed.status == catalog.CALLER_GONE
+    shown = CliRunner().invoke(main, ["status"], catch_exceptions=False)
+    assert "caller gone" in shown.output
+
+
+def test_a_pid_reused_by_another_process_is_not_the_caller():
+    me = caller_identity()
+    assert not caller_gone(me)
+    assert caller_gone({**me, "start": "1"})  # this pid, but a process started at boot
+    assert not caller_gone({**me, "host": "another-host"})  # cannot tell: not gone
+    assert not caller_gone(None)

@@ -14,8 +14,9 @@ Secrets (the workflow's HMAC key and service token) never go into the task
 parameters: they are stored as a PanDA *user secret* under a random name
 (``POST /api/v1/creds/set_user_secrets``), the task asks for them with
 ``useSecrets``, the pilot writes them into ``panda_secrets.json`` in the job's
-directory, and the job command moves the one we named into the wrapper's
-``IDDS_FAT_JOB_SECRETS``. The secret is deleted when the backend shuts down.
+directory, and the job command (``bootstrap.py``) takes the one we named out of
+it and hands it to the wrapper on a pipe. The secret is deleted when the
+backend shuts down.
 """
 
 from __future__ import annotations
@@ -29,12 +30,20 @@ import os
 import re
 import secrets as _random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from idds_fat.backends.base import Backend, ExitCallback, JobExit, JobRequest, Resources
+from idds_fat.backends.base import (
+    Backend,
+    ExitCallback,
+    JobExit,
+    JobRequest,
+    Resources,
+    StartCallback,
+)
 from idds_fat.backends.panda.auth import PandaAuth
 from idds_fat.backends.panda.bootstrap import BOOTSTRAP_B64
 from idds_fat.backends.panda.client import _SHELL_SAFE, PandaClient
@@ -55,6 +64,10 @@ DEFAULT_TRANS_PATH = "https://atlpan.web.cern.ch/atlpan/bash-c"
 #: ``exhausted`` counts: only the production role may retry it.
 FINAL_TASK_STATES = frozenset({"done", "finished", "failed", "aborted", "broken", "exhausted"})
 
+#: Seconds after submit during which "Task not found" is not a lost task: the server
+#: knows a task only once JEDI has registered it (several seconds on a live server).
+NOT_FOUND_GRACE = 300.0
+
 _SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _LOOPBACK_HOSTS = frozenset({"localhost", "::1", "0.0.0.0"})
 
@@ -70,7 +83,12 @@ class _Task:
     ended: set[str] = dataclasses.field(default_factory=set)  # job ids already reported
     cancelled: set[str] = dataclasses.field(default_factory=set)
     kill_requested: bool = False
+    # PanDA refused the kill (before JEDI registered the task it is "not the task
+    # owner"): polls try again once the task is known.
+    kill_pending: bool = False
     unknown_polls: int = 0
+    seen: bool = False  # PanDA has answered a status for it
+    submitted_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def open_jobs(self) -> list[JobRequest]:
@@ -113,6 +131,9 @@ class PandaBackend(Backend):
         trans_path: payload runner that executes the job command with bash.
         python: the interpreter jobs run on the node.
         secret_name: name of the PanDA user secret (default: random per backend).
+        on_start: called with ``(job, reference)`` once a job is in a PanDA task;
+            the reference (``<jediTaskID>:<secret name>``) is what :meth:`adopt`
+            takes back when another caller attaches.
 
     Raises:
         ConfigError: a URL grid nodes cannot use, or a bad option.
@@ -161,6 +182,7 @@ class PandaBackend(Backend):
         trans_path: str = DEFAULT_TRANS_PATH,
         python: str = "python3",
         secret_name: str | None = None,
+        on_start: StartCallback | None = None,
     ) -> None:
         _check_node_url(wrapper_url, "wrapper_url")
         if not _SHELL_SAFE.match(python):
@@ -173,6 +195,7 @@ class PandaBackend(Backend):
         if not _SECRET_NAME.match(self._secret_name):
             raise ConfigError(f"secret_name must be an environment variable name: {secret_name!r}")
         self._on_exit = on_exit
+        self._on_start = on_start
         self._wrapper_url = wrapper_url
         # Serialised once; never logged, never part of a task parameter.
         self._secrets_json = json.dumps(dict(job_secrets)) if job_secrets is not None else None
@@ -202,6 +225,9 @@ class PandaBackend(Backend):
         self._changed = threading.Condition(self._lock)
         self._tasks: dict[int, _Task] = {}
         self._secret_stored = False
+        # Secrets of earlier callers whose tasks this backend adopted: deleted at
+        # shutdown, once those tasks have ended.
+        self._adopted_secrets: set[str] = set()
         self._watch: Watch | None = None
         self._closed = False
 
@@ -209,8 +235,9 @@ class PandaBackend(Backend):
     def create(cls, config: Config, setup: Any) -> PandaBackend:
         """Build the backend for a workflow: server and credentials from the environment.
 
-        Uses ``setup.on_exit``, ``setup.wrapper_url``, ``setup.secrets`` and the
-        ``queue``, ``site``, ``cloud`` and ``container_options["container_image"]``
+        Uses ``setup.on_exit``, ``setup.on_start``, ``setup.wrapper_url``,
+        ``setup.secrets`` and the ``queue``, ``site``, ``cloud`` and
+        ``container_options["container_image"]``
         of ``setup.placement`` (a :class:`~idds_fat.backends.base.BackendSetup`);
         ``PANDA_URL_SSL``, ``PANDACACHE_URL`` and the auth variables as
         panda-client reads them.
@@ -228,6 +255,7 @@ class PandaBackend(Backend):
         container = placement.get("container_options") or {}
         return cls(
             on_exit=setup.on_exit,
+            on_start=getattr(setup, "on_start", None),
             wrapper_url=setup.wrapper_url,
             job_secrets=setup.secrets,
             queue=placement.get("queue"),
@@ -307,6 +335,7 @@ class PandaBackend(Backend):
                 logger.info(
                     "submitted PanDA task %d (%s) with %d job(s)", panda_id, task.name, len(group)
                 )
+                self._started(task)
         except PandaError as exc:
             reason = f"not submitted to PanDA: {exc}"
             self._report([(job, JobExit(None, reason)) for group in pending for job in group])
@@ -394,10 +423,66 @@ class PandaBackend(Backend):
                     reports.append((task.jobs[job_id], JobExit(None, "cancelled", cancelled=True)))
             self._changed.notify_all()
         for task in to_kill:
+            self._kill(task)
+        self._report(reports)
+
+    def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
+        """Follow PanDA tasks an earlier caller submitted, given the references its
+        ``on_start`` recorded (``<jediTaskID>:<secret name>``).
+
+        Their jobs are reported like this backend's own; the earlier caller's
+        user secret, which their jobs still read, is deleted at :meth:`shutdown`.
+
+        Raises:
+            ValueError: a reference is not of that form.
+        """
+        by_task: dict[int, list[JobRequest]] = {}
+        for job, ref in jobs:
+            task_id, _, secret = ref.partition(":")
+            if not task_id.isdigit():
+                raise ValueError(f"not a PanDA job reference: {ref!r}")
+            by_task.setdefault(int(task_id), []).append(job)
+            if secret and secret != "-" and secret != self._secret_name:
+                self._adopted_secrets.add(secret)
+        with self._lock:
+            for panda_id, group in by_task.items():
+                task = self._tasks.get(panda_id)
+                if task is None:
+                    name = f"task {panda_id} of an earlier caller"
+                    task = self._tasks[panda_id] = _Task(panda_id, name, {})
+                task.jobs.update({job.job_id: job for job in group})
+        if by_task:
+            logger.info("following %d PanDA task(s) of an earlier caller", len(by_task))
+            self._start_poller()
+
+    def _started(self, task: _Task) -> None:
+        if self._on_start is None:
+            return
+        secret = self._secret_name if self._secrets_json is not None else "-"
+        for job in task.jobs.values():
             try:
-                self._client.kill_task(task.panda_id)
-                logger.info("asked PanDA to kill task %d (%s)", task.panda_id, task.name)
-            except PandaError as exc:
+                self._on_start(job, f"{task.panda_id}:{secret}")
+            except Exception:  # a failing callback must not lose the task
+                logger.exception("on_start failed for %s", job.name)
+
+    def _kill(self, task: _Task) -> None:
+        try:
+            self._client.kill_task(task.panda_id)
+            task.kill_pending = False
+            logger.info("asked PanDA to kill task %d (%s)", task.panda_id, task.name)
+        except PandaError as exc:
+            # Code 4: the task already ended; anything else before JEDI registered
+            # the task ("not the task owner") is worth another try.
+            if not task.seen and getattr(exc, "code", None) != 4:
+                task.kill_pending = True
+                logger.info(
+                    "PanDA refused to kill task %d before registering it (%s); "
+                    "trying again once it is known",
+                    task.panda_id,
+                    exc,
+                )
+            else:
+                task.kill_pending = False
                 logger.error(
                     "could not kill PanDA task %d (%s): %s; kill it by hand (pbook: kill(%d))",
                     task.panda_id,
@@ -405,7 +490,6 @@ class PandaBackend(Backend):
                     exc,
                     task.panda_id,
                 )
-        self._report(reports)
 
     def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
         """Wait until PanDA ends every task (or cancel them all first), then clean up.
@@ -428,13 +512,16 @@ class PandaBackend(Backend):
                 self._changed.wait()
             self._closed = True
         self._stop_polling(wait=True)
+        secrets = sorted(self._adopted_secrets)
         if self._secret_stored:
+            secrets.append(self._secret_name)
+        for name in secrets:
             try:
-                self._client.set_user_secret(self._secret_name, None)
+                self._client.set_user_secret(name, None)
             except PandaError as exc:
                 logger.warning(
                     "could not delete the PanDA user secret %s: %s; delete it with pbook",
-                    self._secret_name,
+                    name,
                     exc,
                 )
         self._client.close()
@@ -451,7 +538,7 @@ class PandaBackend(Backend):
 
     def _poll_tasks(self) -> bool:
         with self._lock:
-            tasks = [task for task in self._tasks.values() if task.open_jobs]
+            tasks = [t for t in self._tasks.values() if t.open_jobs or t.kill_pending]
         changed = False
         for task in tasks:
             try:
@@ -460,12 +547,17 @@ class PandaBackend(Backend):
                 logger.warning("could not get the status of PanDA task %d: %s", task.panda_id, exc)
                 continue
             if status is None:
+                if not task.seen and time.monotonic() - task.submitted_at < NOT_FOUND_GRACE:
+                    continue  # not registered by JEDI yet
                 task.unknown_polls += 1
                 if task.unknown_polls >= 3:
                     changed = True
                     self._end_task(task, None, f"PanDA no longer knows task {task.panda_id}")
                 continue
             task.unknown_polls = 0
+            task.seen = True
+            if task.kill_pending:
+                self._kill(task)
             if status != task.status:
                 changed = True
                 logger.info("PanDA task %d (%s) is %s", task.panda_id, task.name, status)

@@ -1,4 +1,12 @@
-"""The bootstrap each PanDA job runs on its node: fetch the wrapper from the cache, start it."""
+"""The bootstrap each PanDA job runs on its node: fetch the wrapper from the cache, start it.
+
+The job secrets reach it as a PanDA user secret: in the pilot's
+``panda_secrets.json`` (or an environment variable of the secret's name, as
+some pilots give them). It takes ours out of both (the file is rewritten
+without it, mode 0600) and hands it to the wrapper on a pipe
+(``IDDS_FAT_JOB_SECRETS_FD``), so neither the wrapper's environment block nor
+the job's directory holds it when the user's code runs.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +26,29 @@ def fail(message):
 # ${IN/L} is one entry, or a list of them when a job packs several (nFilesPerJob).
 entries = [e.strip("[]'\" ") for e in entry.split(",") if e.strip("[]'\" ")]
 specs = [json.loads(base64.urlsafe_b64decode(e + "=" * (-len(e) % 4)))["spec"] for e in entries]
+value = os.environ.get("IDDS_FAT_JOB_SECRETS")  # a site's own hook, when name is "-"
 if name != "-":
     value = os.environ.pop(name, None)
-    if value is None and os.path.exists("panda_secrets.json"):
+    if os.path.exists("panda_secrets.json"):
         with open("panda_secrets.json") as handle:
-            value = json.load(handle).get(name)
+            others = json.load(handle)
+        if value is None:
+            value = others.get(name)
+        if others.pop(name, None) is not None:  # the user's code must not find it there
+            fd = os.open(".panda_secrets.json.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(others, handle)
+            os.replace(".panda_secrets.json.tmp", "panda_secrets.json")
     if value is None:
         fail("PanDA user secret %s not found (was the task submitted with useSecrets?)" % name)
-    os.environ["IDDS_FAT_JOB_SECRETS"] = value
-token = json.loads(os.environ.get("IDDS_FAT_JOB_SECRETS") or "{}").get("token")
+    if len(value.encode()) > 4096:
+        fail("PanDA user secret %s is over 4096 bytes" % name)
+    read_end, write_end = os.pipe()
+    os.write(write_end, value.encode())
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    os.environ["IDDS_FAT_JOB_SECRETS_FD"] = str(read_end)
+token = json.loads(value or "{}").get("token")
 request = urllib.request.Request(wrapper_url)
 if token:
     request.add_header("Authorization", "Bearer " + token)

@@ -6,7 +6,7 @@
 (function () {
   const TOKEN_KEY = "idds-fat-token";
   const POLL_MS = 1000;
-  const STATES = ["queued", "running", "done", "failed", "lost", "cancelled"];
+  const STATES = ["waiting", "queued", "running", "done", "failed", "lost", "cancelled"];
   const FINISHED = ["done", "failed", "lost", "cancelled"];
   const SVG = "http://www.w3.org/2000/svg";
 
@@ -18,6 +18,15 @@
 
   function token() {
     return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  // A link with the token in its fragment (#token=..., which browsers never send to a
+  // server) signs the tab in: keep the token, then drop it from the address bar and history.
+  function takeTokenFromFragment() {
+    const given = new URLSearchParams(location.hash.slice(1)).get("token");
+    if (!given) return;
+    sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(null, "", location.pathname + location.search);
   }
 
   function askForToken(wrong) {
@@ -232,8 +241,8 @@
         });
         const values = task.values;
         const best = values ? ($("direction").value === "max" ? values.max : values.min) : null;
-        cell(row, 11, number(best));
-        const actions = cell(row, 12, null);
+        cell(row, 5 + STATES.length, number(best));
+        const actions = cell(row, 6 + STATES.length, null);
         let button = actions.querySelector("button");
         if (!button) {
           button = document.createElement("button");
@@ -264,11 +273,13 @@
       const label = 90;
       // Readable rows for a few jobs; for many, the whole timeline stays in ~500 px.
       const rowHeight = jobs.length > 40 ? Math.max(1, 500 / jobs.length) : 13;
-      const height = jobs.length * rowHeight + 20;
+      const height = jobs.length * rowHeight + 32;
       svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
       svg.setAttribute("height", String(height));
-      const start = Math.min(...jobs.map((j) => j.queued ?? answer.now));
-      const end = Math.max(answer.now, ...jobs.map((j) => j.ended ?? answer.now));
+      // A finished workflow's timeline ends where it ended; a running one's, now.
+      const stop = answer.timeline.end ?? answer.now;
+      const start = Math.min(...jobs.map((j) => j.queued ?? stop));
+      const end = Math.max(stop, ...jobs.map((j) => j.ended ?? stop));
       const span = Math.max(end - start, 1e-3);
       const x = (t) => label + ((t - start) / span) * (width - label - 4);
       jobs.forEach((job, i) => {
@@ -286,9 +297,9 @@
           const text = svgNode(group, "text", { x: 0, y: y + rowHeight - 1, class: "label" });
           text.textContent = `${job.task}/${job.job}`;
         }
-        const queued = job.queued ?? answer.now;
+        const queued = job.queued ?? stop;
         const started = job.started ?? (job.status === "running" ? queued : job.ended);
-        const ended = job.ended ?? answer.now;
+        const ended = job.ended ?? stop;
         // Waiting: from submission to start (or to now, or to a cancel before it ran).
         svgNode(group, "rect", {
           x: x(queued),
@@ -311,8 +322,70 @@
           if (event.key === "Enter") showJob(job.task, job.job);
         });
       });
-      const axis = svgNode(svg, "text", { x: label, y: height - 4, class: "axis" });
-      axis.textContent = `${new Date(start * 1000).toLocaleTimeString()} → ${span.toFixed(1)} s`;
+      drawTimeAxis(svg, x, start, span, jobs.length * rowHeight, width, label);
+    }
+
+    // Ticks every 1, 2 or 5 × 10^k seconds, about six of them, labelled in seconds
+    // since the first submission; the first label is the clock time it started.
+    function drawTimeAxis(svg, x, start, span, top, width, label) {
+      const axis = svgNode(svg, "g", { class: "time-axis" });
+      svgNode(axis, "line", {
+        x1: label, y1: top + 2, x2: width - 4, y2: top + 2, class: "axis-line",
+      });
+      const rough = span / 6;
+      const power = 10 ** Math.floor(Math.log10(rough));
+      const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= rough);
+      const digits = step < 1 ? Math.min(3, -Math.floor(Math.log10(step))) : 0;
+      for (let k = 0; k * step <= span * (1 + 1e-9); k += 1) {
+        const t = k * step;
+        const at = x(start + t);
+        svgNode(axis, "line", { x1: at, y1: top + 2, x2: at, y2: top + 6, class: "tick" });
+        const text = svgNode(axis, "text", {
+          x: at, y: top + 18, class: "axis tick-label", "text-anchor": k === 0 ? "start" : "middle",
+        });
+        text.textContent = k === 0
+          ? new Date(start * 1000).toLocaleTimeString()
+          : `+${t.toFixed(digits)} s`;
+      }
+    }
+
+    // The table of trials: one row per job on the timeline, sortable by value.
+    let valueOrder = "none";
+    $("sort-value").addEventListener("click", () => {
+      valueOrder = valueOrder === "asc" ? "desc" : "asc";
+      $("sort-value").dataset.order = valueOrder;
+      $("sort-value").textContent = valueOrder === "asc" ? "Value ▲" : "Value ▼";
+      if (last) drawTrials(last);
+    });
+
+    function drawTrials(answer) {
+      const tbody = $("trials").tBodies[0];
+      const jobs = answer.timeline.jobs.slice();
+      if (valueOrder !== "none") {
+        const sign = valueOrder === "asc" ? 1 : -1;
+        // Jobs without a value (yet) go last either way.
+        jobs.sort((a, b) => {
+          if (a.value === null || b.value === null) return (a.value === null) - (b.value === null);
+          return sign * (a.value - b.value);
+        });
+      }
+      const keys = new Set();
+      jobs.forEach((job, i) => {
+        const key = `${job.task}/${job.job}`;
+        keys.add(key);
+        const row = keyedRow(tbody, key);
+        if (!row.dataset.wired) {
+          row.dataset.wired = "1";
+          row.tabIndex = 0;
+          row.addEventListener("click", () => showJob(job.task, job.job));
+        }
+        cell(row, 0, key);
+        cell(row, 1, job.arguments ?? "");
+        cell(row, 2, job.status).className = "status " + job.status;
+        cell(row, 3, number(job.value)).className = "value";
+        if (tbody.rows[i] !== row) tbody.insertBefore(row, tbody.rows[i] || null);
+      });
+      dropOtherRows(tbody, keys);
     }
 
     function drawBest(answer) {
@@ -384,7 +457,11 @@
           `${answer.name}: ${answer.status}` +
           (answer.returncode === null ? "" : `, exit code ${answer.returncode}`) +
           (answer.value === null ? "" : `, value ${number(answer.value)}`) +
+          (answer.depends && answer.depends.length
+            ? ` · takes the values of ${answer.depends.join(", ")}`
+            : "") +
           ` · started ${when(answer.started)} · ended ${when(answer.ended)}`;
+        $("job-arguments").textContent = answer.arguments ?? "(not recorded)";
         $("job-error").textContent = answer.error || "(none)";
         const stderr = answer.stderr_tail;
         $("job-stderr").textContent =
@@ -403,11 +480,13 @@
         drawTasks(answer);
         drawTimeline(answer);
         drawBest(answer);
+        drawTrials(answer);
       },
     );
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    takeTokenFromFragment();
     const page = document.body.dataset.page;
     if (page === "index") poll(() => api("/api/workflows"), drawWorkflows);
     if (page === "workflow") workflowPage(document.body.dataset.workflow);

@@ -1,0 +1,287 @@
+"""Jobs leased to pilots: the queue a pilot pulls from, and its two routes.
+
+::
+
+    SlurmPilotBackend.submit --offer--> LeasePool (queued)           one per workflow
+    pilot slot --POST /pilots/POOL/lease {pilot, remaining, wait}-->  take (long poll)
+                <-- {"jobs": [{job_id, spec, workdir, memory_mb}]}    queued -> leased
+    pilot slot --POST /pilots/POOL/done {pilot, job, exit}-------->   leased -> gone, on_done
+    status watcher: pilot left Slurm --release_pilot(P)-->            P's leased -> queued again
+
+A lease is at-least-once: a job leased to a pilot that dies goes back to the
+head of the queue once the backend knows the pilot is gone (Slurm says so to
+the status watcher), and runs again elsewhere; a result it had delivered
+before is a duplicate the collector drops. A job with a walltime is leased
+only to a pilot whose remaining time covers it. Pools live in this process
+(``LEASES``): only the service a workflow embeds serves its pilots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+MAX_LEASE_WAIT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    """One job a pilot may run: what its wrapper needs, and what its lease needs.
+
+    Attributes:
+        job_id: unique in the workflow (``task_id/index``).
+        spec: the job spec's location (the wrapper's ``--spec``).
+        workdir: the job's directory.
+        walltime: seconds the job declares it needs, or None.
+        memory_mb: the job's memory cap, or None.
+    """
+
+    job_id: str
+    spec: str
+    workdir: str
+    walltime: float | None = None
+    memory_mb: int | None = None
+
+    def to_json(self) -> dict:
+        """The job as a pilot receives it."""
+        return {
+            "job_id": self.job_id,
+            "spec": self.spec,
+            "workdir": self.workdir,
+            "memory_mb": self.memory_mb,
+        }
+
+
+#: Called (from a worker thread, never the event loop) when a pilot took jobs: (pilot, jobs).
+LeasedCallback = Callable[[str, Sequence[LeasedJob]], None]
+#: Called (likewise) when a pilot reports a job done: (pilot, job_id, report).
+DoneCallback = Callable[[str, str, dict], None]
+
+
+class LeasePool:
+    """The jobs of one workflow waiting for a pilot, and those leased, by pilot.
+
+    Thread-safe: the backend offers and withdraws from its threads, the
+    service's routes lease from the event loop (without blocking it).
+    """
+
+    def __init__(self, on_leased: LeasedCallback, on_done: DoneCallback) -> None:
+        self.name = secrets.token_hex(8)
+        self.on_leased = on_leased
+        self.on_done = on_done
+        self._lock = threading.Lock()
+        self._queued: deque[LeasedJob] = deque()
+        self._leased: dict[str, tuple[str, LeasedJob]] = {}  # job id -> (pilot, job)
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._seen: set[str] = set()  # pilots that asked for work at least once
+        self._gone: set[str] = set()  # pilots released: a request of theirs still open gets nothing
+        self.closed = False
+
+    def offer(self, jobs: Sequence[LeasedJob], first: bool = False) -> None:
+        """Queue ``jobs`` (at the head with ``first``: they were leased before) and wake pilots."""
+        with self._lock:
+            if first:
+                self._queued.extendleft(reversed(jobs))
+            else:
+                self._queued.extend(jobs)
+        self._wake()
+
+    def take(self, pilot: str, remaining: float | None, limit: int = 1) -> list[LeasedJob]:
+        """Lease up to ``limit`` queued jobs to ``pilot`` at once (none if none fits).
+
+        A job with a walltime goes only to a pilot whose ``remaining`` seconds
+        cover it; the others stay queued for a pilot that has the time.
+        """
+        taken: list[LeasedJob] = []
+        with self._lock:
+            self._seen.add(pilot)
+            if self.closed or pilot in self._gone:
+                return taken
+            skipped = []
+            while self._queued and len(taken) < limit:
+                job = self._queued.popleft()
+                if job.walltime is not None and remaining is not None and job.walltime > remaining:
+                    skipped.append(job)
+                    continue
+                self._leased[job.job_id] = (pilot, job)
+                taken.append(job)
+            self._queued.extendleft(reversed(skipped))
+        return taken
+
+    async def lease(
+        self, pilot: str, remaining: float | None, wait: float, limit: int = 1
+    ) -> list[LeasedJob]:
+        """Like :meth:`take`, waiting up to ``wait`` seconds for a job (on the event loop)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            waiter = (loop, asyncio.Event())
+            with self._lock:
+                self._waiters.add(waiter)
+            try:
+                jobs = self.take(pilot, remaining, limit)
+                left = deadline - loop.time()
+                if jobs or self.closed or left <= 0:
+                    return jobs
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter[1].wait(), left)
+            finally:
+                with self._lock:
+                    self._waiters.discard(waiter)
+
+    def done(self, pilot: str, job_id: str) -> LeasedJob | None:
+        """End ``pilot``'s lease of ``job_id``; return the job, or None when it held no
+        such lease (the job was withdrawn, or re-leased after the pilot was thought dead)."""
+        with self._lock:
+            held = self._leased.get(job_id)
+            if held is None or held[0] != pilot:
+                return None
+            del self._leased[job_id]
+            return held[1]
+
+    def release_pilot(self, pilot: str) -> list[LeasedJob]:
+        """``pilot`` is gone: queue its leased jobs again, first; return them. It leases
+        nothing more (a long poll it left open must not take a job for nobody)."""
+        with self._lock:
+            self._gone.add(pilot)
+            lost = [job for holder, job in self._leased.values() if holder == pilot]
+            for job in lost:
+                del self._leased[job.job_id]
+        if lost:
+            self.offer(lost, first=True)
+        return lost
+
+    def withdraw(self, job_ids: Sequence[str]) -> list[str]:
+        """Drop these jobs, queued or leased; return those that were here."""
+        wanted = set(job_ids)
+        with self._lock:
+            kept = deque(job for job in self._queued if job.job_id not in wanted)
+            found = {job.job_id for job in self._queued if job.job_id in wanted}
+            self._queued = kept
+            for job_id in wanted & set(self._leased):
+                del self._leased[job_id]
+                found.add(job_id)
+        return sorted(found)
+
+    def counts(self) -> tuple[int, int]:
+        """Return ``(queued, leased)``."""
+        with self._lock:
+            return len(self._queued), len(self._leased)
+
+    def seen(self, pilot: str) -> bool:
+        """Whether ``pilot`` has asked for work (it runs)."""
+        with self._lock:
+            return pilot in self._seen
+
+    def close(self) -> None:
+        """Lease nothing more: waiting pilots are answered ``closed`` at once."""
+        with self._lock:
+            self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop has stopped
+                loop.call_soon_threadsafe(event.set)
+
+
+class LeaseRegistry:
+    """The pools of this process, by name (a random one per pool)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[str, LeasePool] = {}
+
+    def add(self, pool: LeasePool) -> None:
+        """Serve ``pool`` under its name."""
+        with self._lock:
+            self._pools[pool.name] = pool
+
+    def remove(self, pool: LeasePool) -> None:
+        """Stop serving ``pool``."""
+        with self._lock:
+            self._pools.pop(pool.name, None)
+
+    def get(self, name: str) -> LeasePool | None:
+        """The pool named ``name``, or None."""
+        with self._lock:
+            return self._pools.get(name)
+
+
+LEASES = LeaseRegistry()
+"""The process-wide pools the service's ``/pilots`` routes serve."""
+
+
+def _number(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number")
+    return float(value)
+
+
+def lease_routes(guarded: Callable) -> list[BaseRoute]:
+    """The pilots' routes, each behind the service's token check (``guarded``).
+
+    ``POST /pilots/{pool}/lease`` with ``{"pilot": ID, "remaining": SECONDS or
+    null, "wait": SECONDS, "limit": N}`` answers ``{"jobs": [...], "closed":
+    BOOL}``, waiting up to ``wait`` seconds (at most 30) for a job;
+    ``POST /pilots/{pool}/done`` with ``{"pilot": ID, "job": JOB_ID, "exit":
+    STATUS, "worker_died": BOOL}`` ends a lease (``{"known": BOOL}``). An
+    unknown pool is 404 (its workflow has closed: the pilot should stop).
+    """
+
+    async def _read(request: Request) -> tuple[LeasePool | None, dict]:
+        pool = LEASES.get(request.path_params["pool"])
+        body = json.loads(await request.body() or b"{}")
+        if not isinstance(body, dict) or not isinstance(body.get("pilot"), str):
+            raise ValueError("the body must be a JSON object with a string 'pilot'")
+        return pool, body
+
+    async def lease(request: Request) -> Response:
+        try:
+            pool, body = await _read(request)
+            remaining = _number(body.get("remaining"), "remaining")
+            wait = min(max(_number(body.get("wait"), "wait") or 0.0, 0.0), MAX_LEASE_WAIT_SECONDS)
+            limit = int(_number(body.get("limit"), "limit") or 1)
+        except ValueError as exc:
+            return PlainTextResponse(str(exc).splitlines()[0], 400)
+        if pool is None:
+            return PlainTextResponse("no such pool (its workflow has closed)", 404)
+        jobs = await pool.lease(body["pilot"], remaining, wait, max(limit, 1))
+        if jobs:
+            await run_in_threadpool(pool.on_leased, body["pilot"], jobs)
+        return JSONResponse({"jobs": [job.to_json() for job in jobs], "closed": pool.closed})
+
+    async def done(request: Request) -> Response:
+        try:
+            pool, body = await _read(request)
+            if not isinstance(body.get("job"), str):
+                raise ValueError("'job' must be a string")
+        except ValueError as exc:
+            return PlainTextResponse(str(exc).splitlines()[0], 400)
+        if pool is None:
+            return PlainTextResponse("no such pool (its workflow has closed)", 404)
+        known = pool.done(body["pilot"], body["job"]) is not None
+        if known:
+            # The backend's callback may ask this very service for a result: not on the loop.
+            await run_in_threadpool(pool.on_done, body["pilot"], body["job"], body)
+        return JSONResponse({"known": known})
+
+    return [
+        Route("/pilots/{pool}/lease", guarded(lease), methods=["POST"]),
+        Route("/pilots/{pool}/done", guarded(done), methods=["POST"]),
+    ]

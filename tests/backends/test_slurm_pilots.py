@@ -1,0 +1,136 @@
+"""The slurm backend's pilot mode against a real single-node Slurm (2 CPUs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from idds_fat import Workflow, work
+from idds_fat.backends.pilot import SlurmPilotBackend
+from idds_fat.testing import wait_until
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """Point sbatch/squeue/scancel at the test cluster."""
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    return slurm_cluster
+
+
+def _settings(**extra):
+    return {
+        "backend": "slurm",
+        "slurm_mode": "pilot",
+        "slurm_poll_min": 0.3,
+        "slurm_poll_max": 1.0,
+        **extra,
+    }
+
+
+def _squeue(job_ids):
+    if not job_ids:
+        return ""
+    done = subprocess.run(
+        ["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True
+    )
+    return done.stdout
+
+
+@work
+def where(i):
+    return i, os.environ.get("SLURM_JOB_ID"), os.getpid()
+
+
+@work
+def marked(i, gate_dir, wait_for_runs=0, timeout=120):
+    """Leave a mark ``run-I-PILOT``, wait until ``wait_for_runs`` marks or a ``go`` file
+    exist, then return what this job saw."""
+    gate = Path(gate_dir)
+    (gate / f"run-{i}-{os.environ.get('SLURM_JOB_ID')}").touch()
+    wait_until(
+        lambda: (gate / "go").exists() or len(list(gate.glob("run-*"))) >= wait_for_runs > 0,
+        "the gate",
+        timeout,
+    )
+    return i, os.environ.get("SLURM_JOB_ID"), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _runs(gate: Path) -> list[tuple[int, str]]:
+    """The ``(job index, pilot)`` of each mark left so far."""
+    found = []
+    for path in gate.glob("run-*"):
+        _, index, pilot = path.name.split("-", 2)
+        found.append((int(index), pilot))
+    return found
+
+
+def test_map_runs_through_warm_pilots(slurm_env):
+    with Workflow(**_settings(slurm_pilots=1, slurm_max_pilots=2)) as wf:
+        assert isinstance(wf.parts.backend, SlurmPilotBackend)
+        results = where.map([{"i": i} for i in range(30)]).results()
+        started = wf.parts.backend.pilots_started()
+    assert [r[0] for r in results] == list(range(30))
+    assert all(r[1] for r in results)  # each ran inside a Slurm job
+    # Warm: 30 jobs ran in the few worker processes the pilots had, not 30 interpreters.
+    assert len({r[2] for r in results}) <= started
+    assert wf.stats["received"] == 30
+
+
+def test_killed_pilot_loses_and_doubles_no_result(slurm_env, tmp_path):
+    with Workflow(**_settings(slurm_pilots=2, slurm_max_pilots=2)) as wf:
+        futures = marked.map([{"i": i, "gate_dir": str(tmp_path)} for i in range(8)])
+        wait_until(lambda: len({p for _, p in _runs(tmp_path)}) == 2, "both pilots running")
+        victim = _runs(tmp_path)[0][1]
+        running = {i for i, p in _runs(tmp_path) if p == victim}
+        subprocess.run(["scancel", victim], check=True)
+        wait_until(lambda: victim not in _squeue([victim]), "the pilot to leave Slurm")
+        (tmp_path / "go").touch()
+        results = futures.results(timeout=300)
+    assert [r[0] for r in results] == list(range(8))
+    # What the killed pilot was running ran again in another pilot.
+    for i in running:
+        assert any(p != victim for j, p in _runs(tmp_path) if j == i)
+    assert all(r[1] != victim for r in results if r[0] in running)
+    assert wf.stats["received"] == 8  # one result per job: none lost, none doubled
+
+
+def test_idle_pilot_leaves_while_the_workflow_is_open(slurm_env):
+    with Workflow(**_settings(slurm_pilots=1, slurm_max_pilots=1, slurm_pilot_idle=2)) as wf:
+        backend = wf.parts.backend
+        assert where(1)[0] == 1
+        pilot = backend.pilots_started() and _squeue(backend.pilots()).split()
+        assert pilot  # still there right after its job
+        wait_until(lambda: backend.pilots() == [], "the idle pilot to leave", 60)
+        assert _squeue(pilot) == ""
+        # A job that comes later gets a new pilot.
+        assert where(2)[0] == 2
+        assert backend.pilots_started() == 2
+
+
+def test_pilots_are_added_while_jobs_wait(slurm_env, tmp_path):
+    with Workflow(**_settings(slurm_pilots=1, slurm_max_pilots=2)) as wf:
+        backend = wf.parts.backend
+        futures = marked.map([{"i": i, "gate_dir": str(tmp_path)} for i in range(6)])
+        # One pilot of one core runs one job; the five waiting bring a second pilot.
+        wait_until(lambda: len({p for _, p in _runs(tmp_path)}) == 2, "a second pilot at work")
+        assert backend.pilots_started() == 2  # up to the limit, not one per job
+        (tmp_path / "go").touch()
+        results = futures.results(timeout=120)
+    assert len({r[1] for r in results}) == 2
+    assert _squeue(backend.pilots()) == ""  # closing the workflow ended them
+
+
+def test_pilot_splits_its_gpus_among_its_slots(slurm_env, tmp_path, monkeypatch):
+    # sbatch passes the caller's environment on: the pilot sees this fake device list.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    settings = _settings(slurm_pilots=1, slurm_max_pilots=1, slurm_pilot_cores=2)
+    with Workflow(**settings):
+        # Each job waits until two have started: both slots run at once.
+        calls = [{"i": i, "gate_dir": str(tmp_path), "wait_for_runs": 2} for i in range(2)]
+        results = marked.map(calls).results(timeout=120)
+    assert sorted(r[2] for r in results) == ["0,1", "2,3"]
+    assert len({r[1] for r in results}) == 1  # one pilot, two slots
