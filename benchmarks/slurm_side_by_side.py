@@ -19,7 +19,8 @@ Workloads: ``trivial`` calls of ``x + 1``; ``sleepy`` calls of one second
 map of P points of a cheap objective, the next centred on the best so far.
 
 Every system gets the node's 2 CPUs: idds-fat arrays one CPU per element,
-packing ``jobs_per_worker`` K per element, pilot mode one pilot of 2 cores;
+packing ``jobs_per_worker`` K per element (``pack10c2``: elements of 2 cores running
+2 jobs at once), pilot mode one pilot of 2 cores;
 submitit ``map_array`` one CPU per element; Parsl HTEX one block (a Slurm job of
 2 cores, 2 workers) through ``SlurmProvider``; dask-jobqueue one ``SLURMCluster``
 job of 2 worker processes.
@@ -51,8 +52,10 @@ from slurm_workloads import objective, one_second, plus_one  # noqa: E402
 from idds_fat import Workflow, work  # noqa: E402
 
 IDDS_FUNCTIONS = {
-    (packed, kind): work(fn, **({"jobs_per_worker": packed} if packed else {}))
-    for packed in (None, 10)
+    (packed, cores, kind): work(
+        fn, **({"jobs_per_worker": packed} if packed else {}), **({"cores": cores} if cores else {})
+    )
+    for packed, cores in ((None, None), (10, None), (10, 2))
     for kind, fn in (("trivial", plus_one), ("sleepy", one_second), ("hpo", objective))
 }
 
@@ -78,6 +81,7 @@ class IddsFat:
         self.label = label
         self.settings = {"backend": "slurm", "work_dir": str(work_dir), **settings}
         self.jobs_per_worker = self.settings.pop("jobs_per_worker", None)
+        self.cores = self.settings.pop("cores", None)
         self.wf: Workflow | None = None
 
     def start(self) -> None:
@@ -85,7 +89,7 @@ class IddsFat:
         self.wf.__enter__()
 
     def map(self, kind: str, xs: list, clock: Clock) -> tuple[float, float, list]:
-        fn = IDDS_FUNCTIONS[self.jobs_per_worker, kind]
+        fn = IDDS_FUNCTIONS[self.jobs_per_worker, self.cores, kind]
         result = fn.map([{"x": x} for x in xs])
         futures = list(result.futures)
         first = None
@@ -293,6 +297,13 @@ def _systems(root: Path, partition: str, names: Iterable[str]) -> dict[str, Call
         "arrays": lambda: IddsFat("idds-fat arrays", counter("arrays"), **quick),
         "pack10": lambda: IddsFat(
             "idds-fat jobs_per_worker=10", counter("pack"), jobs_per_worker=10, **quick
+        ),
+        "pack10c2": lambda: IddsFat(
+            "idds-fat jobs_per_worker=10, cores=2",
+            counter("pack"),
+            jobs_per_worker=10,
+            cores=2,
+            **quick,
         ),
         "pilot": lambda: IddsFat(
             "idds-fat pilot mode",

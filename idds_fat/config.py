@@ -138,6 +138,10 @@ class Config:
             a longer walltime is refused, one that no longer fits waits for a
             younger pilot.
         slurm_pilot_idle: seconds without a job after which a pilot leaves.
+        slurm_afterok: submit a job that takes other Slurm jobs' futures as
+            arguments at once, with ``--dependency=afterok:`` on them, so a chain
+            runs on while the caller sleeps (docs/dependencies.md); False: the
+            caller submits it when its inputs are done.
         cache_url_lifetime: seconds the presigned URLs handed to jobs stay valid
             on an ``s3://`` cache (long enough for batch jobs to wait in a queue;
             S3 allows at most 7 days).
@@ -190,6 +194,7 @@ class Config:
     slurm_pilot_cores: int = field(default=1, metadata=_at_least(1))
     slurm_pilot_walltime: float = field(default=3600.0, metadata=_above(0))
     slurm_pilot_idle: float = field(default=60.0, metadata=_above(0))
+    slurm_afterok: bool = True
     progress: bool = True
     cache_url_lifetime: float = field(default=7 * 86400.0, metadata=_above(0))
     env_cache_dir: Path | None = None

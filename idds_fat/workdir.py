@@ -14,10 +14,14 @@
           job-secrets.json               0600: the secrets its Slurm jobs read
           wrapper_KEY.py                 the node wrapper, as its jobs import it
           workers/                       the local backend's warm workers
+            worker-N/, worker-N.log      one worker: its directory, its own log
+            worker-N.spool/              JobPaths: its jobs' output before it is copied
+              job                        the work dir of the job it runs (or ran last)
           driver/                        the body run away from the caller (workflow.driver)
           jobs/TASK/                     one task (the Slurm backend keeps its arrays here)
             INDEX/, INDEX.ATTEMPT/       JobPaths: a job's first run, and each run again
-              stdout.txt, stderr.txt     what the job printed
+              stdout.txt, stderr.txt     what the job printed (a warm job: if anything,
+                                         and only then the directory itself)
               exit_status                how it ended, when a pack ran it
               result.reply               its result, when the local backend takes it back
 
@@ -75,6 +79,43 @@ class JobPaths:
 
 
 @dataclass(frozen=True)
+class DriverFiles(JobPaths):
+    """The files of a workflow's driver, in ``WORKFLOW_DIR/driver/`` (0700, files 0600):
+    those of a job run (its output, its exit status when its launcher saw it end) and
+    its own."""
+
+    @property
+    def body(self) -> Path:
+        """The sealed body and settings the driver runs."""
+        return self.root / "body.bin"
+
+    @property
+    def secrets(self) -> Path:
+        """The configured secrets (token, broker password) the driver reads."""
+        return self.root / "secrets.json"
+
+    @property
+    def where(self) -> Path:
+        """Where it runs: ``{"kind", "host", "pid"}`` or ``{"kind", "slurm_job"}``."""
+        return self.root / "where.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held (``flock``) by a local driver from before it starts until it ends."""
+        return self.root / "lock"
+
+    @property
+    def outcome(self) -> Path:
+        """The sealed return value, or exception, of the body."""
+        return self.root / "outcome.bin"
+
+    @property
+    def script(self) -> Path:
+        """The ``sbatch`` script of a Slurm driver."""
+        return self.root / "driver.sh"
+
+
+@dataclass(frozen=True)
 class WorkflowPaths:
     """The files of one workflow, in its directory ``root`` (``WORK_DIR/workflows/ID``)."""
 
@@ -111,10 +152,22 @@ class WorkflowPaths:
         return self.root / "workers"
 
     @property
-    def driver(self) -> Path:
-        """The files of its driver, when its body runs away from the caller
-        (``idds_fat.workflow.driver.DriverFiles`` names them)."""
-        return self.root / "driver"
+    def driver(self) -> DriverFiles:
+        """The files of its driver, when its body runs away from the caller."""
+        return DriverFiles(self.root / "driver")
+
+    def spool_naming(self, job: JobPaths) -> JobPaths | None:
+        """The spool of the local backend's warm worker that runs ``job`` (or ran it
+        last): its jobs' output before the worker copies it into a job's own files.
+        None when no worker's spool names the job."""
+        name = os.fsencode(job.root)
+        for named in self.workers.glob("*.spool/job"):
+            try:
+                if named.read_bytes() == name:
+                    return JobPaths(named.parent)
+            except OSError:  # a worker being replaced
+                continue
+        return None
 
     @property
     def jobs(self) -> Path:

@@ -170,6 +170,14 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """Point sbatch/squeue/scancel (the slurm backend's commands) at the test cluster."""
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    return slurm_cluster
+
+
 # --- A live PanDA server with JEDI (idds_fat.testing.panda) -------------------------
 
 

@@ -218,8 +218,10 @@ def work(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     Usable bare (``@work``) or with options (``@work(map_results=True, gpus=1)``):
     ``map_results``, ``name``, ``return_work``, the resources ``cores``,
     ``memory_mb``, ``gpus`` and ``walltime`` (seconds), which override the
-    workflow's, ``jobs_per_worker`` (batch backends: jobs one batch job runs
-    in sequence; the local backend's warm workers do this anyway),
+    workflow's, ``jobs_per_worker`` (batch backends: jobs one batch job runs,
+    in sequence, or on Slurm one per core of ``cores`` at once; unset, Slurm
+    packs tasks of over 100 jobs: docs/backends/slurm.md; the local backend's
+    warm workers do this anyway),
     ``environment`` (where the jobs run: ``Venv([...])``,
     ``Conda("env.tar.gz")``, ``Container("image")``, ``Current()`` or a string
     form; docs/environments/), and the iDDS options ``init_env`` (a shell prefix

@@ -194,6 +194,28 @@ class Backend(abc.ABC):
     def submit(self, jobs: Sequence[JobRequest]) -> None:
         """Queue ``jobs``; return without waiting for them."""
 
+    def submit_after(self, jobs: Sequence[JobRequest], inputs: Sequence[str]) -> bool:
+        """Queue ``jobs`` (of one task) to start only once the jobs ``inputs`` (job ids of
+        this workflow, submitted through this backend) have ended cleanly, if this
+        backend's engine can hold them itself; return whether it did.
+
+        The default cannot: it returns False and submits nothing, and the workflow
+        submits the jobs itself when their inputs are done. Raises what ``submit``
+        raises.
+        """
+        return False
+
+    def node_urls(self, keys: Sequence[str], read: Callable[[str], bytes]) -> dict[str, str]:
+        """Return, for some of these cache objects (the code context, a task's
+        payload), a URL its jobs read it from instead of the workflow's cache, where
+        this backend's engine keeps files of its own (``read(key)`` gives the bytes
+        to put there). Jobs still check the bytes against the key.
+
+        The default keeps every object in the workflow's cache: it returns ``{}``.
+        Raises what putting a file there raises.
+        """
+        return {}
+
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel these jobs: drop them if queued, kill them if running."""

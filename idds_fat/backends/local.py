@@ -35,7 +35,7 @@ from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config
 from idds_fat.node.environments import ENV_CACHE_ENV
 from idds_fat.node.spec import SECRETS_ENV, SECRETS_FD_ENV, secrets_pipe
-from idds_fat.workdir import WorkflowPaths, open_private, private_dir
+from idds_fat.workdir import JobPaths, WorkflowPaths, open_private, private_dir
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,10 @@ class _JobThreads:
 class _WarmWorker:
     """One ``wrapper --worker`` process: it reads job commands on stdin, answers on stdout.
 
-    It runs in ``home`` (its files go there) and logs to ``home.log``. An
+    It runs in ``home`` (its files go there) and logs to ``home.log``. Its jobs
+    print to its spool, ``home.spool/stdout.txt`` and ``stderr.txt``, which it
+    copies into a job's own files only when the job printed something;
+    ``home.spool/job`` names the work dir of the job it runs. An
     answer that carries a result leaves the worker ``unacked`` until ``ack``:
     it delivers that result itself unless told the caller recorded it. The next
     job may be sent before that ack (``send``, then ``receive`` its answer).
@@ -161,10 +164,12 @@ class _WarmWorker:
     ) -> None:
         self.home = home
         self.log = home.with_name(home.name + ".log")
+        self.spool = JobPaths(home.with_name(home.name + ".spool"))
         self.jobs_run = 0  # jobs it answered for
         self.unacked = 0  # answers that carried a result not yet acknowledged
         self.recycle = False  # its last job changed process state it could not put back
         private_dir(home)
+        private_dir(self.spool.root)
         with open_private(self.log, append=True) as log:
             self.proc = _popen(
                 argv,
@@ -192,6 +197,7 @@ class _WarmWorker:
             "spec": job.spec_location,
             "workdir": str(job.workdir),
             "reply": reply,
+            "spool": str(self.spool.root),
         }
         if job.resources.memory_mb:
             command["memory_mb"] = job.resources.memory_mb
@@ -222,6 +228,38 @@ class _WarmWorker:
         if not self.send(job, reply):
             return None
         return self.receive()
+
+    def took(self, job: JobRequest) -> bool:
+        """Whether the worker started ``job`` (or had, when it ended): its spool names it."""
+        try:
+            return (self.spool.root / "job").read_bytes() == os.fsencode(job.workdir)
+        except OSError:
+            return False
+
+    def keep_output(self, job: JobRequest) -> Path | None:
+        """Copy what a job the worker died in printed from the spool into the job's own
+        files (the worker could not); return the file that holds its stderr then, or
+        None when it printed nothing there."""
+        log: Path | None = None
+        for spooled, kept in (
+            (self.spool.stdout, job.paths.stdout),
+            (self.spool.stderr, job.paths.stderr),
+        ):
+            try:
+                data = spooled.read_bytes()
+            except OSError:
+                continue
+            if not data:
+                continue
+            try:
+                private_dir(job.workdir)
+                with open_private(kept, append=True) as handle:
+                    handle.write(data)
+            except OSError:  # the spool is evidence too
+                kept = spooled
+            if spooled == self.spool.stderr:
+                log = kept
+        return log
 
     def ack(self, recorded: bool) -> None:
         """Tell the worker whether the result of the oldest answer not yet acked was
@@ -267,8 +305,9 @@ class LocalBackend(Backend):
     per job. With ``direct_results``, results come straight back instead of
     being posted: over a warm worker's pipe, or in a cold job's
     ``result.reply`` file (left only while the caller that started it lives).
-    Either way a job runs in its own work dir, with stdout and stderr kept in
-    ``stdout.txt`` and ``stderr.txt`` there, and cancelling it kills its
+    Either way a job's stdout and stderr end up in ``stdout.txt`` and
+    ``stderr.txt`` of its own work dir (a warm worker's jobs print to its spool,
+    copied there only when not empty: a silent job has no work dir), and cancelling it kills its
     process group (a warm worker is replaced by a fresh one). A job asking for
     ``gpus=N`` runs cold, waits for N free devices of ``gpus`` and sees only
     them through ``CUDA_VISIBLE_DEVICES``; ``walltime`` kills a job when
@@ -585,7 +624,9 @@ class LocalBackend(Backend):
     def _start_warm(self, job: JobRequest, worker: _WarmWorker) -> _Sent | JobExit:
         """Hand ``job`` to ``worker`` and start its walltime clock; a JobExit if it was
         cancelled first."""
-        private_dir(job.workdir)
+        # The task's dir only (a stat after its first job): the worker makes the job's
+        # own dir when the job has something to put there.
+        private_dir(job.workdir.parent)
         with self._lock:
             if job.job_id in self._cancelled:
                 return JobExit(None, "cancelled", cancelled=True)
@@ -618,17 +659,21 @@ class LocalBackend(Backend):
         if ended is not None:
             return ended
         returncode = self._retire(worker)
+        took = worker.took(job)
+        log = worker.keep_output(job) if took else None
         if sent.expired.is_set():
-            return JobExit(returncode, f"walltime of {job.resources.walltime:g} s exceeded")
-        if not job.paths.stderr.exists():
-            # The worker opens it first thing for each job: it never took this one,
-            # and what it printed is in its own log.
+            return JobExit(
+                returncode, f"walltime of {job.resources.walltime:g} s exceeded", log=log
+            )
+        if not took:
+            # The worker names each job in its spool first thing: it never took this
+            # one, and what it printed is in its own log.
             reason = _ended_before_start(self._python, returncode, worker.jobs_run > 0)
             return JobExit(returncode, reason, log=worker.log, no_result=True)
         # The worker died with the job, which is how it ended. It never answered, so no
         # status of its says a channel took the result (an exit 0 is not the job's).
         reason = _died_in_job(returncode, job, "its warm worker")
-        return JobExit(returncode, reason, no_result=True)
+        return JobExit(returncode, reason, log=log, no_result=True)
 
     def _run_cold(self, job: JobRequest, devices: list[str] | None) -> JobExit:
         env = dict(self._env)

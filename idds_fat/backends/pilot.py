@@ -5,6 +5,7 @@
     submit(jobs) --offer--> LeasePool (service/leases.py, served by the embedded service)
                  --grow---> sbatch pilot (idds_fat/node/pilot.py: one warm worker per core)
     pilot <--POST /pilots/POOL/lease-- its slots; --POST /done--> on_exit(job, JobExit)
+                                    (with no broker, the result in the report: JobExit.result)
     status watcher: squeue the pilots; one that left Slurm --release_pilot--> its
                     leased jobs queued again, first (at-least-once; duplicates deduped)
 
@@ -14,7 +15,6 @@ a pilot pays them once and then runs job after job warm.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
@@ -28,7 +28,7 @@ from idds_fat.errors import ConfigError
 from idds_fat.node.pilot import PILOT_MARGIN_SECONDS
 from idds_fat.node.spec import SECRETS_ENV, SECRETS_FILE_ENV
 from idds_fat.service.leases import LEASES, LeasedJob, LeasePool
-from idds_fat.workdir import WorkflowPaths, private_dir, write_private
+from idds_fat.workdir import private_dir
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class SlurmPilotBackend(SlurmBackend):
     deduped by the collector. A job's ``cores`` and ``gpus`` are the pilot's
     business (``slurm_pilot_cores``, GPUs through ``slurm_options``, split among
     the slots by ``CUDA_VISIBLE_DEVICES``); its ``memory_mb`` caps its worker.
+    With ``direct_results`` (no broker), a pilot carries each result in the job's
+    report, which the workflow keeps and verifies (``JobExit.result``); a result
+    not recorded is delivered by the pilot through the result channels.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class SlurmPilotBackend(SlurmBackend):
         cores: int = 1,
         walltime: float = 3600.0,
         idle: float = 60.0,
+        direct_results: bool = False,
         **array_options,
     ) -> None:
         # Ours first: the status watcher may call _poll as soon as the base registers it.
@@ -89,7 +93,7 @@ class SlurmPilotBackend(SlurmBackend):
         self._pilots: set[str] = set()  # Slurm job ids of pilots not known to have left
         self._started_pilots = 0
         self._deaths: dict[str, int] = {}
-        self._pool = LeasePool(self._leased, self._done)
+        self._pool = LeasePool(self._leased, self._done, direct_results)
         super().__init__(**array_options)
         LEASES.add(self._pool)
         private_dir(self._pilot_dir)
@@ -112,8 +116,6 @@ class SlurmPilotBackend(SlurmBackend):
                 "slurm_mode = 'pilot' needs the workflow's own service (pilots lease "
                 "jobs from it): unset service_url"
             )
-        paths = WorkflowPaths(setup.work_dir)
-        write_private(paths.job_secrets, json.dumps(dict(setup.secrets)).encode())
         return cls(
             service_url=setup.service_url,
             pilot_dir=Path(setup.work_dir) / "pilots",
@@ -122,16 +124,10 @@ class SlurmPilotBackend(SlurmBackend):
             cores=config.slurm_pilot_cores,
             walltime=config.slurm_pilot_walltime,
             idle=config.slurm_pilot_idle,
-            python=config.python,
-            wrapper_path=setup.wrapper_path,
-            secrets_file=paths.job_secrets,
-            on_exit=setup.on_exit,
-            on_start=setup.on_start,
-            partition=setup.placement.get("queue") or config.slurm_partition,
-            account=config.slurm_account,
-            extra_options=config.slurm_options,
-            poll_min=config.slurm_poll_min,
-            poll_max=config.slurm_poll_max,
+            # The workflow embeds the service that keeps the REST copy; a broker,
+            # when configured, is the channel the user asked for.
+            direct_results=not config.broker,
+            **cls.submit_settings(config, setup),
         )
 
     def check(self, resources: Resources) -> None:
@@ -156,7 +152,8 @@ class SlurmPilotBackend(SlurmBackend):
         leased = []
         with self._lock:
             for job in jobs:
-                job.workdir.mkdir(parents=True, exist_ok=True)
+                # No mkdir of its dir here (a tenth of the caller's time on short jobs):
+                # the worker that runs the job makes it.
                 self._jobs[job.job_id] = job
                 leased.append(
                     LeasedJob(
@@ -280,11 +277,13 @@ class SlurmPilotBackend(SlurmBackend):
             if job is not None:
                 self._on_start(job, f"pilot:{pilot}")
 
-    def _done(self, pilot: str, job_id: str, report: dict) -> None:
+    def _done(self, pilot: str, job_id: str, report: dict) -> bool:
+        """The end of a job a pilot reported; return whether the result it carried (if
+        any) was recorded: handed to the workflow, which keeps and verifies it."""
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is None:
-            return
+            return False
         try:
             status = int(report.get("exit"))  # type: ignore[arg-type]
         except (TypeError, ValueError):
@@ -296,8 +295,13 @@ class SlurmPilotBackend(SlurmBackend):
                 no_result=True,
             )
         else:
-            outcome = JobExit(status)
-        self._report(job, outcome)
+            outcome = JobExit(status, result=report.get("result"))
+        try:
+            self._on_exit(job, outcome)
+        except Exception:
+            logger.exception("handling the end of job %s failed", job.name)
+            return False
+        return outcome.result is not None
 
     def _poll(self) -> bool:
         """One ``squeue`` for every pilot; requeue the jobs of pilots that left; grow."""

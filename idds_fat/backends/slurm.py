@@ -53,6 +53,28 @@ class SlurmError(IddsFatError):
     """A Slurm command failed; the message has the command's own words."""
 
 
+#: A task of more jobs than this is packed by default (``default_jobs_per_worker``).
+ELEMENTS_PER_TASK = 100
+
+
+def default_jobs_per_worker(jobs: int, resources: Resources) -> int:
+    """The jobs one array element runs when the task does not say (``jobs_per_worker``).
+
+    One, while the task has at most ``ELEMENTS_PER_TASK`` jobs (each job its own
+    element, with Slurm's accounting per job), or when it declares a
+    ``walltime``, ``memory_mb`` or ``gpus`` (packed, they would be the
+    element's, shared by its jobs). Above, the fewest jobs per element that
+    keep the task within that many elements, rounded up to a whole number of
+    rounds of the element's ``cores`` (a packed element runs one job per core at
+    once): Slurm dispatches elements at a few a second, each paying an
+    interpreter, and caps an array's size (``MaxArraySize``).
+    """
+    if jobs <= ELEMENTS_PER_TASK or resources.walltime or resources.memory_mb or resources.gpus:
+        return 1
+    slots = max(resources.cores or 1, 1)
+    return math.ceil(math.ceil(jobs / ELEMENTS_PER_TASK) / slots) * slots
+
+
 def _time_option(seconds: float) -> str:
     minutes = max(1, math.ceil(seconds / 60))
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
@@ -127,20 +149,26 @@ class SlurmBackend(Backend):
     @classmethod
     def create(cls, config: Config, setup: BackendSetup) -> SlurmBackend:
         """Build from the ``slurm_*`` settings; write the job secrets file (mode 0600)."""
+        return cls(**cls.submit_settings(config, setup))
+
+    @staticmethod
+    def submit_settings(config: Config, setup: BackendSetup) -> dict:
+        """Write the job secrets file (mode 0600) and return the constructor arguments
+        every backend that submits Slurm jobs takes from the settings and the setup."""
         secrets_file = WorkflowPaths(setup.work_dir).job_secrets
         write_private(secrets_file, json.dumps(dict(setup.secrets)).encode())
-        return cls(
-            python=config.python,
-            wrapper_path=setup.wrapper_path,
-            secrets_file=secrets_file,
-            on_exit=setup.on_exit,
-            on_start=setup.on_start,
-            partition=setup.placement.get("queue") or config.slurm_partition,
-            account=config.slurm_account,
-            extra_options=config.slurm_options,
-            poll_min=config.slurm_poll_min,
-            poll_max=config.slurm_poll_max,
-        )
+        return {
+            "python": config.python,
+            "wrapper_path": setup.wrapper_path,
+            "secrets_file": secrets_file,
+            "on_exit": setup.on_exit,
+            "on_start": setup.on_start,
+            "partition": setup.placement.get("queue") or config.slurm_partition,
+            "account": config.slurm_account,
+            "extra_options": config.slurm_options,
+            "poll_min": config.slurm_poll_min,
+            "poll_max": config.slurm_poll_max,
+        }
 
     def check(self, resources: Resources) -> None:
         """Raise ValueError for resources no Slurm job can ask for."""
@@ -174,6 +202,35 @@ class SlurmBackend(Backend):
             SlurmError: sbatch refused the array (the message is sbatch's), or kept
                 failing transiently.
         """
+        self._submit_array(jobs, [])
+
+    def submit_after(self, jobs: Sequence[JobRequest], inputs: Sequence[str]) -> bool:
+        """Submit ``jobs`` as one job array with ``--dependency=afterok:`` on the array
+        elements that run ``inputs``, and ``--kill-on-invalid-dep=yes`` (Slurm cancels
+        an element whose input element failed); return False, submitting nothing, when
+        an input is not an element this backend watches (not submitted here, or ended
+        already), or when sbatch finds a dependency it no longer knows.
+
+        Raises:
+            SlurmError: sbatch refused the array for another reason.
+        """
+        if not jobs or type(self).submit is not SlurmBackend.submit:
+            return False  # a subclass that runs jobs otherwise (pilots) has no elements
+        with self._lock:
+            where = [self._where.get(job_id) for job_id in inputs]
+            if any(w is None or w not in self._live for w in where):
+                return False
+        elements = sorted({f"{array}_{index}" for array, index in where})  # type: ignore[misc]
+        try:
+            self._submit_array(jobs, elements)
+        except SlurmError as exc:
+            if "dependency" not in str(exc).lower():
+                raise
+            logger.info("Slurm refused the dependency (%s); the workflow submits later", exc)
+            return False
+        return True
+
+    def _submit_array(self, jobs: Sequence[JobRequest], after: Sequence[str]) -> None:
         if not jobs:
             return
         for job in jobs:
@@ -183,7 +240,9 @@ class SlurmBackend(Backend):
         with self._lock:
             self._submissions += 1
             number = self._submissions
-        per_element = jobs[0].resources.jobs_per_worker or 1
+        per_element = jobs[0].resources.jobs_per_worker or default_jobs_per_worker(
+            len(jobs), jobs[0].resources
+        )
         indices = []  # the array element of each job
         lines = []
         for job in jobs:
@@ -200,6 +259,8 @@ class SlurmBackend(Backend):
             f"--output={task_dir}/slurm-%A_%a.out",
             *self._options(jobs[0].resources),
         ]
+        if after:
+            directives += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
         script = _SCRIPT.format(
             directives="\n".join(f"#SBATCH {d}" for d in directives),
             jobs_file=shlex.quote(str(jobs_file)),

@@ -148,12 +148,17 @@ def logs(
     run again, the log of its last attempt is printed. With --stderr, a job that
     raised ends with the traceback of its exception, as its caller recorded it
     (the job hands its exception back as its result instead of printing it).
+    A job running in a warm worker is read from that worker's spool
+    (docs/backends/local.md); a job that ended without printing anything has no
+    log file and prints nothing.
     """
     found = catalog.job_log_paths(effective_work_dir(work_dir), workflow_id, task, job)
     path = found.stderr if stderr else found.stdout
     stream = "stderr" if stderr else "stdout"
     # Read from the end: memory grows with the lines asked for, not with the log.
     text = read_tail(path, tail, max_bytes=None)
+    if text is None and found.status in _ENDED and not path.exists():
+        text = ""  # a warm worker makes a job's output files only when it printed
     raised = found.error if stderr and found.status == "failed" and found.error else None
     if text is None and raised is None:
         why = "cannot be read" if path.exists() else "does not exist"
@@ -170,6 +175,10 @@ def logs(
         echo_json({**found.to_dict(), "stream": stream, "path": str(path), "text": text})
     else:
         click.echo(text, nl=False)
+
+
+#: The statuses of a job that ran and will not run again.
+_ENDED = frozenset({"done", "failed", "cancelled", "lost"})
 
 
 def _raised_section(found: catalog.JobSummary, error: str) -> str:

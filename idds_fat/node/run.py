@@ -15,14 +15,20 @@ from pathlib import Path
 
 from .envelope import seal, unseal
 from .environments import check_interpreter
-from .errors import IntegrityError
+from .errors import IntegrityError, WrapperError
 from .extract import safe_extract
-from .fetch import fetch_object
+from .fetch import fetch_object, http_request, with_retries
 from .spec import JobSpec
 
 #: The persistent id of another job's result stored by reference, as the caller
 #: pickles it into a dependent job's call: (this tag, cache key, task, job, attempt).
 RESULT_REFERENCE = "idds-fat/result"
+#: The persistent id of another job's result that may not exist yet when the call is
+#: pickled (the job was submitted to wait for it: Slurm's afterok): (this tag, task,
+#: job). The node reads it from the workflow's REST result store, any attempt.
+RESULT_OF = "idds-fat/result-of"
+#: Seconds one request to the result store waits for the input's result (long poll).
+_RESULT_POLL_SECONDS = 10.0
 
 
 def _pickler():
@@ -167,15 +173,90 @@ def install_sources(sources: dict | None) -> None:
         linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
 
 
-def _loader(spec: JobSpec, key: bytes, get):
-    """Return ``loads(data)`` that also resolves the results of other jobs the call names
-    by reference: each is fetched from the cache (its sha256 checked), its envelope
-    verified with the workflow's key and its header checked, once per job."""
+def _input_value(header: dict, body: bytes, task: str, job: int) -> object:
+    """The value of input ``task/job`` from its verified result; raise if it failed."""
+    if header.get("status") == "ok":
+        return pickle.loads(body)
+    try:
+        error = pickle.loads(body)  # verified: the workflow's own job sealed it
+        cause = f"{error['type']}: {(str(error['message']).strip().splitlines() or [''])[0]}"
+    except Exception:
+        cause = str(header.get("status"))
+    raise WrapperError(f"input {task}/{job} failed ({cause}): this job did not run")
+
+
+def _result_of(spec: JobSpec, key: bytes, token: str | None, get, task: str, job: int):
+    """Return the value of job ``task/job`` of this workflow, read from the REST result
+    store (any attempt; a large one from the cache by its reference), its envelope
+    verified with the workflow's key; wait for it up to the spec's publish timeout.
+
+    Raises WrapperError when the input failed or its result did not come in time.
+    """
+    import base64
+    import json
+    import urllib.parse
+
+    deadline = time.monotonic() + float(spec.publish_timeout)
+    cursor = 0
+    while True:
+        wait = max(0.0, min(_RESULT_POLL_SECONDS, deadline - time.monotonic()))
+        query = urllib.parse.urlencode({"since": cursor, "task": task, "job": job, "wait": wait})
+        url = f"{spec.result_url}?{query}"
+        page = json.loads(
+            with_retries(
+                lambda url=url, wait=wait: http_request("GET", url, token, None, wait + 30.0),
+                deadline,
+                f"reading the result of input {task}/{job}",
+            )
+        )
+        failed = None
+        for row in page.get("results", ()):
+            try:
+                header, body = unseal(base64.b64decode(row["envelope"]), key)
+            except (IntegrityError, ValueError):
+                continue  # not sealed with the workflow's key: the real one may follow
+            named = (header.get("workflow"), header.get("task"), header.get("job"))
+            if named != (spec.workflow, task, job):
+                continue
+            if header.get("kind") == "result-ref":
+                if not header.get("ref"):
+                    raise WrapperError(
+                        f"input {task}/{job} is stored where this job cannot read it (S3)"
+                    )
+                header, body = unseal(get(header["ref"]), key)
+                named = (header.get("workflow"), header.get("task"), header.get("job"))
+                if named != (spec.workflow, task, job):
+                    raise IntegrityError(f"the stored result of {task}/{job} names {named}")
+            if header.get("kind") != "result":
+                continue
+            if header.get("status") == "ok":
+                return _input_value(header, body, task, job)
+            failed = (header, body)
+        if failed is not None:
+            _input_value(*failed, task, job)
+        cursor = int(page.get("cursor", cursor))
+        if time.monotonic() >= deadline:
+            raise WrapperError(
+                f"the result of input {task}/{job} was not in the result store after "
+                f"{float(spec.publish_timeout):g} s (publish_timeout)"
+            )
+
+
+def _loader(spec: JobSpec, key: bytes, get, token: str | None = None):
+    """Return ``loads(data)`` that also resolves the results of other jobs the call names:
+    by reference (a cache key: fetched, its sha256 checked) or by name (``RESULT_OF``:
+    read from the REST result store); each envelope is verified with the workflow's key
+    and its header checked, once per job."""
     import io
 
     inputs: dict = {}
 
     def stored_result(pid):
+        if isinstance(pid, tuple) and len(pid) == 3 and pid[0] == RESULT_OF:
+            _, task, job = pid
+            if pid not in inputs:
+                inputs[pid] = _result_of(spec, key, token, get, task, job)
+            return inputs[pid]
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == RESULT_REFERENCE):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
         _, ref, task, job, attempt = pid
@@ -222,7 +303,7 @@ def _run_function(
         header, payload = unseal(get(spec.payload["key"]), key)
         sources = header.get("sources")
         check_interpreter(header, spec, cloudpickle)
-        loads = _loader(spec, key, get)
+        loads = _loader(spec, key, get, secrets["token"])
         fn, args, kwargs = loads(payload)
         job_kwargs = spec.kwargs
         if job_kwargs:

@@ -17,6 +17,7 @@ from .deliver import close_stomp_connections, deliver, keep_stomp_connections, r
 from .environments import own_file, rerun_environment
 from .errors import EXIT_UNDELIVERED, EXIT_UNREPORTED, DeliveryError, WrapperError
 from .fetch import load_spec
+from .pilot import SlotWorker, split_devices
 from .run import WarmState, run_job
 from .spec import JobSpec, secrets_json, secrets_pipe
 
@@ -40,9 +41,15 @@ def _run_in_child(location: str, secrets: dict, workdir: Path) -> int:
 
 
 def _run_warm_job(
-    location: str, secrets: dict, workdir: Path, reply: bool, warm: WarmState
+    location: str,
+    secrets: dict,
+    workdir: Path,
+    reply: bool,
+    warm: WarmState,
+    rundir: Path | None = None,
 ) -> tuple[int, bytes | None, JobSpec | None]:
-    """Run one job in this worker; return ``(exit status, message, spec)``.
+    """Run one job in this worker, in ``rundir`` (default: ``workdir``); return
+    ``(exit status, message, spec)``.
 
     With ``reply``, the result is not delivered: the message that carries it
     (the envelope, or a reference to it in the cache when large) is returned
@@ -54,8 +61,9 @@ def _run_warm_job(
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
         return EXIT_UNREPORTED, None, None
     if _needs_own_process(spec):
+        _private_job_dir(workdir)  # a cold job runs in its work dir
         return _run_in_child(location, secrets, workdir), None, None
-    envelope = run_job(spec, secrets, workdir, warm)
+    envelope = run_job(spec, secrets, rundir or workdir, warm)
     try:
         if reply:
             return 0, reply_message(envelope, spec, secrets), spec
@@ -79,22 +87,89 @@ def _append_private(path: Path):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
+class _Spool:
+    """A warm worker's own output files, ``DIR/stdout.txt`` and ``DIR/stderr.txt``
+    (0600), opened once: each job writes there, and only a job that printed
+    something gets files of its own (creating a file costs more than a small job).
+    ``DIR/job`` names the work dir of the job running now, so that the caller of a
+    worker that died knows whether it took the job and where its output is."""
+
+    def __init__(self, directory: Path) -> None:
+        flags = os.O_RDWR | os.O_CREAT
+        # O_APPEND: after a truncation the next write, a child's included, starts at 0.
+        self.out = os.open(directory / "stdout.txt", flags | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.err = os.open(directory / "stderr.txt", flags | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.job = os.open(directory / "job", flags, 0o600)
+
+    def start(self, workdir: Path) -> None:
+        name = os.fsencode(workdir)
+        os.pwrite(self.job, name, 0)
+        os.ftruncate(self.job, len(name))
+
+    def keep(self, workdir: Path) -> None:
+        """Copy what the job printed into its own files, creating its dir only then."""
+        for fd, name in ((self.out, "stdout.txt"), (self.err, "stderr.txt")):
+            size = os.fstat(fd).st_size
+            if not size:
+                continue
+            _private_job_dir(workdir)
+            with _append_private(workdir / name) as target:
+                offset = 0
+                while offset < size:
+                    chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+                    if not chunk:
+                        break
+                    target.write(chunk)
+                    offset += len(chunk)
+            os.ftruncate(fd, 0)
+
+
+_spools: dict[str, _Spool] = {}  # by directory: a worker's spool, opened on its first job
+
+
+def _private_job_dir(workdir: Path) -> None:
+    try:
+        os.mkdir(workdir, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:  # its task dir too (the caller makes that one, 0700)
+        workdir.mkdir(0o700, parents=True, exist_ok=True)
+    os.chmod(workdir, 0o700)  # whatever the umask (the job may have changed it)
+
+
 def _run_command(
     command: dict, secrets: dict, idle: tuple[int, int], warm: WarmState
 ) -> tuple[int, bytes | None, JobSpec | None]:
-    """Run one job of a warm session in its work dir, its output in that dir's files."""
+    """Run one job of a warm session, its output in its work dir's files.
+
+    With ``command["spool"]`` (a warm worker of the local backend), the output goes
+    to that spool first and the work dir is created only if the job printed
+    something or runs in a process of its own; the job runs in this worker's own
+    directory then. Without it (a pack), the work dir and its files are created
+    first and the job runs there.
+    """
     workdir = Path(command["workdir"])
     home = Path.cwd()
-    workdir.mkdir(0o700, parents=True, exist_ok=True)
-    with (
-        _append_private(workdir / "stdout.txt") as out,
-        _append_private(workdir / "stderr.txt") as err,
-    ):
-        _point_output_at(out.fileno(), err.fileno())
+    spool = None
+    if command.get("spool"):
+        spool = _spools.get(command["spool"])
+        if spool is None:
+            spool = _spools[command["spool"]] = _Spool(Path(command["spool"]))
+        spool.start(workdir)
+        _point_output_at(spool.out, spool.err)
+        rundir = home
+    else:
+        workdir.mkdir(0o700, parents=True, exist_ok=True)
+        with (
+            _append_private(workdir / "stdout.txt") as out,
+            _append_private(workdir / "stderr.txt") as err,
+        ):
+            _point_output_at(out.fileno(), err.fileno())
+        rundir = workdir
     try:
-        os.chdir(workdir)
+        os.chdir(rundir)
         reply = bool(command.get("reply"))
-        return _run_warm_job(command["spec"], secrets, workdir, reply, warm)
+        return _run_warm_job(command["spec"], secrets, workdir, reply, warm, rundir)
     except Exception:  # a bug of ours must not end the session silently
         import traceback
 
@@ -103,6 +178,11 @@ def _run_command(
     finally:
         os.chdir(home)
         _point_output_at(*idle)
+        if spool is not None:
+            try:
+                spool.keep(workdir)
+            except Exception as exc:  # its result counts more than its output
+                print(f"idds-fat wrapper: cannot keep the job's output: {exc}", file=sys.stderr)
 
 
 class ProcessState:
@@ -259,8 +339,11 @@ def serve_worker(secrets: dict) -> int:
 
     Protocol, one JSON object per line: the caller writes
     ``{"spec": LOCATION, "workdir": DIR, "reply": BOOL}`` (and optionally
-    ``"memory_mb": N``) to stdin; the worker runs the job in ``DIR`` (its stdout
-    and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``) and answers
+    ``"memory_mb": N``, and ``"spool": SPOOL``) to stdin; the worker runs the job
+    in ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``;
+    with a spool, in the worker's own directory, its output written to
+    ``SPOOL/stdout.txt`` and ``SPOOL/stderr.txt`` and copied to ``DIR`` only when
+    not empty, ``SPOOL/job`` naming ``DIR`` while it runs) and answers
     ``{"exit": STATUS}`` on its original stdout, with ``"recycle": true`` when
     the job changed process state that cannot be put back (the worker exits
     after this answer, once its results are acknowledged). Without ``reply`` it
@@ -357,15 +440,32 @@ def read_pack(jobs_file: str, pack: str) -> list[dict]:
 _ENDED_BY_SIGTERM = (-15, 143)
 
 
-def run_pack(jobs: list[dict], secrets: dict) -> int:
-    """Run several jobs in this one process, each delivering its result as soon as it is done.
+def pack_slots(environ: dict | None = None) -> int:
+    """How many jobs a packed element runs at once: the cores Slurm gave each of its
+    tasks (``SLURM_CPUS_PER_TASK``, set by ``--cpus-per-task``), else 1."""
+    environ = os.environ if environ is None else environ
+    try:
+        return max(1, int(environ.get("SLURM_CPUS_PER_TASK") or 1))
+    except ValueError:
+        return 1
 
-    Each job's exit status goes to ``exit_status`` in its work dir (so a batch
-    system that sees one process still learns how each job ended); returns 0
-    when all of them delivered, else the first non-zero status.
+
+def run_pack(jobs: list[dict], secrets: dict, slots: int | None = None) -> int:
+    """Run several jobs, each delivering its result as soon as it is done.
+
+    With one slot (``slots``, default :func:`pack_slots`: the element's cores),
+    the jobs run one after another in this one process; with more, that many
+    at a time, each slot a warm worker of its own as in a pilot
+    (:func:`_run_pack_in_slots`). Each job's exit status goes to
+    ``exit_status`` in its work dir (so a batch system that sees one process
+    still learns how each job ended); returns 0 when all of them delivered,
+    else the first non-zero status.
     """
     if not jobs:
         return 0
+    slots = min(slots or pack_slots(), len(jobs))
+    if slots > 1:
+        return _run_pack_in_slots(jobs, secrets, slots)
     idle = (os.dup(1), os.dup(2))
     worst = 0
     # The pack's files (its extracted code context) go in its first job's dir:
@@ -389,3 +489,57 @@ def run_pack(jobs: list[dict], secrets: dict) -> int:
     finally:
         close_stomp_connections()
     return worst
+
+
+def _run_pack_in_slots(jobs: list[dict], secrets: dict, slots: int) -> int:
+    """Run a pack's jobs ``slots`` at a time: each slot a thread feeding a warm worker
+    (``pilot.SlotWorker``) the next job not yet taken, GPUs in ``CUDA_VISIBLE_DEVICES``
+    split among the slots. Stops taking jobs once one was ended by SIGTERM (the batch
+    system is ending the element) and returns that status."""
+    import threading
+    from collections import deque
+
+    first = Path(jobs[0]["workdir"])
+    first.mkdir(parents=True, exist_ok=True)
+    waiting = deque(jobs)
+    lock = threading.Lock()
+    statuses: list[int] = []  # non-zero ones, in the order they came
+    ended = threading.Event()
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shares = split_devices(devices, slots) if devices else [None] * slots
+
+    def slot(k: int) -> None:
+        # The worker's own files go in the pack's first job's dir, as a pack's do.
+        worker = SlotWorker(secrets, first / f"pack-slot-{k}", shares[k])
+        try:
+            while not ended.is_set():
+                with lock:
+                    job = waiting.popleft() if waiting else None
+                if job is None:
+                    break
+                worker.send({**job, "reply": False})
+                answer = worker.receive()
+                if answer.status in _ENDED_BY_SIGTERM:
+                    ended.set()  # as run_pack: no job left to escape the kill
+                    with lock:
+                        statuses.insert(0, answer.status)
+                    break
+                Path(job["workdir"], "exit_status").write_text(f"{answer.status}\n")
+                if answer.status:
+                    with lock:
+                        statuses.append(answer.status)
+                if answer.recycle:
+                    worker.retire()
+        finally:
+            worker.stop()
+            try:
+                worker.directory.rmdir()  # its session removed what it held
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=slot, args=(k,), name=f"slot-{k}") for k in range(slots)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses[0] if statuses else 0

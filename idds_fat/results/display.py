@@ -13,7 +13,34 @@ from typing import Any
 ARGUMENTS_CHARS = 200
 
 # Short reprs of big containers and strings: an argument may be a million-row list.
-_short = reprlib.Repr()
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib``'s shortening, and a future among the arguments as the job it stands
+    for (``<t0001/0>``): its own repr says "pending", stale once recorded."""
+
+    def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
+        # reprlib would repr the whole object, then cut: 200 MB of argument, 800 MB of text.
+        if len(value) <= self.maxstring:
+            return repr(value)
+        head = repr(bytes(value[: self.maxstring // 2]))
+        return f"{head}... ({len(value):,} bytes)"
+
+    def repr_bytearray(self, value: bytearray, level: int) -> str:
+        return f"bytearray({self.repr_bytes(value, level)})"
+
+    def repr_memoryview(self, value: memoryview, level: int) -> str:
+        return f"<memoryview {value.nbytes:,} bytes>"
+
+    def repr_AsyncResult(self, value: Any, level: int) -> str:  # noqa: N802 (reprlib's naming)
+        return f"<{value.task_id}/{value.job}>"
+
+    def repr_MapResult(self, value: Any, level: int) -> str:  # noqa: N802
+        tasks = sorted({future.task_id for future in value.futures})
+        return f"<{', '.join(tasks) or 'MapResult'}: {len(value.futures)} jobs>"
+
+
+_short = _ShortRepr()
 _short.maxstring = _short.maxother = 80
 _short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 10
 

@@ -9,7 +9,8 @@ service always has a token):
 - ``POST /results/{workflow}``: store a result envelope; 201 ``{"seq": n}``.
 - ``GET /results/{workflow}?since=0&wait=0&limit=1000``:
   ``{"cursor": n, "results": [{"seq": n, "envelope": "<base64>"}]}``, waiting up
-  to ``wait`` seconds (at most 60) for a result newer than ``since``.
+  to ``wait`` seconds (at most 60) for a result newer than ``since``; with
+  ``task=t0001&job=0``, only the results whose header names that job.
 - ``GET /healthz``: ``{"ok": true}``.
 - ``POST /pilots/{pool}/lease`` and ``/done``: pilots pull jobs (:mod:`idds_fat.service.leases`).
 
@@ -239,15 +240,18 @@ def create_app(
             since = int(_query_number(request, "since", 0, int))
             wait = min(max(_query_number(request, "wait", 0.0, float), 0.0), MAX_WAIT_SECONDS)
             limit = int(_query_number(request, "limit", DEFAULT_LIMIT, int))
+            raw_job = request.query_params.get("job")
+            job = int(raw_job) if raw_job else None
         except ValueError as exc:
             return _bad_request(f"bad query parameter: {exc}")
+        task = request.query_params.get("task")
         limit = min(max(limit, 1), MAX_LIMIT)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             event = wakeups.watch(workflow)
             try:
-                rows = await run_in_threadpool(results().since, workflow, since, limit)
+                rows = await run_in_threadpool(results().since, workflow, since, limit, task, job)
                 remaining = deadline - loop.time()
                 if rows or remaining <= 0 or wakeups.closing:
                     break

@@ -4,23 +4,32 @@
 
     SlurmPilotBackend.submit --offer--> LeasePool (queued)           one per workflow
     pilot slot --POST /pilots/POOL/lease {pilot, remaining, wait}-->  take (long poll)
-                <-- {"jobs": [{job_id, spec, workdir, memory_mb}]}    queued -> leased
-    pilot slot --POST /pilots/POOL/done {pilot, job, exit}-------->   leased -> gone, on_done
+                <-- {"jobs": [{job_id, spec, workdir, walltime, memory_mb, reply}]}
+    pilot slot --POST /pilots/POOL/done {pilot, job, exit, result, more}-->
+                leased -> gone; on_done (the result verified and kept) -> "recorded";
+                up to ``more`` jobs taken at once (queued -> leased), no waiting
     status watcher: pilot left Slurm --release_pilot(P)-->            P's leased -> queued again
 
 A lease is at-least-once: a job leased to a pilot that dies goes back to the
 head of the queue once the backend knows the pilot is gone (Slurm says so to
 the status watcher), and runs again elsewhere; a result it had delivered
 before is a duplicate the collector drops. A job with a walltime is leased
-only to a pilot whose remaining time covers it. Pools live in this process
+only to a pilot whose remaining time covers it. With ``direct_results`` the
+pool asks pilots (``"reply": true``) to carry each result in the job's
+``done`` report: the backend hands it to the workflow, which keeps it and
+verifies it before anything is unpickled, and the answer says whether it was
+``recorded``; until then the pilot's worker holds it, and delivers it through
+the result channels if it was not. Pools live in this process
 (``LEASES``): only the service a workflow embeds serves its pilots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import json
+import logging
 import secrets
 import threading
 from collections import deque
@@ -31,6 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+
+logger = logging.getLogger(__name__)
 
 MAX_LEASE_WAIT_SECONDS = 30.0
 
@@ -59,14 +70,17 @@ class LeasedJob:
             "job_id": self.job_id,
             "spec": self.spec,
             "workdir": self.workdir,
+            "walltime": self.walltime,
             "memory_mb": self.memory_mb,
         }
 
 
 #: Called (from a worker thread, never the event loop) when a pilot took jobs: (pilot, jobs).
 LeasedCallback = Callable[[str, Sequence[LeasedJob]], None]
-#: Called (likewise) when a pilot reports a job done: (pilot, job_id, report).
-DoneCallback = Callable[[str, str, dict], None]
+#: Called (likewise) when a pilot reports a job done: (pilot, job_id, report), the
+#: report's ``"result"`` as bytes when it carries one; returns whether that result
+#: was recorded.
+DoneCallback = Callable[[str, str, dict], bool]
 
 
 class LeasePool:
@@ -76,10 +90,13 @@ class LeasePool:
     service's routes lease from the event loop (without blocking it).
     """
 
-    def __init__(self, on_leased: LeasedCallback, on_done: DoneCallback) -> None:
+    def __init__(
+        self, on_leased: LeasedCallback, on_done: DoneCallback, direct_results: bool = False
+    ) -> None:
         self.name = secrets.token_hex(8)
         self.on_leased = on_leased
         self.on_done = on_done
+        self.direct_results = direct_results
         self._lock = threading.Lock()
         self._queued: deque[LeasedJob] = deque()
         self._leased: dict[str, tuple[str, LeasedJob]] = {}  # job id -> (pilot, job)
@@ -233,15 +250,48 @@ def _number(value: object, name: str) -> float | None:
     return float(value)
 
 
+def _jobs_json(pool: LeasePool, jobs: Sequence[LeasedJob]) -> list[dict]:
+    return [{**job.to_json(), "reply": pool.direct_results} for job in jobs]
+
+
+def _after_done(
+    pool: LeasePool, pilot: str, report: dict, known: bool, jobs: Sequence[LeasedJob]
+) -> bool:
+    """The backend's side of a ``done`` report: the job's end (whether its result was
+    recorded), then the jobs leased with it; a failure of the first must not lose the
+    second."""
+    recorded = False
+    if known:
+        try:
+            recorded = bool(pool.on_done(pilot, report["job"], report))
+        except Exception:  # not recorded: the pilot delivers the result the usual way
+            logger.exception("handling the end of job %s failed", report["job"])
+    if jobs:
+        _leased(pool, pilot, jobs)
+    return recorded
+
+
+def _leased(pool: LeasePool, pilot: str, jobs: Sequence[LeasedJob]) -> None:
+    try:
+        pool.on_leased(pilot, jobs)
+    except Exception:  # the jobs are the pilot's: the answer must reach it all the same
+        logger.exception("recording that pilot %s took %d job(s) failed", pilot, len(jobs))
+
+
 def lease_routes(guarded: Callable) -> list[BaseRoute]:
     """The pilots' routes, each behind the service's token check (``guarded``).
 
     ``POST /pilots/{pool}/lease`` with ``{"pilot": ID, "remaining": SECONDS or
     null, "wait": SECONDS, "limit": N}`` answers ``{"jobs": [...], "closed":
-    BOOL}``, waiting up to ``wait`` seconds (at most 30) for a job;
+    BOOL}``, waiting up to ``wait`` seconds (at most 30) for a job; each job
+    says whether to ``reply`` (carry its result in the report).
     ``POST /pilots/{pool}/done`` with ``{"pilot": ID, "job": JOB_ID, "exit":
-    STATUS, "worker_died": BOOL}`` ends a lease (``{"known": BOOL}``). An
-    unknown pool is 404 (its workflow has closed: the pilot should stop).
+    STATUS, "worker_died": BOOL}``, and optionally ``"result": BASE64`` and
+    ``"more": N, "remaining": SECONDS``, ends a lease and leases up to N more
+    jobs without waiting: ``{"known": BOOL, "recorded": BOOL, "jobs": [...],
+    "closed": BOOL}``. ``recorded`` is false unless the result was kept: the
+    pilot then delivers it the usual way. An unknown pool is 404 (its workflow
+    has closed: the pilot should stop).
     """
 
     async def _read(request: Request) -> tuple[LeasePool | None, dict]:
@@ -263,23 +313,41 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
         jobs = await pool.lease(body["pilot"], remaining, wait, max(limit, 1))
         if jobs:
-            await run_in_threadpool(pool.on_leased, body["pilot"], jobs)
-        return JSONResponse({"jobs": [job.to_json() for job in jobs], "closed": pool.closed})
+            await run_in_threadpool(_leased, pool, body["pilot"], jobs)
+        return JSONResponse({"jobs": _jobs_json(pool, jobs), "closed": pool.closed})
 
     async def done(request: Request) -> Response:
         try:
             pool, body = await _read(request)
             if not isinstance(body.get("job"), str):
                 raise ValueError("'job' must be a string")
-        except ValueError as exc:
+            result = body.get("result")
+            if result is not None:
+                if not isinstance(result, str):
+                    raise ValueError("'result' must be a base64 string")
+                body["result"] = binascii.a2b_base64(result, strict_mode=True)
+            remaining = _number(body.get("remaining"), "remaining")
+            more = int(_number(body.get("more"), "more") or 0)
+        except (ValueError, binascii.Error) as exc:
             return PlainTextResponse(str(exc).splitlines()[0], 400)
         if pool is None:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
-        known = pool.done(body["pilot"], body["job"]) is not None
-        if known:
-            # The backend's callback may ask this very service for a result: not on the loop.
-            await run_in_threadpool(pool.on_done, body["pilot"], body["job"], body)
-        return JSONResponse({"known": known})
+        pilot = body["pilot"]
+        known = pool.done(pilot, body["job"]) is not None
+        jobs = pool.take(pilot, remaining, more) if more > 0 else []
+        recorded = False
+        if known or jobs:
+            # One hop off the loop for both: the backend's callbacks write to SQLite, and
+            # may ask this very service for a result.
+            recorded = await run_in_threadpool(_after_done, pool, pilot, body, known, jobs)
+        return JSONResponse(
+            {
+                "known": known,
+                "recorded": recorded,
+                "jobs": _jobs_json(pool, jobs),
+                "closed": pool.closed,
+            }
+        )
 
     return [
         Route("/pilots/{pool}/lease", guarded(lease), methods=["POST"]),

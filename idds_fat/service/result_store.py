@@ -98,16 +98,29 @@ class ResultStore:
             ).fetchone()
         return found[0] if found else None
 
-    def since(self, workflow: str, cursor: int, limit: int) -> list[tuple[int, bytes]]:
-        """Return up to ``limit`` ``(seq, envelope)`` of ``workflow`` with seq > ``cursor``.
+    def since(
+        self,
+        workflow: str,
+        cursor: int,
+        limit: int,
+        task: str | None = None,
+        job: int | None = None,
+    ) -> list[tuple[int, bytes]]:
+        """Return up to ``limit`` ``(seq, envelope)`` of ``workflow`` with seq > ``cursor``
+        (only those whose header names ``task`` and ``job``, when given: a dependent
+        job reading its input's result).
 
         Rows come oldest first, so the last seq returned is the reader's next cursor.
         """
+        where, params = "workflow = ? AND seq > ?", [workflow, cursor]
+        if task is not None:
+            where, params = where + " AND task = ?", [*params, task]
+        if job is not None:
+            where, params = where + " AND job = ?", [*params, job]
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, envelope FROM results WHERE workflow = ? AND seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (workflow, cursor, limit),
+                f"SELECT seq, envelope FROM results WHERE {where} ORDER BY seq LIMIT ?",
+                (*params, limit),
             ).fetchall()
         return [(seq, bytes(envelope)) for seq, envelope in rows]
 

@@ -10,7 +10,16 @@ front end 127.0.0.1:PORT (panda_assets/front_end.py)
     /cache/<name>                   -> the server's cache_dir (uploads, the bash-c runner)
 JEDI (panda_assets/jedi_master.py): task registered -> defined -> ready -> running, jobs
 adder (panda_assets/adder.py): job reports -> jobs finished/failed -> task done/failed
+token issuer 127.0.0.1:PORT2 (python -m http.server): discovery document and JWKS
+    <-- the server's token check (pandaserver/srvcore/oidc_utils.py) fetches both
 ```
+
+Users authenticate as at an OIDC site: :meth:`PandaServer.issue_token` signs ID tokens
+(RS256, with the issuer's key, in this process) for the VO ``wlcg``; the backend sends
+one as ``Authorization: Bearer``, the front end passes it through, and the server
+checks it itself (``token_authType = oidc``): the signature against the issuer's JWKS,
+the expiry, the audience (the client ID of ``auth/wlcg_auth_config.json``) and the
+VO group, then names the caller after the token's ``name`` claim.
 
 Jobs are run by :class:`~idds_fat.testing.panda_pilot.PandaPilot`, a stand-in for
 the pilot. The server is ``panda-server[postgres]`` (1.0.4) in a venv of its own,
@@ -21,9 +30,11 @@ installed by ``.ci/panda-install`` (``$IDDS_FAT_PANDA_VENV``, default
 pg_cron and pg_partman comes from Debian. :meth:`PandaServer.available` says
 whether all of it is there.
 
-What differs from a production PanDA: no TLS and no grid certificates (the front
-end maps bearer tokens it issued to DNs, as mod_gridsite maps certificates; see
-``panda_assets/front_end.py``), no Rucio (a DDM plugin that does nothing), no
+What differs from a production PanDA: no TLS and no grid certificates (a request
+without a token gets a production DN from the front end, as a pilot's production
+proxy would through mod_gridsite; see ``panda_assets/front_end.py``), an issuer
+that serves keys but no login flows (no device code, no refresh: tokens are minted
+here), no Rucio (a DDM plugin that does nothing), no
 CRIC (the queue is one row of ``schedconfig_json``), no message broker, and the
 server's other daemons (only the adder runs).
 """
@@ -46,14 +57,15 @@ import urllib.request
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from idds_fat.errors import IddsFatError
-from idds_fat.testing.processes import LOG_TAIL_BYTES, free_port, spawn_logged
+from idds_fat.testing.processes import LOG_TAIL_BYTES, Started, free_port, spawn_logged
 from idds_fat.workdir import read_tail, write_private
 
 if TYPE_CHECKING:
+    from joserfc.jwk import RSAKey
+
     from idds_fat.backends.panda import PandaBackend
     from idds_fat.backends.panda.auth import PandaAuth
 
@@ -73,8 +85,15 @@ DEFAULT_QUEUE = "LOCAL_TEST"
 #: The DN the front end gives callers without a token (JEDI, the server, the pilot):
 #: listed in ``production_dns``, as a pilot's production proxy would be.
 PRODUCTION_DN = "/DC=test/CN=idds-fat-panda-production"
-#: The DN of :attr:`PandaServer.auth`'s token, an ordinary user.
-USER_DN = "/DC=test/CN=idds-fat tester"
+#: The VO of the issuer's tokens, and the ``Origin`` the backend sends with them.
+VO = "wlcg"
+#: The OIDC client ID of PanDA at the issuer: the ``aud`` of the ID tokens.
+CLIENT_ID = "idds-fat-panda"
+#: The ``name`` claim of :meth:`PandaServer.issue_token`'s tokens, an ordinary user;
+#: PanDA derives the user's DN (and task owner) from it.
+USER_NAME = "idds-fat tester"
+#: Seconds an ID token of :attr:`PandaServer.auth` is valid (an IAM ID token's hour).
+TOKEN_LIFETIME = 3600
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 
@@ -129,7 +148,7 @@ def find_schema() -> Path | None:
     return None
 
 
-class PandaServer:
+class PandaServer(Started):
     """A PanDA server, JEDI and the adder on a private PostgreSQL, with one queue.
 
     Args:
@@ -149,6 +168,8 @@ class PandaServer:
             jobs that were running at the kill end: ``panda_assets/jedi_master.py``
             shortens it.
         port: the front end's port (default: a free one, picked now).
+        token_lifetime: seconds each token of :attr:`auth` and
+            :meth:`backend_settings` is valid from when it is asked for.
 
     Usable as a context manager: ``with PandaServer(tmp) as panda: ...``.
     """
@@ -162,6 +183,7 @@ class PandaServer:
         adder_grace: int = 0,
         abort_rescue: int = 4,
         port: int | None = None,
+        token_lifetime: int = TOKEN_LIFETIME,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
             raise PandaServerError(f"not a queue name: {queue!r}")
@@ -179,7 +201,9 @@ class PandaServer:
         self.log_dir = self.base_dir / "log"
         self.cache_dir = self.base_dir / "cache"
         self.home = self.base_dir / "home"
-        self._token = secrets.token_urlsafe(24)
+        self.issuer_port = free_port()
+        self.token_lifetime = token_lifetime
+        self._signing_key = _new_signing_key()
         self._processes = _Processes()
         self._db_dir: Path | None = None
         self._finalizer: weakref.finalize | None = None
@@ -212,19 +236,68 @@ class PandaServer:
         return f"{self.url}/cache/bash-c"
 
     @property
+    def issuer_url(self) -> str:
+        """The token issuer, ``http://127.0.0.1:PORT2``: its ``iss``, with the discovery
+        document at ``/.well-known/openid-configuration`` and the JWKS at ``/jwks.json``."""
+        return f"http://{HOST}:{self.issuer_port}"
+
+    @property
     def auth(self) -> PandaAuth:
-        """Credentials of an ordinary user (DN :data:`USER_DN`) for
-        :class:`~idds_fat.backends.panda.PandaClient`: a bearer token the front end
-        knows. Never a production identity."""
+        """Credentials of an ordinary user (:data:`USER_NAME`, VO :data:`VO`) for
+        :class:`~idds_fat.backends.panda.PandaClient`: a fresh ID token of the
+        issuer, valid ``token_lifetime`` seconds. Never a production identity."""
         from idds_fat.backends.panda.auth import PandaAuth
 
-        return PandaAuth("oidc", token=self._token, vo="wlcg")
+        return PandaAuth("oidc", token=self.issue_token(), vo=VO)
+
+    def issue_token(
+        self,
+        *,
+        lifetime: float | None = None,
+        audience: str = CLIENT_ID,
+        trusted: bool = True,
+    ) -> str:
+        """Return an ID token of the issuer for :data:`USER_NAME`, as an OIDC provider
+        (CERN's or WLCG's IAM) issues them: RS256, ``kid`` in the header, ``iss``,
+        ``aud``, ``sub``, ``iat``, ``exp``, ``name``, ``preferred_username`` and
+        ``wlcg.groups``.
+
+        Args:
+            lifetime: seconds from now until it expires (default ``token_lifetime``);
+                negative for a token that has already expired.
+            audience: its ``aud``; anything but :data:`CLIENT_ID` is a token for
+                another service, which PanDA refuses.
+            trusted: False signs it with a key the issuer does not publish, under the
+                issuer's ``kid``: a forged token.
+        """
+        from joserfc import jwt
+
+        now = int(time.time())
+        expires = now + int(self.token_lifetime if lifetime is None else lifetime)
+        claims = {
+            "iss": self.issuer_url,
+            "sub": "idds-fat-tester-0001",
+            "aud": audience,
+            "iat": min(now, expires - 60),
+            "exp": expires,
+            "name": USER_NAME,
+            "preferred_username": USER_NAME.replace(" ", "-"),
+            "wlcg.groups": [f"/{VO}"],
+            "jti": secrets.token_hex(8),
+        }
+        key = self._signing_key if trusted else _new_signing_key()
+        header = {"alg": "RS256", "typ": "JWT", "kid": _KEY_ID}
+        return jwt.encode(header, claims, key)
 
     def backend_settings(self) -> dict[str, str]:
         """What :func:`backend_class` needs to reach this server, JSON-able, for a
-        caller in another process: URLs and the user's token (pass it in the
-        environment, never on a command line)."""
-        return {"server_url": self.server_url, "runner_url": self.runner_url, "token": self._token}
+        caller in another process: URLs and a fresh ID token of the user (pass it in
+        the environment, never on a command line)."""
+        return {
+            "server_url": self.server_url,
+            "runner_url": self.runner_url,
+            "token": self.issue_token(),
+        }
 
     @property
     def running(self) -> bool:
@@ -292,22 +365,11 @@ class PandaServer:
         if self._db_dir is not None and self._db_dir.parent != self.base_dir:
             shutil.rmtree(self._db_dir, ignore_errors=True)
 
-    def __enter__(self) -> PandaServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of each log, each under a header naming it."""
         parts = []
-        names = ("postgres.log", "schema.log", "front_end.log", "jedi.log", "adder.log")
+        names = ("postgres.log", "schema.log", "issuer.log", "front_end.log")
+        names += ("jedi.log", "adder.log")
         for name in names:
             tail = read_tail(self.log_dir / name, lines, LOG_TAIL_BYTES)
             if tail:
@@ -448,6 +510,9 @@ class PandaServer:
                 "pserverport": str(self.port),
                 "pserverporthttp": str(self.port),
                 "production_dns": PRODUCTION_DN,
+                # Bearer tokens are checked by the server itself, against the issuer.
+                "token_authType": "oidc",
+                "legacy_token_issuers": "",
                 "token_cache_config": str(etc / "token_cache_config.json"),
                 # Registering uploads calls the server back with the production role.
                 "record_sandbox_info": "False",
@@ -488,8 +553,34 @@ class PandaServer:
         ):
             text = (templates / f"{name}.rpmnew").read_text()
             (etc / name).write_text(override_ini(text, overrides))
-        identities = {"tokens": {self._token: USER_DN}, "anonymous_dn": PRODUCTION_DN}
+        identities = {"anonymous_dn": PRODUCTION_DN}
         write_private(self.base_dir / "run" / "identities.json", json.dumps(identities).encode())
+        self._write_issuer(etc / "auth")
+
+    def _write_issuer(self, auth_dir: Path) -> None:
+        """The issuer's public documents, and PanDA's OIDC client config for the VO
+        (one ``<vo>_auth_config.json`` per VO, as sites install them)."""
+        from joserfc.jwk import KeySet
+
+        issuer = self.base_dir / "issuer"
+        (issuer / ".well-known").mkdir(parents=True, exist_ok=True)
+        discovery = {
+            "issuer": self.issuer_url,
+            "jwks_uri": f"{self.issuer_url}/jwks.json",
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "claims_supported": ["sub", "name", "preferred_username", "wlcg.groups"],
+        }
+        (issuer / ".well-known" / "openid-configuration").write_text(json.dumps(discovery))
+        jwks = KeySet([self._signing_key]).as_dict(private=False)
+        (issuer / "jwks.json").write_text(json.dumps(jwks))
+        client = {
+            "client_id": CLIENT_ID,
+            "audience": CLIENT_ID,
+            "oidc_config_url": f"{self.issuer_url}/.well-known/openid-configuration",
+            "vo": VO,
+            "jwt_profile": "wlcg",
+        }
+        (auth_dir / f"{VO}_auth_config.json").write_text(json.dumps(client))
 
     def _env(self, venv: Path, jedi: bool = False) -> dict[str, str]:
         env = {
@@ -524,6 +615,13 @@ class PandaServer:
         python = str(venv / "bin" / "python")
         identities = str(self.base_dir / "run" / "identities.json")
         self._processes.launch(
+            "token issuer",
+            [python, "-m", "http.server", "--bind", HOST, str(self.issuer_port)],
+            self.base_dir / "issuer",
+            self.log_dir / "issuer.log",
+            env=self._env(venv),
+        )
+        self._processes.launch(
             "front end",
             [python, str(ASSETS / "front_end.py"), str(self.port), identities],
             self.base_dir,
@@ -531,6 +629,7 @@ class PandaServer:
             env=self._env(venv),
         )
         self._wait(self._alive, deadline)
+        self._wait(self._issuer_answers, deadline)
         self._processes.launch(
             "JEDI",
             [python, "-u", str(ASSETS / "jedi_master.py")]
@@ -559,6 +658,14 @@ class PandaServer:
         except (OSError, ValueError):
             return False
 
+    def _issuer_answers(self) -> bool:
+        url = f"{self.issuer_url}/.well-known/openid-configuration"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return "jwks_uri" in json.loads(response.read())
+        except (OSError, ValueError):
+            return False
+
     def _wait(self, ready: Callable[[], bool], deadline: float) -> None:
         while not ready():
             dead = self._processes.exited()
@@ -580,11 +687,13 @@ def backend_class(
     poll_min: float = 0.5,
     poll_max: float = 2.0,
     max_attempt: int = 1,
+    panda_cache: bool = False,
 ) -> type[PandaBackend]:
     """Return a :class:`~idds_fat.backends.panda.PandaBackend` whose ``create`` runs
     on the server of ``settings`` (:meth:`PandaServer.backend_settings`): its URLs,
     the user's token, its ``bash-c`` runner, this interpreter on the node and fast
-    polls. Put it in ``idds_fat.backends.BACKENDS["panda"]`` (the harness's stand-in
+    polls; with ``panda_cache``, code context and payloads go through the server's
+    cache. Put it in ``idds_fat.backends.BACKENDS["panda"]`` (the harness's stand-in
     for the PanDA settings ``Config`` does not have)."""
     import sys
 
@@ -596,9 +705,9 @@ def backend_class(
         @classmethod
         def create(cls, config, setup):  # noqa: ANN001, ANN206 - Backend.create's contract
             placement = dict(setup.placement or {})
-            auth = PandaAuth("oidc", token=settings["token"], vo="wlcg")
+            auth = PandaAuth("oidc", token=settings["token"], vo=VO)
             client = PandaClient(settings["server_url"], auth, cache_url=settings["server_url"])
-            return cls(
+            backend = cls(
                 on_exit=setup.on_exit,
                 on_start=setup.on_start,
                 wrapper_url=setup.wrapper_url,
@@ -610,7 +719,10 @@ def backend_class(
                 max_attempt=max_attempt,
                 poll_min=poll_min,
                 poll_max=poll_max,
+                panda_cache=panda_cache,
             )
+            backend.check_credentials()  # as PandaBackend.create does
+            return backend
 
     return LivePandaBackend
 
@@ -654,6 +766,21 @@ def _has_key(text: str, section: str, key: str) -> bool:
     return False
 
 
+_KEY_ID = "idds-fat-test-issuer"
+
+
+def _new_signing_key() -> RSAKey:
+    try:
+        from joserfc.jwk import RSAKey
+    except ImportError:  # joserfc comes with the test extra
+        raise PandaServerError(
+            "the PanDA harness signs its tokens with joserfc: install idds-fat[test]"
+        ) from None
+    return RSAKey.generate_key(
+        2048, parameters={"kid": _KEY_ID, "use": "sig", "alg": "RS256"}, private=True
+    )
+
+
 def _worker_node_queue(sqls: Path) -> str:
     patch = (sqls / "patches" / "0.0.31.patch.sql").read_text()
     found = re.search(
@@ -687,7 +814,8 @@ class _Processes:
         return process
 
     def alive(self) -> bool:
-        return len(self.started) == 4 and not self.exited()
+        # postgres, the token issuer, the front end, JEDI and the adder
+        return len(self.started) == 5 and not self.exited()
 
     def exited(self) -> str | None:
         for name, process, _ in self.started:

@@ -239,6 +239,7 @@ class PandaPilot:
             with self._lock:
                 self._payloads[panda_id] = (int(job.get("taskID") or 0), payload)
             killed = self._watch(panda_id, attempt, payload)
+            payload.wait()  # a killed payload's status too, not None
             with self._lock:
                 self._payloads.pop(panda_id, None)
         code = payload.returncode

@@ -149,7 +149,35 @@ def stop_process(process: subprocess.Popen, timeout: float, kill: bool = False) 
         process.wait()
 
 
-class ServerProcess:
+class Started:
+    """A test server or cluster as a context manager: ``with`` starts it and stops it.
+
+    A subclass has ``start()`` and ``stop()``; ``stop`` must be safe to call when
+    ``start`` failed part-way.
+    """
+
+    def start(self) -> Any:
+        """Start what this stands for (a subclass's)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop what ``start`` started (a subclass's)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess(Started):
     """What a test server with one logged process has in common: start it, probe
     it until ready, stop it, and never leave it behind.
 
@@ -231,15 +259,3 @@ class ServerProcess:
             self._finalizer = None
         if process is not None:
             stop_process(process, timeout, kill=kill)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -34,12 +34,17 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 from idds_fat.errors import IddsFatError
 from idds_fat.testing.munge import MungeDaemon, MungeError
 from idds_fat.testing.process_table import MARKER_VAR, kill_pids, leftover_pids, stepd_pids
-from idds_fat.testing.processes import LOG_TAIL_BYTES, ServerProcess, find_command, reserve_ports
+from idds_fat.testing.processes import (
+    LOG_TAIL_BYTES,
+    ServerProcess,
+    Started,
+    find_command,
+    reserve_ports,
+)
 from idds_fat.workdir import read_tail
 
 logger = logging.getLogger(__name__)
@@ -114,7 +119,7 @@ class SlurmClusterError(IddsFatError):
     """
 
 
-class SlurmCluster:
+class SlurmCluster(Started):
     """One ``slurmctld`` and one ``slurmd`` forming a private one-node cluster.
 
     Args:
@@ -276,18 +281,6 @@ class SlurmCluster:
             self._finalizer.detach()
             self._finalizer = None
         logger.info("Slurm cluster %s stopped in %.2f s", self.conf_path, time.monotonic() - began)
-
-    def __enter__(self) -> SlurmCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def write_config(self) -> Path:
         """Write ``slurm.conf`` under base_dir.

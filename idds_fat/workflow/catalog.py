@@ -24,7 +24,7 @@ from typing import Any
 
 from idds_fat.errors import IddsFatError
 from idds_fat.workdir import STATE_FILE as STATE_FILE  # where a test finds it
-from idds_fat.workdir import WorkDirPaths
+from idds_fat.workdir import JobPaths, WorkDirPaths
 from idds_fat.workflow.state import (
     FINAL_WORKFLOW,
     LATER_JOB_COLUMNS,
@@ -564,8 +564,10 @@ def job_summaries(work_dir: Path, workflow_id: str, task: str) -> list[JobSummar
 def job_log_paths(work_dir: Path, workflow_id: str, task: str, job: int) -> JobSummary:
     """Return job ``job`` of a task, with the paths of its ``stdout`` and ``stderr``.
 
-    The files may not exist yet (the job has not started) or any more. For a job
-    that was run again, the paths are those of its last attempt.
+    The files may not exist yet (the job has not started), at all (a warm job
+    that printed nothing has none) or any more. For a job that was run again,
+    the paths are those of its last attempt; for a job running in a local warm
+    worker, before it has files of its own, those of the worker's spool.
 
     Raises:
         WorkflowNotFound: no workflow matches, or several do.
@@ -574,6 +576,11 @@ def job_log_paths(work_dir: Path, workflow_id: str, task: str, job: int) -> JobS
     jobs = job_summaries(work_dir, workflow_id, task)
     for summary in jobs:
         if summary.index == job:
+            if summary.status == "running" and not summary.stderr.exists():
+                workflow = WorkDirPaths(Path(work_dir)).workflow(summary.workflow_id)
+                spool = workflow.spool_naming(JobPaths(summary.stderr.parent))
+                if spool is not None:
+                    return dataclasses.replace(summary, stdout=spool.stdout, stderr=spool.stderr)
             return summary
     task_id = jobs[0].task_id if jobs else task
     raise TaskNotFound(f"task {task_id} has no job {job}; its jobs are 0 to {len(jobs) - 1}")

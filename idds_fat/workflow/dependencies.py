@@ -14,6 +14,11 @@
                                its value, or the reference to a large result stored by
                                reference (the node fetches it: RESULT_REFERENCE), the call
                                is pickled, its specs stored, its jobs submitted
+      or, at once, when every input not done yet is a job the backend holds (Slurm):
+      DependentTasks._follow -> each such future becomes a ResultOf (RESULT_OF: the node
+                               reads that job's result from the REST store itself), the
+                               jobs go to Backend.submit_after (sbatch --dependency=afterok:)
+                               and the inputs' callbacks only fail or cancel them
 
 A future exists before it can be passed, so the graph has no cycles. Failures
 and cancels travel down a chain without recursion: the callbacks of one thread
@@ -32,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import Resources
 from idds_fat.errors import DependencyError
-from idds_fat.node.run import RESULT_REFERENCE
+from idds_fat.node.run import RESULT_OF, RESULT_REFERENCE
 from idds_fat.results import AsyncResult, MapResult
 from idds_fat.results.display import arguments_repr
 from idds_fat.serialize import dumps_call, dumps_job_kwargs
-from idds_fat.workflow.specs import job_name, request_name
+from idds_fat.workflow.specs import job_name, presigns, request_name
 
 if TYPE_CHECKING:
     from idds_fat.workflow.options import WorkflowOptions
@@ -123,9 +128,24 @@ class StoredResult:
         self.pid = (RESULT_REFERENCE, key, task, job, attempt)
 
 
+class ResultOf:
+    """Where a dependent job finds the result of an input still running: its name.
+
+    It is pickled into the dependent's call as a persistent id
+    (:data:`~idds_fat.node.run.RESULT_OF`): the node reads the input's result
+    from the workflow's REST result store (any attempt; a large one from the
+    cache), verifies it and unpickles it in its place. Used when the backend
+    starts the dependent only after its inputs (``Backend.submit_after``).
+    """
+
+    def __init__(self, task: str, job: int) -> None:
+        self.pid = (RESULT_OF, task, job)
+
+
 def persistent_id(obj: Any) -> Any:
-    """pickle's ``persistent_id`` hook for a call holding :class:`StoredResult`\\ s."""
-    return obj.pid if type(obj) is StoredResult else None
+    """pickle's ``persistent_id`` hook for a call holding :class:`StoredResult`\\ s
+    and :class:`ResultOf`\\ s."""
+    return obj.pid if type(obj) in (StoredResult, ResultOf) else None
 
 
 # --- running callbacks one after the other -------------------------------------------
@@ -169,6 +189,7 @@ class _HeldTask:
     inputs: list[AsyncResult]
     left: int = 0
     ended: bool = False
+    followed: bool = False  # submitted at once; the backend starts it after its inputs
 
 
 class DependentTasks:
@@ -192,6 +213,15 @@ class DependentTasks:
         self._tracker = tracker
         self._lock = threading.Lock()
         self._held: dict[str, _HeldTask] = {}  # by task id, until its inputs decide
+        self._counts = {"held": 0, "released": 0, "followed": 0}
+
+    def counts(self) -> dict[str, int]:
+        """Return how many tasks with futures among their arguments were ``held``,
+        then submitted by this process once their inputs were done (``released``),
+        or submitted at once for the backend to start after their inputs
+        (``followed``: Slurm's afterok)."""
+        with self._lock:
+            return dict(self._counts)
 
     def waiting(self) -> list[AsyncResult]:
         """Return the futures of the jobs that wait for their inputs."""
@@ -257,15 +287,17 @@ class DependentTasks:
         self._tracker.add_task(task_id, task_name, futures)
         with self._lock:
             self._held[task_id] = held
+            self._counts["held"] += 1
+        common = inputs_of(args, kwargs)
+        depends = [[_job_id(f) for f in inputs_of(*common, entry)] for entry in entries]
         if parts.state is not None:
             parts.state.record_task(
                 task_id, task_name, function_name, jobs, [f.arguments for f in futures]
             )
-            common = inputs_of(args, kwargs)
-            parts.state.set_waiting(
-                task_id,
-                [[_job_id(f) for f in inputs_of(*common, entry)] for entry in entries],
-            )
+            parts.state.set_waiting(task_id, depends)
+        if self._follow(held, depends):
+            with self._lock:
+                self._counts["followed"] += 1
         for future in inputs:
             future.add_done_callback(lambda f, held=held: _soon(lambda: self._input_done(held, f)))
         return futures
@@ -283,11 +315,17 @@ class DependentTasks:
                 return
             self._held.pop(held.task_id, None)
         if future.cancelled():
+            if held.followed:  # its jobs are in the backend: withdraw them
+                self._tracker.cancel([f for f in held.futures if not f.done()])
             for dependent in held.futures:
                 dependent.cancel()
         elif future.exception() is not None:
+            live = [f for f in held.futures if not f.done()]
             self._fail(held, lambda dependent: _dependency_error(dependent, future))
-        else:
+            if held.followed and live and self._parts.backend is not None:
+                # Settled first, so the backend's report of the kill changes nothing.
+                self._parts.backend.cancel([_job_id(f) for f in live])
+        elif not held.followed:
             self._release(held)
         self._forget(held)
 
@@ -296,13 +334,51 @@ class DependentTasks:
             if not dependent.done():
                 self._tracker.fail(dependent, error(dependent))
 
-    def _release(self, held: _HeldTask) -> None:
-        """Submit the task: its inputs are all done with a value."""
-        live = [f for f in held.futures if not f.done()]  # some may have been cancelled
-        if not live or self._tracker.detached or held.fn is None:
-            return
-        parts, config = self._parts, self._options.config
-        stored: list[StoredResult] = []
+    def _follow(self, held: _HeldTask, depends: list[list[str]]) -> bool:
+        """Submit the task at once, for the backend to start it after its inputs, when
+        the backend can (Slurm, ``slurm_afterok``) and every input not done yet is one
+        of this workflow's jobs that it holds; return whether it did."""
+        parts = self._parts
+        prefix = f"{parts.workflow_id}/"
+        pending = [f for f in held.inputs if not f.done()]
+        if (
+            not self._options.config.slurm_afterok
+            or parts.backend is None
+            or parts.cache is None
+            or presigns(parts.cache)  # the node could not read a large input from S3
+            or self._tracker.detached
+            or held.fn is None
+            or not pending
+            or any(not f.name.startswith(prefix) for f in pending)
+            or any(f.done() and (f.cancelled() or f.exception() is not None) for f in held.inputs)
+        ):
+            return False
+        value_of = self._value_of()
+
+        def named(future: AsyncResult) -> Any:
+            return value_of(future) if future.done() else ResultOf(future.task_id, future.job)
+
+        try:
+            requests = self._store(held, named)
+        except Exception:  # an input ended badly meanwhile: its callback decides
+            return False
+        self._tracker.add_task(held.task_id, held.task_name, (), requests)
+        if parts.state is not None:
+            parts.state.set_released(held.task_id, self._specs.rows(held.task_name, requests))
+        try:
+            held.followed = parts.backend.submit_after(requests, [_job_id(f) for f in pending])
+        except Exception as exc:  # sbatch refused it: its jobs fail with that, as submit's do
+            held.followed = True  # nobody submits it again
+            self._fail(held, lambda _, error=exc: error)
+            return True
+        if not held.followed and parts.state is not None:
+            parts.state.set_waiting(held.task_id, depends)  # held after all
+        return held.followed
+
+    def _value_of(self) -> Callable[[AsyncResult], Any]:
+        """Return what a done input stands for in a call: its value, or a reference to
+        it when its large result is in this workflow's content store."""
+        parts = self._parts
 
         def value_of(future: AsyncResult) -> Any:
             reference = future.reference()
@@ -318,36 +394,59 @@ class DependentTasks:
                     int(reference["job"]),
                     int(reference.get("attempt", 0)),
                 )
-                stored.append(ref)
                 return ref
             return future.result()
 
+        return value_of
+
+    def _store(self, held: _HeldTask, value_of: Callable[[AsyncResult], Any]) -> list:
+        """Pickle the task's call with each future replaced by ``value_of(future)``, store
+        its specs; return its requests. Raises what pickling or storing raises."""
+        assert held.fn is not None
+        stored: list[Any] = []
+
+        def noted(future: AsyncResult) -> Any:
+            value = value_of(future)
+            if type(value) in (StoredResult, ResultOf):
+                stored.append(value)
+            return value
+
+        args = substitute(tuple(held.args), noted)
+        kwargs = substitute(dict(held.kwargs), noted)
+        entries = [None if e is None else substitute(dict(e), noted) for e in held.entries]
+        hook = persistent_id if stored else None
+        limit = self._options.config.max_argument_bytes
+        call = dumps_call(held.fn, args, kwargs, limit, hook)
+        job_kwargs = [
+            None if entry is None else dumps_job_kwargs(entry, i, limit, hook)
+            for i, entry in enumerate(entries)
+        ]
+        return self._specs.store_task(
+            held.task_id,
+            held.task_name,
+            call,
+            job_kwargs,
+            held.environment,
+            held.init_env,
+            held.resources,
+        )
+
+    def _release(self, held: _HeldTask) -> None:
+        """Submit the task: its inputs are all done with a value."""
+        live = [f for f in held.futures if not f.done()]  # some may have been cancelled
+        if not live or self._tracker.detached or held.fn is None:
+            return
+        parts = self._parts
         try:
-            args = substitute(tuple(held.args), value_of)
-            kwargs = substitute(dict(held.kwargs), value_of)
-            entries = [None if e is None else substitute(dict(e), value_of) for e in held.entries]
-            hook = persistent_id if stored else None
-            limit = config.max_argument_bytes
-            call = dumps_call(held.fn, args, kwargs, limit, hook)
-            job_kwargs = [
-                None if entry is None else dumps_job_kwargs(entry, i, limit, hook)
-                for i, entry in enumerate(entries)
-            ]
-            requests = self._specs.store_task(
-                held.task_id,
-                held.task_name,
-                call,
-                job_kwargs,
-                held.environment,
-                held.init_env,
-                held.resources,
-            )
+            requests = self._store(held, self._value_of())
         except Exception as exc:  # e.g. a value too large to travel: its jobs fail with it
             self._fail(held, lambda _, error=exc: error)
             return
         self._tracker.add_task(held.task_id, held.task_name, (), requests)
         if parts.state is not None:
             parts.state.set_released(held.task_id, self._specs.rows(held.task_name, requests))
+        with self._lock:
+            self._counts["released"] += 1
         wanted = [r for r, f in zip(requests, held.futures, strict=True) if not f.done()]
         try:
             assert parts.backend is not None

@@ -39,7 +39,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +49,7 @@ from idds_fat.node.spec import SECRETS_ENV
 from idds_fat.results.outcome import decode_result
 from idds_fat.serialize import dumps_value, loads, open_envelope, register_user_modules, seal
 from idds_fat.workdir import (
+    DriverFiles,
     WorkflowPaths,
     open_private,
     private_dir,
@@ -80,58 +80,6 @@ class DriverError(IddsFatError):
     """The driver could not be launched (the message has the launcher's words)."""
 
 
-@dataclass(frozen=True)
-class DriverFiles:
-    """The files of a workflow's driver, in ``WORKFLOW_DIR/driver/`` (0700, files 0600)."""
-
-    root: Path
-
-    @property
-    def body(self) -> Path:
-        """The sealed body and settings the driver runs."""
-        return self.root / "body.bin"
-
-    @property
-    def secrets(self) -> Path:
-        """The configured secrets (token, broker password) the driver reads."""
-        return self.root / "secrets.json"
-
-    @property
-    def where(self) -> Path:
-        """Where it runs: ``{"kind", "host", "pid"}`` or ``{"kind", "slurm_job"}``."""
-        return self.root / "where.json"
-
-    @property
-    def lock(self) -> Path:
-        """Held (``flock``) by a local driver from before it starts until it ends."""
-        return self.root / "lock"
-
-    @property
-    def stdout(self) -> Path:
-        """What the body printed."""
-        return self.root / "stdout.txt"
-
-    @property
-    def stderr(self) -> Path:
-        """The driver's log and what the body printed on stderr."""
-        return self.root / "stderr.txt"
-
-    @property
-    def outcome(self) -> Path:
-        """The sealed return value, or exception, of the body."""
-        return self.root / "outcome.bin"
-
-    @property
-    def exit_status(self) -> Path:
-        """The local driver's exit status, when the process that launched it saw it end."""
-        return self.root / "exit_status"
-
-    @property
-    def script(self) -> Path:
-        """The ``sbatch`` script of a Slurm driver."""
-        return self.root / "driver.sh"
-
-
 def is_driving(workflow_id: str) -> bool:
     """Whether this process is the driver of workflow ``workflow_id``."""
     return workflow_id in _driving
@@ -158,7 +106,8 @@ def launch(workflow: Workflow, body: Callable[[], Any]) -> Driver:
     """
     parts, config = workflow.parts, workflow.config
     assert parts.work_dir is not None
-    files = DriverFiles(private_dir(WorkflowPaths(parts.work_dir).driver))
+    files = WorkflowPaths(parts.work_dir).driver
+    private_dir(files.root)
     register_user_modules(workflow.source_dir)  # helper modules travel by value, as for jobs
     public = dataclasses.replace(config, **{name: None for name in SECRET_SETTINGS})
     pickled = dumps_value((body, public), "the workflow body", config.max_argument_bytes)
@@ -292,7 +241,7 @@ def read_body(workflow_dir: Path) -> tuple[Callable[[], Any], Config]:
         IddsFatError: it is not this workflow's body.
     """
     paths = WorkflowPaths(workflow_dir)
-    files = DriverFiles(paths.driver)
+    files = paths.driver
     header, body = open_envelope(files.body.read_bytes(), paths.hmac_key.read_bytes())
     if header.get("kind") != "driver-body" or header.get("workflow") != paths.workflow_id:
         raise IddsFatError(f"{files.body} is not the driver body of {paths.workflow_id}")
@@ -306,7 +255,7 @@ def read_body(workflow_dir: Path) -> tuple[Callable[[], Any], Config]:
 
 def read_secrets(workflow_dir: Path) -> dict[str, str]:
     """Return the configured secrets the driver runs with (those that are set)."""
-    raw = json.loads(DriverFiles(WorkflowPaths(workflow_dir).driver).secrets.read_text())
+    raw = json.loads(WorkflowPaths(workflow_dir).driver.secrets.read_text())
     return {name: value for name, value in raw.items() if value is not None}
 
 
@@ -317,7 +266,7 @@ def write_outcome(workflow_dir: Path, ok: bool, value: Any, tb_text: str = "") -
     A value that does not pickle is written as the error saying so.
     """
     paths = WorkflowPaths(workflow_dir)
-    files = DriverFiles(paths.driver)
+    files = paths.driver
     if ok:
         try:
             body, status = dumps_value(value, "the body's return value", 1 << 62), "ok"
@@ -352,7 +301,7 @@ class Driver:
 
     def __init__(self, workflow_dir: Path) -> None:
         self.paths = WorkflowPaths(Path(workflow_dir))
-        self.files = DriverFiles(self.paths.driver)
+        self.files = self.paths.driver
 
     @classmethod
     def of(cls, workflow_dir: Path) -> Driver | None:

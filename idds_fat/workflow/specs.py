@@ -193,9 +193,22 @@ class JobSpecs:
         return {"key": self._cache.put(sealed)}
 
     def store(self, spec: JobSpec) -> str:
-        """Put ``spec`` in the cache (with presigned URLs on S3); return its key."""
+        """Put ``spec`` in the cache (with presigned URLs on S3, and the URLs of the
+        objects the backend keeps itself); return its key."""
         self._add_node_urls(spec)
+        self._add_backend_urls(spec)
         return self._cache.put(spec.to_json())
+
+    def _add_backend_urls(self, spec: JobSpec) -> None:
+        """Where the backend keeps the code context and payload itself (the panda
+        backend: PanDA's cache, as iDDS does), the job reads them from there."""
+        backend = self._parts.backend
+        if backend is None:
+            return
+        keys = [spec.payload["key"]] + ([spec.archive["key"]] if spec.archive else [])
+        urls = backend.node_urls(keys, self._cache.get)
+        if urls:
+            spec.urls = {**(spec.urls or {}), **urls}
 
     def _add_node_urls(self, spec: JobSpec) -> None:
         """On S3, give the job presigned URLs: nodes have neither credentials nor boto3."""

@@ -243,8 +243,9 @@ class JobTracker:
         if future is None:
             return
         if outcome.cancelled:
-            future.mark_cancelled()
-            self._record(future, "cancelled", outcome.returncode)
+            # A job withdrawn because its input failed is settled (DependencyError) first.
+            if future.mark_cancelled():
+                self._record(future, "cancelled", outcome.returncode)
             return
         checked = self._check_result(job, future)
         if future.done():

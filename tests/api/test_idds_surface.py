@@ -467,14 +467,6 @@ def test_an_idds_hpo_program_runs_unchanged_but_for_its_imports_on_local(tmp_pat
     assert outcome["best"] == [0.0, {"x": 3.0, "y": -1.0}, ["idds_ml_al9.simg", None]]
 
 
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """Point sbatch/squeue/scancel at the test cluster."""
-    for key, value in slurm_cluster.env.items():
-        monkeypatch.setenv(key, value)
-    return slurm_cluster
-
-
 def test_an_idds_hpo_program_runs_unchanged_but_for_its_imports_on_slurm(slurm_env, tmp_path):
     runtime = _fake_singularity(tmp_path)
     directory = tmp_path / "hpo"

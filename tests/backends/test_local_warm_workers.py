@@ -47,6 +47,74 @@ def test_each_warm_job_keeps_its_own_stdout_and_stderr():
         assert (jobs / str(index) / "stderr.txt").read_text() == f"err {x}\n"
 
 
+def test_a_warm_job_that_prints_nothing_leaves_no_output_files():
+    from click.testing import CliRunner
+
+    from idds_fat.cli import main
+
+    with Workflow(max_workers=1, progress=False) as wf:
+        assert chatty(1) == 1
+        assert whoami(2)[1] == 2  # silent, run between two that print
+        assert chatty(3) == 3
+        jobs = wf.work_dir / "jobs"
+    assert not (jobs / "t0002" / "0").exists()  # neither files nor a dir for the silent job
+    # Each printing job has its own output only, none of the others'.
+    assert (jobs / "t0001" / "0" / "stdout.txt").read_text() == "out 1\n"
+    assert (jobs / "t0003" / "0" / "stderr.txt").read_text() == "err 3\n"
+    for path in (jobs / "t0001" / "0", jobs / "t0001" / "0" / "stdout.txt"):
+        assert path.stat().st_mode & 0o077 == 0
+    logs = CliRunner().invoke(main, ["logs", wf.id, "t0002", "0"], catch_exceptions=False)
+    assert logs.exit_code == 0 and logs.output == ""  # printed nothing, not an error
+
+
+def test_a_running_warm_jobs_output_is_read_from_its_workers_spool(tmp_path):
+    from click.testing import CliRunner
+
+    from idds_fat.cli import main
+    from idds_fat.monitor.views import job_view
+
+    gate = tmp_path / "gate"
+
+    @work
+    def talks_then_waits():
+        print("halfway there", flush=True)
+        os.write(2, b"still working\n")
+        wait_until(gate.exists, "the gate", timeout=120)
+        return 1
+
+    def logs(*args: str) -> str:
+        return CliRunner().invoke(main, ["logs", wf.id, "t0001", "0", *args]).output
+
+    with Workflow(max_workers=1, progress=False) as wf:
+        future = talks_then_waits.submit()
+        wait_until(lambda: logs() == "halfway there\n", "the running job's output")
+        assert logs("--stderr") == "still working\n"
+        assert job_view(wf.work_dir.parent.parent, wf.id, "t0001", 0)["stderr_tail"] == (
+            "still working\n"
+        )
+        gate.touch()
+        assert future.result(timeout=60) == 1
+    assert logs() == "halfway there\n"  # now from the job's own file
+    assert (wf.work_dir / "jobs" / "t0001" / "0" / "stdout.txt").is_file()
+
+
+def test_a_job_that_kills_its_warm_worker_still_shows_its_stderr_tail():
+    @work
+    def last_words():
+        print("some output")
+        os.write(2, b"last words before the crash\n")
+        os.kill(os.getpid(), 9)
+
+    with Workflow(max_workers=1, progress=False) as wf:
+        with pytest.raises(JobLostError, match="its warm worker was killed") as lost:
+            last_words()
+        assert whoami(3)[1] == 3  # the next worker's spool starts empty
+    assert "last words before the crash" in lost.value.stderr_tail
+    assert lost.value.stderr_path == str(wf.work_dir / "jobs" / "t0001" / "0" / "stderr.txt")
+    assert (wf.work_dir / "jobs" / "t0001" / "0" / "stdout.txt").read_text() == "some output\n"
+    assert not (wf.work_dir / "jobs" / "t0002" / "0").exists()
+
+
 def test_killing_a_running_warm_job_replaces_its_worker(tmp_path):
     started = tmp_path / "started"
 

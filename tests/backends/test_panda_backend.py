@@ -1,9 +1,11 @@
 """The PanDA backend against recorded exchanges.
 
-Every recorded request and reply follows /work/shared/PANDA_API.md, which was
-read from panda-client (pandaclient/Client.py) and panda-server
-(pandaserver/api/v1/*.py); each shape names its section and source file. No
-real PanDA server was involved: the shapes are as faithful as those sources.
+The replies the backend's everyday calls get (secret, submit, status, details,
+kill, upload, "Task not found" right after submit) are built from what a live
+PanDA server 1.0.4 answered: ``panda_recordings/exchanges.json``, written by
+``panda_recordings/record.py`` (run it again after a server upgrade). The rarer
+shapes (quota refusals, 5xx, X.509) follow /work/shared/PANDA_API.md, read from
+panda-client and panda-server; each names its section and source file.
 """
 
 from __future__ import annotations
@@ -132,6 +134,33 @@ def make_backend(client: PandaClient, exits: Exits, **options) -> PandaBackend:
 # --- recorded replies --------------------------------------------------------------------
 
 
+RECORDINGS = json.loads(
+    (Path(__file__).with_name("panda_recordings") / "exchanges.json").read_text()
+)
+
+
+def recorded(rsps: responses.RequestsMock, name: str, match=(), **changes) -> None:
+    """Add the live server's reply ``name`` (exchanges.json) for its request; ``changes``
+    replace keys of the reply's envelope (``data``, ``message``) or of its ``data``."""
+    exchange = RECORDINGS[name]
+    reply = json.loads(json.dumps(exchange["reply"]))
+    body = reply["body"]
+    for key, value in changes.items():
+        if key in body:
+            body[key] = value
+        else:
+            body["data"][key] = value
+    method = exchange["request"]["method"]
+    rsps.add(
+        method,
+        f"{API}/{exchange['request']['operation']}",
+        match=list(match),
+        body=json.dumps(body) if not isinstance(body, str) else body,
+        status=reply["status"],
+        content_type=reply["content_type"].split(";")[0],
+    )
+
+
 def envelope(success: bool, message: str = "", data=None) -> dict:
     # §2 "New-API envelope"; pandaserver/api/v1/common.py generate_response.
     return {"success": success, "message": message, "data": data}
@@ -140,53 +169,28 @@ def envelope(success: bool, message: str = "", data=None) -> dict:
 def add_secret_stored(rsps: responses.RequestsMock) -> None:
     # POST /api/v1/creds/set_user_secrets, JSON {"key", "value"} (panda-server
     # pandaserver/api/v1/credential_management_api.py set_user_secrets: secure, POST).
-    rsps.post(f"{API}/creds/set_user_secrets", json=envelope(True, "OK"))
+    recorded(rsps, "set_user_secrets")
 
 
 def add_submitted(rsps: responses.RequestsMock, task_id: int = 4242) -> None:
     # §2a: POST /api/v1/task/submit -> data is the new jediTaskID
     # (pandaserver/api/v1/task_api.py submit; task_event_module.insertTaskParamsPanda).
-    rsps.post(
-        f"{API}/task/submit",
-        json=envelope(True, f"succeeded. new jediTaskID={task_id}", task_id),
-    )
+    recorded(rsps, "submit", message=f"succeeded. new jediTaskID={task_id}", data=task_id)
 
 
 def add_status(rsps: responses.RequestsMock, status: str, task_id: int = 4242) -> None:
     # §2b: GET /api/v1/task/get_status?task_id=N -> the status string in data
     # (pandaserver/api/v1/task_api.py get_status). The server sends text/plain (§2).
-    rsps.get(
-        f"{API}/task/get_status",
-        match=[responses.matchers.query_param_matcher({"task_id": str(task_id)})],
-        body=json.dumps(envelope(True, "", status)),
-        content_type="text/plain",
-    )
+    match = [responses.matchers.query_param_matcher({"task_id": str(task_id)})]
+    recorded(rsps, "status_running", match, data=status)
 
 
 def add_details(rsps: responses.RequestsMock, statistics: str, status: str, task_id=4242) -> None:
     # §2b: GET /api/v1/task/get_details -> inDS, outDS, statistics, PandaID, ...
     # (task_event_module.getJediTaskDetails), status with include_status.
-    rsps.get(
-        f"{API}/task/get_details",
-        match=[
-            responses.matchers.query_param_matcher(
-                {"task_id": str(task_id), "include_parameters": "false", "include_status": "true"}
-            )
-        ],
-        json=envelope(
-            True,
-            "",
-            {
-                "inDS": "",
-                "outDS": "",
-                "statistics": statistics,
-                "PandaID": [9001, 9002, 9003],
-                "mergePandaID": [],
-                "mergeStatus": None,
-                "status": status,
-            },
-        ),
-    )
+    query = {"task_id": str(task_id), "include_parameters": "false", "include_status": "true"}
+    match = [responses.matchers.query_param_matcher(query)]
+    recorded(rsps, "details_done", match, statistics=statistics, status=status)
 
 
 def sent_json(call) -> dict:
@@ -379,6 +383,35 @@ def test_polls_follow_the_task_to_done_and_report_clean_exits(rsps, client, exit
     assert sent_json(last) == {"key": SECRET_NAME}
 
 
+def test_an_attaching_caller_adopts_the_task_and_deletes_the_first_callers_secret(
+    rsps, client, exits
+) -> None:
+    # The first caller records, per job, the PanDA task and the secret its jobs read.
+    started: list[tuple[str, str]] = []
+    first = submit_three(
+        rsps, client, exits, on_start=lambda job, ref: started.append((job.job_id, ref))
+    )
+    assert started == [(f"t0001/{i}", f"4242:{SECRET_NAME}") for i in range(3)]
+    first.shutdown(wait=False)  # the caller went away; its task runs on
+    # A second caller (another secret) follows the same task instead of a new one.
+    second = make_backend(client, exits, secret_name="IDDS_FAT_SECOND")
+    second.adopt([(job, ref) for job, (_, ref) in zip(make_jobs(3), started, strict=True)])
+    add_status(rsps, "done")
+    add_details(rsps, "finished*3", "done")
+    second.poll()
+    assert [(job, outcome.returncode) for job, outcome in exits.calls] == [
+        ("t0001/0", 0),
+        ("t0001/1", 0),
+        ("t0001/2", 0),
+    ]
+    assert sum("task/submit" in c.request.url for c in rsps.calls) == 1
+    second.shutdown()
+    deleted = [sent_json(c) for c in rsps.calls if c.request.url.endswith("set_user_secrets")]
+    assert {"key": SECRET_NAME} in deleted  # no job reads it any more
+    with pytest.raises(ValueError, match="not a PanDA job reference"):
+        second.adopt([(make_jobs(1)[0], "t0001/0")])
+
+
 def test_failed_task_reports_its_state_and_statistics_in_the_reason(rsps, client, exits) -> None:
     backend = submit_three(rsps, client, exits)
     add_status(rsps, "failed")
@@ -421,7 +454,7 @@ def test_task_panda_forgot_is_reported_after_three_polls(rsps, client, exits) ->
 def test_task_not_found_right_after_submit_is_not_lost(rsps, client, exits, monkeypatch) -> None:
     # A live server answers "Task not found" until JEDI has registered the task.
     backend = submit_three(rsps, client, exits)
-    rsps.get(f"{API}/task/get_status", json=envelope(False, "Task not found"))
+    recorded(rsps, "status_not_found")
     for _ in range(5):
         backend.poll()
     assert exits.calls == []
@@ -430,6 +463,31 @@ def test_task_not_found_right_after_submit_is_not_lost(rsps, client, exits, monk
     for _ in range(3):
         backend.poll()
     assert {o.reason for _, o in exits.calls} == {"PanDA no longer knows task 4242"}
+    backend.shutdown()
+
+
+def test_a_kill_refused_before_panda_registered_the_task_is_sent_again_once_it_is_known(
+    rsps, client, exits
+) -> None:
+    # A live server refuses the kill ("not the task owner") while the task is not found.
+    backend = submit_three(rsps, client, exits)
+    recorded(rsps, "status_not_found")
+    recorded(rsps, "kill_not_registered")
+    backend.cancel(["t0001/0", "t0001/1", "t0001/2"])
+    assert [o.cancelled for _, o in exits.calls] == [True] * 3  # at once, all the same
+    backend.poll()
+
+    def kills() -> int:
+        return sum(c.request.url == f"{API}/task/kill" for c in rsps.calls)
+
+    assert kills() == 1
+    rsps.remove(responses.GET, f"{API}/task/get_status")
+    rsps.remove(responses.POST, f"{API}/task/kill")
+    recorded(rsps, "status_running")
+    recorded(rsps, "kill_running")
+    backend.poll()
+    backend.poll()
+    assert kills() == 2  # once more when PanDA knows the task, then not again
     backend.shutdown()
 
 
@@ -459,10 +517,7 @@ def test_cancelling_every_job_kills_the_task(rsps, client, exits) -> None:
     backend = submit_three(rsps, client, exits)
     # §2c: POST /api/v1/task/kill {"task_id": N, "broadcast": false}; success iff code 0
     # (pandaserver/api/v1/task_api.py kill). The message wording changes: not asserted.
-    rsps.post(
-        f"{API}/task/kill",
-        json=envelope(True, "command=kill is registered for task ID 4242", 0),
-    )
+    recorded(rsps, "kill_running")
     backend.cancel(["t0001/0", "t0001/1", "t0001/2"])
     [kill] = [c for c in rsps.calls if c.request.url == f"{API}/task/kill"]
     assert kill.request.method == "POST"
@@ -488,14 +543,7 @@ def test_cancelling_part_of_a_task_reports_those_and_kills_only_at_the_last(
 def test_a_kill_panda_refuses_is_logged_not_raised(rsps, client, exits, caplog) -> None:
     backend = submit_three(rsps, client, exits)
     # §2c error 4: the task already ended.
-    rsps.post(
-        f"{API}/task/kill",
-        json=envelope(
-            False,
-            "Command rejected: the kill command is not accepted if the task is in done status",
-            4,
-        ),
-    )
+    recorded(rsps, "kill_done")
     with caplog.at_level(logging.ERROR, logger="idds_fat.backends.panda"):
         backend.shutdown(cancel=True)
     assert "could not kill PanDA task 4242" in caplog.text
@@ -631,7 +679,7 @@ def test_put_file_uploads_one_multipart_part_named_file(rsps, client, tmp_path) 
     archive.write_bytes(data)
     # §2e: POST /api/v1/file_server/upload_cache_file, multipart part "file"
     # (pandaserver/api/v1/file_server_api.py upload_cache_file; Client.py putFile).
-    rsps.post(f"{API}/file_server/upload_cache_file", json=envelope(True, "", None))
+    recorded(rsps, "upload")
     url = client.put_file(archive)
     name = f"sources.idds-fat-{hashlib.sha256(data).hexdigest()}.zip"
     # §2e download: <cache host>/cache/<name>, the path of PANDACACHE_URL ignored.
@@ -647,13 +695,36 @@ def test_put_file_uploads_one_multipart_part_named_file(rsps, client, tmp_path) 
     assert str(tmp_path).encode() not in body
 
 
+def test_node_urls_put_context_and_payload_into_pandas_cache_once_each(rsps, client, exits) -> None:
+    objects = {hashlib.sha256(data).hexdigest(): data for data in (b"PK context", b"payload")}
+    reads: list[str] = []
+
+    def read(key: str) -> bytes:
+        reads.append(key)
+        return objects[key]
+
+    assert make_backend(client, exits).node_urls(list(objects), read) == {}  # off by default
+    assert len(rsps.calls) == 0 and reads == []
+    recorded(rsps, "upload")
+    backend = make_backend(client, exits, panda_cache=True)
+    urls = backend.node_urls(list(objects), read)
+    assert urls == {
+        key: f"https://pandacache.example.org/cache/sources.idds-fat-{key}" for key in objects
+    }
+    # The next task's specs name the same context: it is not put again.
+    context = next(iter(objects))
+    assert backend.node_urls([context], read) == {context: urls[context]}
+    assert len(rsps.calls) == 2 and sorted(reads) == sorted(objects)
+    assert all(c.request.url == f"{API}/file_server/upload_cache_file" for c in rsps.calls)
+
+
 def test_put_file_of_gzip_looks_it_up_by_size_and_trailer_crc32(rsps, client) -> None:
     raw = b"print('hello')\n" * 100
     data = gzip.compress(raw)
     # §2e reuse check: POST validate_cache_file {"file_size", "checksum"}; §5: the
     # checksum is the CRC32 in the gzip trailer, which is the CRC32 of the content.
-    rsps.post(f"{API}/file_server/validate_cache_file", json=envelope(True, "", None))
-    rsps.post(f"{API}/file_server/upload_cache_file", json=envelope(True, "", None))
+    recorded(rsps, "validate_missing")
+    recorded(rsps, "upload")
     client.put_file(data, "sources.ctx.tar.gz")
     check, upload = rsps.calls
     assert sent_json(check) == {"file_size": len(data), "checksum": zlib.crc32(raw)}
@@ -680,10 +751,7 @@ def test_put_file_over_the_limit_of_its_name_sends_nothing(rsps, client) -> None
 
 def test_put_file_content_addressed_name_that_exists_is_done(rsps, client) -> None:
     # §2e failure message "ERROR: cannot overwrite file": same name, same sha256, same bytes.
-    rsps.post(
-        f"{API}/file_server/upload_cache_file",
-        json=envelope(False, "ERROR: cannot overwrite file", None),
-    )
+    recorded(rsps, "upload_again")
     url = client.put_file(b"same bytes")
     assert url.startswith("https://pandacache.example.org/cache/sources.idds-fat-")
     with pytest.raises(PandaRejectedError, match="cannot overwrite"):
@@ -860,23 +928,84 @@ def test_create_takes_wrapper_url_secrets_and_callback_from_the_setup(monkeypatc
         }
 
     with responses.RequestsMock() as rsps:
+        recorded(rsps, "voms_attributes")
         add_secret_stored(rsps)
         add_submitted(rsps)
         backend = PandaBackend.create(None, Setup())  # type: ignore[arg-type]
         assert backend.client.api == API
         assert backend.secret_name.startswith("IDDS_FAT_")
+        assert rsps.calls[0].request.url == f"{API}/system/get_voms_attributes"
         backend.submit(make_jobs(1))
         params = submitted_task(rsps)
         assert (params["site"], params["cloud"]) == ("DOMA_LSST_GOOGLE_TEST", "US")
         assert params["container_name"] == "docker://python:3.11"
         assert "PandaSite" not in params
-        assert sent_json(rsps.calls[0])["value"] == json.dumps(JOB_SECRETS)
+        assert sent_json(rsps.calls[1])["value"] == json.dumps(JOB_SECRETS)
         rsps.post(f"{API}/task/kill", json=envelope(True, "registered", 0))
         add_secret_stored(rsps)
         backend.shutdown(cancel=True)
     Setup.wrapper_url = None
     with pytest.raises(ConfigError, match="HTTP cache"):
         PandaBackend.create(None, Setup())  # type: ignore[arg-type]
+
+
+def _unsigned_jwt(claims: dict) -> str:
+    # The backend only reads a token's claims (for its messages); PanDA checks it.
+    part = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJSUzI1NiJ9.{part}.c2lnbmF0dXJl"
+
+
+def test_create_stops_on_an_expired_token_before_anything_is_submitted(monkeypatch, caplog) -> None:
+    expired = _unsigned_jwt({"sub": "jane", "exp": int(time.time()) - 600})
+    monkeypatch.setenv("PANDA_AUTH", "oidc")
+    monkeypatch.setenv("PANDA_AUTH_ID_TOKEN", expired)
+    monkeypatch.setenv("PANDA_AUTH_VO", VO)
+    monkeypatch.setenv("PANDA_URL_SSL", SERVER)
+
+    class Setup:
+        on_exit = Exits()
+        wrapper_url = WRAPPER_URL
+        secrets = JOB_SECRETS
+        placement = {"queue": "DOMA_LSST_GOOGLE_TEST"}
+
+    with responses.RequestsMock() as rsps, caplog.at_level(logging.DEBUG):
+        # What the live server answers an expired token (its own check, against the issuer).
+        recorded(rsps, "expired_token")
+        with pytest.raises(PandaAuthError) as caught:
+            PandaBackend.create(None, Setup())  # type: ignore[arg-type]
+        assert [c.request.url for c in rsps.calls] == [f"{API}/system/get_voms_attributes"]
+    message = str(caught.value)
+    assert "Signature has expired" in message and caught.value.status == 403
+    assert "before anything was submitted" in message
+    assert "an ID token for VO wlcg, expired" in message
+    assert expired not in message and expired not in caplog.text
+    assert Setup.on_exit.calls == []
+
+
+def test_a_forged_token_is_refused_by_the_credentials_check(rsps, client, exits) -> None:
+    recorded(rsps, "forged_token")
+    backend = make_backend(client, exits)
+    with pytest.raises(PandaAuthError, match="Signature verification failed") as caught:
+        backend.check_credentials()
+    assert "an ID token for VO wlcg" in str(caught.value)
+    assert TOKEN not in str(caught.value)
+    assert [c.request.url for c in rsps.calls] == [f"{API}/system/get_voms_attributes"]
+
+
+def test_the_credentials_check_passes_when_panda_knows_the_caller(rsps, client, exits) -> None:
+    recorded(rsps, "voms_attributes")
+    make_backend(client, exits).check_credentials()
+    assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert rsps.calls[0].request.headers["Origin"] == VO
+
+
+def test_auth_describes_itself_without_the_token(tmp_path) -> None:
+    fresh = _unsigned_jwt({"exp": int(time.time()) + 3600})
+    assert "expires in" in PandaAuth("oidc", token=fresh, vo=VO).describe()
+    assert fresh not in PandaAuth("oidc", token=fresh, vo=VO).describe()
+    assert PandaAuth("oidc", token="opaque", vo=VO).describe() == "an ID token for VO wlcg"
+    proxy = tmp_path / "x509up"
+    assert PandaAuth("x509", proxy=proxy).describe() == f"the X.509 proxy {proxy}"
 
 
 def test_jobs_per_worker_packs_entries_into_each_panda_job(client, exits) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from idds_fat import Workflow, work
 from idds_fat.backends import BACKENDS
-from idds_fat.backends.panda import PandaClient
+from idds_fat.backends.panda import PandaAuthError, PandaClient
 from idds_fat.testing import PandaPilot, wait_until
 from idds_fat.testing.panda import backend_class
 from idds_fat.testing.processes import free_port
@@ -140,6 +140,9 @@ def test_hpo_loop_of_two_rounds_of_five_points_runs_through_panda(live, pilot) -
             points = [{"x": centre[0] + dx * step, "y": centre[1] + dy * step} for dx, dy in moves]
             submitted = time.monotonic()
             results = loss(multi_jobs_kwargs_list=points)
+            next(iter(results.as_completed(timeout=240)))
+            print(f"submit -> first result through PanDA: {time.monotonic() - submitted:.1f} s")
+            results.wait()
             print(f"round of 5 through PanDA: {time.monotonic() - submitted:.1f} s")
             for point in points:
                 seen[(point["x"], point["y"])] = results.get_result(args=point)
@@ -186,6 +189,52 @@ def test_cancel_of_a_running_task_fails_its_future_at_once_and_aborts_it(
         lambda: client.task_status(task_id) == "aborted", "the task to be aborted", timeout=90
     )
     print(f"cancel -> task aborted: {time.monotonic() - killed:.1f} s")
+
+
+def test_an_expired_or_forged_token_stops_the_workflow_before_anything_runs(
+    live, monkeypatch, panda_server, pilot
+) -> None:
+    # Every other test here authenticates with a token of the harness's issuer, which
+    # the server checks itself (signature against the issuer's JWKS over HTTP, expiry,
+    # audience, VO group). These two it refuses, and the workflow never starts.
+    before = len(pilot.jobs)
+    for token, reason in (
+        (panda_server.issue_token(lifetime=-60), "Signature has expired"),
+        (panda_server.issue_token(trusted=False), "Signature verification failed"),
+    ):
+        settings = dict(panda_server.backend_settings(), token=token)
+        monkeypatch.setitem(BACKENDS, "panda", backend_class(settings))
+        with pytest.raises(PandaAuthError, match=reason) as caught:
+            with Workflow(**live):
+                explode(1)
+        assert "before anything was submitted" in str(caught.value)
+        assert caught.value.status == 403 and token not in str(caught.value)
+    assert len(pilot.jobs) == before and not pilot.running
+
+
+def test_code_context_and_payload_go_through_the_panda_servers_cache(
+    live, monkeypatch, panda_server, tmp_path
+) -> None:
+    # As iDDS does: the backend puts them with file_server/upload_cache_file and the
+    # jobs read them back from the server's /cache/ (checked against their sha256);
+    # the specs and results stay with the idds-fat service.
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "data.txt").write_text("from the PanDA cache")
+    read = work(lambda suffix: open("data.txt").read() + suffix)
+    settings = panda_server.backend_settings()
+    monkeypatch.setitem(BACKENDS, "panda", backend_class(settings, panda_cache=True))
+    with Workflow(**live, source_dir=source) as wf:
+        results = read.map([{"suffix": "!"}, {"suffix": "?"}]).results(timeout=240)
+        assert results == ["from the PanDA cache!", "from the PanDA cache?"]
+        [task_id] = wf.tasks
+        spec = wf.specs.read(wf.tracker.request(f"{task_id}/0"))
+    names = {f"sources.idds-fat-{spec.archive['key']}", f"sources.idds-fat-{spec.payload['key']}"}
+    assert names <= {path.name for path in panda_server.cache_dir.iterdir()}
+    assert set(spec.urls.values()) == {f"{panda_server.url}/cache/{name}" for name in names}
+    fetched = (panda_server.log_dir / "front_end.log").read_text()
+    for name in names:
+        assert f"GET /cache/{name} " in fetched, name
 
 
 @work(jobs_per_worker=3)

@@ -18,14 +18,6 @@ from idds_fat.testing import wait_until
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """Point sbatch/squeue/scancel at the test cluster."""
-    for key, value in slurm_cluster.env.items():
-        monkeypatch.setenv(key, value)
-    return slurm_cluster
-
-
 def _settings(**extra):
     return {"backend": "slurm", "slurm_poll_min": 0.3, "slurm_poll_max": 1.0, **extra}
 

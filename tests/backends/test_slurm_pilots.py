@@ -6,19 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from idds_fat import Workflow, work
 from idds_fat.backends.pilot import SlurmPilotBackend
 from idds_fat.testing import wait_until
-
-
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """Point sbatch/squeue/scancel at the test cluster."""
-    for key, value in slurm_cluster.env.items():
-        monkeypatch.setenv(key, value)
-    return slurm_cluster
 
 
 def _settings(**extra):
@@ -78,6 +68,8 @@ def test_map_runs_through_warm_pilots(slurm_env):
     # Warm: 30 jobs ran in the few worker processes the pilots had, not 30 interpreters.
     assert len({r[2] for r in results}) <= started
     assert wf.stats["received"] == 30
+    # No broker: every result came in its job's report, none through the REST store.
+    assert wf.stats["local"] == 30 and wf.stats["rest"] == 0
 
 
 def test_killed_pilot_loses_and_doubles_no_result(slurm_env, tmp_path):

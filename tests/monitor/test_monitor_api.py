@@ -207,9 +207,13 @@ def test_summary_updated_moves_with_its_jobs_and_a_finished_timeline_ends_at_its
             lambda: catalog.workflow_summary(isolated_settings, wf.id).updated > started,
             "the summary's updated to move",
         )
+        wait_until(
+            lambda: views.workflow_view(isolated_settings, wf.id)["timeline"]["jobs"][0]["ended"],
+            "the job's end to be recorded",
+        )
         moved = views.workflow_view(isolated_settings, wf.id)
         job = moved["timeline"]["jobs"][0]
-        assert job["ended"] is not None and job["arguments"] == f"gate={str(gate)!r}, i=0"
+        assert job["arguments"] == f"gate={str(gate)!r}, i=0"
     after = views.workflow_view(isolated_settings, wf.id)
     summary = after["workflow"]
     assert summary["status"] == "finished" and summary["ended"] is not None

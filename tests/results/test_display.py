@@ -145,3 +145,19 @@ def test_progress_leaves_its_final_counts_in_a_saved_notebook(monkeypatch, tmp_p
     assert "[0, -1, -2]" in text
     final = [line for line in text.splitlines() if "3/3" in line]
     assert final and "done=3" in final[-1] and "failed=0" in final[-1], text
+
+
+def test_futures_among_arguments_show_as_the_jobs_they_stand_for():
+    from idds_fat.results.futures import AsyncResult, MapResult
+
+    first = AsyncResult("t0001", 3)
+    both = MapResult([AsyncResult("t0002", 0), AsyncResult("t0002", 1)])
+    # A future's own repr says "pending", stale once the text is recorded.
+    assert arguments_repr((first,), {"xs": both}) == "<t0001/3>, xs=<t0002: 2 jobs>"
+
+
+def test_a_large_bytes_argument_is_shortened_without_being_written_out_whole():
+    blob = bytes(range(256)) * (1 << 16)  # 16 MiB: its full repr would be 64 MiB of text
+    text = arguments_repr((blob,), {"i": 1})
+    assert len(text) <= 200 and "16,777,216 bytes" in text and text.endswith("i=1")
+    assert "16,777,216 bytes" in arguments_repr((bytearray(blob),))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,12 @@ def _job(n: int, walltime: float | None = None) -> LeasedJob:
     return LeasedJob(f"t/{n}", f"/specs/{n}", f"/jobs/{n}", walltime)
 
 
-def _pool(done=None) -> LeasePool:
-    return LeasePool(lambda pilot, jobs: None, done or (lambda pilot, job, report: None))
+def _pool(done=None, leased=None, direct_results=False) -> LeasePool:
+    return LeasePool(
+        leased or (lambda pilot, jobs: None),
+        done or (lambda pilot, job, report: False),
+        direct_results,
+    )
 
 
 def test_a_job_goes_only_to_a_pilot_with_the_time_to_finish_it():
@@ -82,7 +87,7 @@ def test_routes_lease_with_a_long_poll_and_report_done(service):
         waiter.join(30)
         assert answers and [j["job_id"] for j in answers[0]["jobs"]] == ["t/7"]
         answer = _post(service, f"{pool.name}/done", {"pilot": "p", "job": "t/7", "exit": 0})
-        assert answer.json() == {"known": True}
+        assert answer.json() == {"known": True, "recorded": False, "jobs": [], "closed": False}
         assert reports == [("p", "t/7", 0)]
         pool.close()
         closed = _post(service, f"{pool.name}/lease", {"pilot": "p", "wait": 20}).json()
@@ -102,3 +107,56 @@ def test_routes_need_the_token_and_a_known_pool(service):
         LEASES.remove(pool)
     assert _post(service, f"{pool.name}/lease", {"pilot": "p"}).status_code == 404
     assert _post(service, "x/lease", {"no": "pilot"}).status_code == 400
+
+
+def test_a_done_report_carries_the_result_and_leases_the_next_job(service):
+    reports, started = [], []
+
+    def done(pilot, job, report):
+        reports.append((job, report["result"]))
+        return True
+
+    pool = _pool(done, lambda pilot, jobs: started.extend(j.job_id for j in jobs), True)
+    LEASES.add(pool)
+    try:
+        pool.offer([_job(0), _job(1), _job(2)])
+        leased = _post(service, f"{pool.name}/lease", {"pilot": "p", "limit": 1}).json()
+        assert [(j["job_id"], j["reply"]) for j in leased["jobs"]] == [("t/0", True)]
+        body = {
+            "pilot": "p",
+            "job": "t/0",
+            "exit": 0,
+            "result": base64.b64encode(b"signed result").decode(),
+            "more": 1,
+        }
+        answer = _post(service, f"{pool.name}/done", body).json()
+        assert answer["known"] and answer["recorded"]
+        assert [j["job_id"] for j in answer["jobs"]] == ["t/1"]  # one request: end and next
+        assert reports == [("t/0", b"signed result")]  # decoded before the backend sees it
+        assert started == ["t/0", "t/1"]
+        assert pool.counts() == (1, 1)
+    finally:
+        LEASES.remove(pool)
+
+
+def test_a_result_not_recorded_is_left_to_the_pilot_and_its_next_job_still_comes(service):
+    def done(pilot, job, report):
+        raise RuntimeError("the state database is gone")
+
+    pool = _pool(done, direct_results=True)
+    LEASES.add(pool)
+    try:
+        pool.offer([_job(0), _job(1)])
+        pool.take("p", None)
+        result = base64.b64encode(b"r").decode()
+        body = {"pilot": "p", "job": "t/0", "exit": 0, "result": result, "more": 1}
+        answer = _post(service, f"{pool.name}/done", body).json()
+        assert answer["known"] and not answer["recorded"]  # the pilot delivers it itself
+        assert [j["job_id"] for j in answer["jobs"]] == ["t/1"]
+        # A report of a lease the pilot no longer holds records nothing either.
+        again = _post(service, f"{pool.name}/done", {**body, "more": 0}).json()
+        assert again == {"known": False, "recorded": False, "jobs": [], "closed": False}
+        bad = _post(service, f"{pool.name}/done", {**body, "result": "***"})
+        assert bad.status_code == 400
+    finally:
+        LEASES.remove(pool)

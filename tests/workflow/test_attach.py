@@ -114,15 +114,17 @@ def test_attached_workflow_reports_a_job_that_died_meanwhile(tmp_path):
 
 def test_detach_leaves_jobs_running_and_attach_collects_them(tmp_path):
     gate = tmp_path / "gate"
+    started = tmp_path / "started"
 
     @work
     def gated(value):
+        started.touch()
         wait_until(gate.exists, "the gate", timeout=120)
         return value
 
     wf = Workflow(publish_timeout=120).open()
     gated.submit("collected later")
-    wait_until(lambda: list((wf.work_dir / "jobs").glob("*/*/stdout.txt")), "the job to start")
+    wait_until(started.exists, "the job to start")
     wf.detach()
     gate.touch()  # the job finishes with nobody listening, and retries its delivery
     with Workflow.attach(wf.id) as again:

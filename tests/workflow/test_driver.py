@@ -185,17 +185,6 @@ def test_the_driver_s_outcome_is_not_unpickled_unless_it_verifies(project):
     assert outcome["error"] == "IntegrityError"
 
 
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """Point sbatch/squeue/scancel at the test cluster; jobs go to Slurm."""
-    for key, value in slurm_cluster.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("IDDS_FAT_BACKEND", "slurm")
-    monkeypatch.setenv("IDDS_FAT_SLURM_POLL_MIN", "0.3")
-    monkeypatch.setenv("IDDS_FAT_SLURM_POLL_MAX", "1.0")
-    return slurm_cluster
-
-
 def test_a_slurm_driver_submits_its_jobs_from_its_own_job_and_outlives_its_caller(
     project, slurm_env, monkeypatch
 ):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +101,40 @@ class PandaAuth:
                 ) from None
         return self.token
 
+    def describe(self) -> str:
+        """Say which credentials these are, without the token: its source, VO and,
+        for a JWT, when it expires (read from its claims, not verified)."""
+        if self.mode == "x509":
+            return f"the X.509 proxy {self.proxy}"
+        source = f"the token file {self.token_file}" if self.token_file else "an ID token"
+        text = f"{source} for VO {self.vo}"
+        try:
+            token = self.bearer_token() or ""
+        except PandaAuthError:
+            return text
+        expires = _expiry(token)
+        if expires is not None:
+            left = expires - time.time()
+            when = f"expired {-left:.0f} s ago" if left <= 0 else f"expires in {left:.0f} s"
+            text += f", {when}"
+        return text
+
     def headers(self) -> dict[str, str]:
         """Return the auth headers of one request (none in X.509 mode)."""
         token = self.bearer_token()
         if token is None:
             return {}
         return {"Authorization": "Bearer " + token, "Origin": str(self.vo)}
+
+
+def _expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT, or None when it is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) else None

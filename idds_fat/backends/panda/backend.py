@@ -47,7 +47,7 @@ from idds_fat.backends.base import (
 from idds_fat.backends.panda.auth import PandaAuth
 from idds_fat.backends.panda.bootstrap import BOOTSTRAP_B64
 from idds_fat.backends.panda.client import _SHELL_SAFE, PandaClient
-from idds_fat.backends.panda.errors import PandaError
+from idds_fat.backends.panda.errors import PandaAuthError, PandaError
 from idds_fat.backends.watcher import WATCHER, Watch
 from idds_fat.errors import ConfigError
 
@@ -134,6 +134,11 @@ class PandaBackend(Backend):
         on_start: called with ``(job, reference)`` once a job is in a PanDA task;
             the reference (``<jediTaskID>:<secret name>``) is what :meth:`adopt`
             takes back when another caller attaches.
+        panda_cache: put the code context and each task's payload into PanDA's
+            cache (``file_server/upload_cache_file``, as iDDS and prun put sources)
+            and have jobs read them from there (:meth:`node_urls`); the job specs,
+            arguments and results stay with the workflow's service. PanDA's cache
+            is readable by the site's users: leave it off for code that must not be.
 
     Raises:
         ConfigError: a URL grid nodes cannot use, or a bad option.
@@ -183,6 +188,7 @@ class PandaBackend(Backend):
         python: str = "python3",
         secret_name: str | None = None,
         on_start: StartCallback | None = None,
+        panda_cache: bool = False,
     ) -> None:
         _check_node_url(wrapper_url, "wrapper_url")
         if not _SHELL_SAFE.match(python):
@@ -230,6 +236,8 @@ class PandaBackend(Backend):
         self._adopted_secrets: set[str] = set()
         self._watch: Watch | None = None
         self._closed = False
+        self._panda_cache = panda_cache
+        self._cached: dict[str, str] = {}  # cache key -> its URL in PanDA's cache
 
     @classmethod
     def create(cls, config: Config, setup: Any) -> PandaBackend:
@@ -253,7 +261,7 @@ class PandaBackend(Backend):
             )
         placement = dict(getattr(setup, "placement", None) or {})
         container = placement.get("container_options") or {}
-        return cls(
+        backend = cls(
             on_exit=setup.on_exit,
             on_start=getattr(setup, "on_start", None),
             wrapper_url=setup.wrapper_url,
@@ -263,6 +271,31 @@ class PandaBackend(Backend):
             cloud=placement.get("cloud"),
             container_image=container.get("container_image"),
         )
+        backend.check_credentials()
+        return backend
+
+    def check_credentials(self) -> None:
+        """Check with PanDA that it accepts this backend's credentials.
+
+        :meth:`create` calls it, so credentials PanDA refuses stop the workflow at
+        its start, before anything is submitted, rather than at the first call.
+
+        Raises:
+            PandaAuthError: PanDA refused the credentials (wrong, forged or expired
+                token, another audience, not a member of the VO; a bad proxy); the
+                message says which credentials, never the token.
+            PandaUnavailableError: the server could not be reached.
+        """
+        try:
+            attributes = self._client.voms_attributes()
+        except PandaAuthError as exc:
+            raise PandaAuthError(
+                f"PanDA refused this workflow's credentials ({self._client.auth.describe()}) "
+                f"before anything was submitted: {exc}",
+                exc.operation,
+                status=exc.status,
+            ) from None
+        logger.info("PanDA accepted the credentials (%d VOMS attribute(s))", len(attributes))
 
     @property
     def client(self) -> PandaClient:
@@ -282,6 +315,29 @@ class PandaBackend(Backend):
         See :meth:`PandaClient.put_file`.
         """
         return self._client.put_file(source, name, reuse=reuse)
+
+    def node_urls(self, keys: Sequence[str], read: Callable[[str], bytes]) -> dict[str, str]:
+        """With ``panda_cache``, put these objects (code context, payload) into PanDA's
+        cache once each, named ``sources.idds-fat-<key>`` (the key is their sha256);
+        return the URLs jobs read them from. Without it, ``{}``.
+
+        Raises:
+            PandaError: PanDA refused a file (over its size limit, or not accepted).
+        """
+        if not self._panda_cache:
+            return {}
+        urls = {}
+        for key in keys:
+            with self._lock:
+                url = self._cached.get(key)
+            if url is None:
+                url = self._client.put_file(read(key))
+                if not url.endswith(f"-{key}"):
+                    raise PandaError(f"PanDA's cache named object {key} otherwise: {url}")
+                with self._lock:
+                    self._cached[key] = url
+            urls[key] = url
+        return urls
 
     def check(self, resources: Resources) -> None:
         """Raise ValueError for resources no PanDA task of this backend can ask for.

@@ -184,6 +184,30 @@ class PandaClient:
                 code=reply.get("data"),
             )
 
+    def voms_attributes(self) -> dict[str, str]:
+        """Return the VOMS attributes PanDA sees for the caller (``GET
+        system/get_voms_attributes``, panda-server ``api/v1/system_api.py``; not in
+        PANDA_API.md): ``GRST_CRED_*`` entries, none for a token without a role.
+
+        The cheapest call that checks the credentials, without side effects: a token
+        PanDA refuses (bad signature, expired, another audience, not in the VO) fails
+        with 403, and a caller with neither certificate nor token gets no answer.
+        (``system/get_user_attributes`` would name the caller, but looks the user up
+        in Rucio first, up to three times a second apart.)
+
+        Raises:
+            PandaAuthError: PanDA refused the credentials, or found no caller.
+            PandaUnavailableError: see :meth:`call`.
+        """
+        reply = self.call("GET", "system/get_voms_attributes")
+        data = reply.get("data")
+        if not reply.get("success") or not isinstance(data, dict):
+            raise PandaAuthError(
+                f"PanDA did not identify the caller: {reply.get('message') or 'no message'}",
+                "system/get_voms_attributes",
+            )
+        return {str(key): str(value) for key, value in data.items()}
+
     def set_user_secret(self, key: str, value: str | None) -> None:
         """Store (or, with ``value=None``, delete) a PanDA user secret.
 

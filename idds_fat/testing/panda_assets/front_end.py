@@ -9,13 +9,14 @@ through ``$PANDA_HOME``). Listens on 127.0.0.1:PORT and serves
   routes on it);
 * ``/cache/<name>``: the files of the server's ``cache_dir`` (Apache's ``Alias``).
 
-Who calls: mod_gridsite exports the client certificate's DN as
-``SSL_CLIENT_S_DN``. Here a bearer token listed in IDENTITIES_FILE (JSON
-``{"tokens": {TOKEN: DN}, "anonymous_dn": DN}``, mode 0600, read once) stands for
-that certificate: its DN is exported and the header removed, so the app sees an
-authenticated user as behind mod_gridsite. A token not listed gets 401. A request
-without one (JEDI's and the server's own calls, the pilot stand-in) gets
-``anonymous_dn``, which the config lists among ``production_dns``.
+Who calls: a request with ``Authorization: Bearer`` goes to the app as it came,
+and the app checks the token itself (``token_authType = oidc``: signature against
+the issuer's JWKS, expiry, audience, VO group), as behind Apache at an OIDC site.
+mod_gridsite exports a client certificate's DN as ``SSL_CLIENT_S_DN``; here a
+request without a token (JEDI's and the server's own calls, the pilot stand-in)
+gets ``anonymous_dn`` of IDENTITIES_FILE (JSON ``{"anonymous_dn": DN}``, read
+once), which the config lists among ``production_dns``, as a pilot's production
+proxy would be.
 """
 
 import json
@@ -35,7 +36,6 @@ def _reply(start_response, status, body, content_type="text/plain"):
 
 def make_app(identities):
     """Return the front end's WSGI app for these identities."""
-    tokens = dict(identities.get("tokens", {}))
     anonymous = identities.get("anonymous_dn")
 
     def app(environ, start_response):
@@ -54,14 +54,7 @@ def make_app(identities):
         # Nothing the client sent may pose as what the TLS layer would export.
         for key in [k for k in environ if k.startswith(("SSL_", "GRST_"))]:
             del environ[key]
-        header = environ.pop("HTTP_AUTHORIZATION", "")
-        if header:
-            scheme, _, token = header.partition(" ")
-            dn = tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-            if dn is None:
-                return _reply(start_response, "401 Unauthorized", b"unknown credentials")
-            environ["SSL_CLIENT_S_DN"] = dn
-        elif anonymous:
+        if not environ.get("HTTP_AUTHORIZATION") and anonymous:
             environ["SSL_CLIENT_S_DN"] = anonymous
         environ["SCRIPT_NAME"] = path
         environ["PATH_INFO"] = ""
