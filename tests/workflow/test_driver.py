@@ -185,10 +185,19 @@ def test_the_driver_s_outcome_is_not_unpickled_unless_it_verifies(project):
     assert outcome["error"] == "IntegrityError"
 
 
+@pytest.fixture
+def slurm_backend(slurm_env, monkeypatch):
+    """The test cluster (conftest's slurm_env), and the slurm backend for every process."""
+    monkeypatch.setenv("IDDS_FAT_BACKEND", "slurm")
+    monkeypatch.setenv("IDDS_FAT_SLURM_POLL_MIN", "0.3")
+    monkeypatch.setenv("IDDS_FAT_SLURM_POLL_MAX", "1.0")
+    return slurm_env
+
+
 def test_a_slurm_driver_submits_its_jobs_from_its_own_job_and_outlives_its_caller(
-    project, slurm_env, monkeypatch
+    project, slurm_backend, monkeypatch
 ):
-    partition = slurm_env.partitions[1]  # wf.queue: the driver's job goes there too
+    partition = slurm_backend.partitions[1]  # wf.queue: the driver's job goes there too
     monkeypatch.setenv("DRIVER_TEST_QUEUE", partition)
     submitted = _submit_and_leave(project, "ok")
     outcome = _attach_for_result(project, submitted["id"])
