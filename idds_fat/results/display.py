@@ -62,6 +62,27 @@ def arguments_repr(
     return _shorten(", ".join(parts), limit)
 
 
+def job_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any], entries: Sequence[Mapping[str, Any] | None]
+) -> list[str]:
+    """Return ``arguments_repr(args, {**kwargs, **entry})`` for each job's ``entry``.
+
+    The call's own arguments are written out once for the task, not once per job:
+    a map of many jobs shares them.
+    """
+    shared = ", ".join(
+        [_safe_repr(a) for a in args] + [f"{k}={_safe_repr(v)}" for k, v in kwargs.items()]
+    )
+    texts = []
+    for entry in entries:
+        if entry and not kwargs.keys().isdisjoint(entry):  # an entry's key takes its place
+            texts.append(arguments_repr(args, {**kwargs, **entry}))
+            continue
+        own = ", ".join(f"{k}={_safe_repr(v)}" for k, v in (entry or {}).items())
+        texts.append(_shorten(", ".join(t for t in (shared, own) if t), ARGUMENTS_CHARS))
+    return texts
+
+
 def _safe_repr(value: Any) -> str:
     try:
         return _short.repr(value)

@@ -39,7 +39,7 @@ from idds_fat.backends import Resources
 from idds_fat.errors import DependencyError
 from idds_fat.node.run import RESULT_OF, RESULT_REFERENCE
 from idds_fat.results import AsyncResult, MapResult
-from idds_fat.results.display import arguments_repr
+from idds_fat.results.display import job_arguments
 from idds_fat.serialize import dumps_call, dumps_job_kwargs
 from idds_fat.workflow.specs import job_name, presigns, request_name
 
@@ -263,11 +263,12 @@ class DependentTasks:
         task_id = new_task_id()
         jobs = [(i, job_name(task_name, i), "") for i in range(len(entries))]
         futures = []
-        for (index, name, _), entry in zip(jobs, entries, strict=True):
+        texts = job_arguments(args, kwargs, entries)
+        for (index, name, _), entry, text in zip(jobs, entries, texts, strict=True):
             future = self._tracker.new_future(
                 task_id, index, entry, request_name(parts.workflow_id, task_id, name)
             )
-            future.arguments = arguments_repr(args, {**kwargs, **(entry or {})})
+            future.arguments = text
             futures.append(future)
         inputs = inputs_of(args, kwargs, *entries)
         held = _HeldTask(

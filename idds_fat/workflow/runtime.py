@@ -26,7 +26,7 @@ from idds_fat.backends import Resources
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError, WorkflowClosedError
 from idds_fat.results import AsyncResult, MapResult
-from idds_fat.results.display import WaitProgress, arguments_repr, html_table
+from idds_fat.results.display import WaitProgress, html_table, job_arguments
 from idds_fat.results.futures import wait_interruptibly
 from idds_fat.serialize import dumps_call, dumps_job_kwargs, register_user_modules
 from idds_fat.workflow import resume
@@ -559,9 +559,9 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             self.tracker.new_future(task_id, index, entry, request.name)
             for index, (entry, request) in enumerate(zip(entries, requests, strict=True))
         ]
-        for future, entry in zip(futures, entries, strict=True):
-            # What the page and _repr_html_ show of the call: the service reads no payload.
-            future.arguments = arguments_repr(args, {**kwargs, **(entry or {})})
+        # What the page and _repr_html_ show of the call: the service reads no payload.
+        for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
+            future.arguments = text
         self.tracker.add_task(task_id, task_name, futures, requests)
         parts.state.record_task(
             task_id,

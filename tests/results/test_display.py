@@ -161,3 +161,12 @@ def test_a_large_bytes_argument_is_shortened_without_being_written_out_whole():
     text = arguments_repr((blob,), {"i": 1})
     assert len(text) <= 200 and "16,777,216 bytes" in text and text.endswith("i=1")
     assert "16,777,216 bytes" in arguments_repr((bytearray(blob),))
+
+
+def test_job_arguments_write_each_jobs_text_as_arguments_repr_does():
+    from idds_fat.results.display import job_arguments
+
+    args, kwargs = (1, "a" * 300), {"p": 1}
+    entries = [None, {}, {"x": 2}, {"p": 5, "y": 3}]  # the last one overrides a shared key
+    expected = [arguments_repr(args, {**kwargs, **(e or {})}) for e in entries]
+    assert job_arguments(args, kwargs, entries) == expected
