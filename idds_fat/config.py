@@ -154,6 +154,11 @@ class Config:
         container_run_options: options given to every container run, before
             the image's own (e.g. ``--runtime runc`` for podman on hosts where
             crun fails, ``--network host`` to reach loopback services).
+        panda_cache: the ``panda`` backend puts the code context and each task's
+            payload into PanDA's cache (``file_server/upload_cache_file``, as iDDS
+            and prun put sources) and jobs read them from there; specs, arguments
+            and results stay with the service. Off by default: PanDA's cache is
+            readable by the site's users (docs/backends/panda.md).
         progress: show a progress bar while a blocking call waits for several
             jobs (tqdm.auto: a widget in Jupyter, text on a terminal, nothing
             when stderr is not a terminal).
@@ -202,6 +207,7 @@ class Config:
         default=None, metadata={"choices": CONTAINER_RUNTIMES, "by_name": True}
     )
     container_run_options: tuple[str, ...] = ()
+    panda_cache: bool = False
 
     def __post_init__(self) -> None:
         # Values given to Config() directly are checked here; load_config checked

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pytest
+
 import idds_fat
+from idds_fat.workdir import WorkDirPaths
+from idds_fat.workflow.state import WorkflowState
 
 PACKAGE_DIR = Path(idds_fat.__file__).resolve().parent
 
@@ -136,3 +142,60 @@ def test_the_cycle_finder_names_a_cycle_and_follows_every_import_form():
     assert "idds_fat.workflow.catalog" in edges["idds_fat.monitor.views"]
     assert "idds_fat.service.server" in edges["idds_fat.cli"]
     assert "idds_fat.workflow.runtime" not in edges["idds_fat.workflow.current"]
+
+
+# What only a workflow's run needs: the web server, the broker client, HTTP, the runtime.
+_HEAVY = ("uvicorn", "starlette", "stomp", "requests", "tenacity", "idds_fat.workflow.runtime")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The modules of ``_HEAVY`` in ``sys.modules`` after a fresh interpreter runs ``code``."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {_HEAVY!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_loads_neither_the_runtime_nor_its_servers():
+    assert _loaded_after("import idds_fat") == []
+    # The probe sees them once something asks for the runtime.
+    assert "idds_fat.workflow.runtime" in _loaded_after("from idds_fat import Workflow")
+
+
+def test_the_status_command_loads_neither_the_runtime_nor_its_servers(tmp_path):
+    workflow_id = "imports-20261130T000000-abcdef"
+    paths = WorkDirPaths(tmp_path).workflow(workflow_id)
+    paths.root.mkdir(parents=True)
+    state = WorkflowState(paths.state)
+    state.record_workflow(workflow_id, "imports", {"backend": "local"})
+    state.record_task("t0001", "f", "f", [(0, "f[0]", "spec")])
+    state.close()
+    code = (
+        "from click.testing import CliRunner\n"
+        "from idds_fat.cli import main\n"
+        f"for args in ([], ['imports'], ['imports', 't0001']):\n"
+        f"    done = CliRunner().invoke(main, ['status', '--work-dir', {str(tmp_path)!r}, *args])\n"
+        "    assert done.exit_code == 0 and 'imports' in done.output, done.output\n"
+    )
+    assert _loaded_after(code) == []
+
+
+def test_every_public_name_resolves_and_is_listed():
+    assert set(idds_fat.__all__) <= set(dir(idds_fat))
+    for name in idds_fat.__all__:
+        assert getattr(idds_fat, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        idds_fat.no_such_name  # noqa: B018
+
+
+def test_workflow_stays_the_decorator_when_its_subpackage_loads_first():
+    code = (
+        "import idds_fat.workflow.catalog\n"
+        "from idds_fat import Workflow, workflow\n"
+        "import idds_fat.api\n"
+        "assert workflow is idds_fat.api.workflow and idds_fat.workflow is workflow, workflow\n"
+        "import sys\n"
+        "assert Workflow is sys.modules['idds_fat.workflow'].Workflow\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

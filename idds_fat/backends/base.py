@@ -74,6 +74,20 @@ class Resources:
         )
 
 
+class InlineSpec:
+    """A job spec's JSON, carried with the job's request until the spec is stored.
+
+    The workflow drops the text (``text = None``) once the spec is in the cache:
+    from then on whoever runs the job reads it there, and a long map keeps no
+    copy of every spec in memory while its jobs wait.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text: str | None = text
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """One job for a backend to run: the wrapper with a spec, in a work dir.
@@ -86,6 +100,8 @@ class JobRequest:
         resources: what it asks for.
         spec_key: the cache key of the job spec, for the workflow to read it back
             (to run the job again, or after attaching); backends need not use it.
+        inline_spec: the job spec itself while it is not yet in the cache (see
+            ``spec_json``), or None.
     """
 
     job_id: str
@@ -94,6 +110,18 @@ class JobRequest:
     workdir: Path
     resources: Resources = field(default_factory=Resources)
     spec_key: str = ""
+    # Not in the repr: on S3 a spec holds presigned URLs.
+    inline_spec: InlineSpec | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def spec_json(self) -> str | None:
+        """The job spec's JSON (whose sha256 is ``spec_key``) while the spec is not yet
+        in the cache, for a backend to hand its warm workers with the job: they
+        check it against the key and read no cache. Only a backend whose
+        ``runs_inline_specs`` said yes for the job's resources gets a job whose spec
+        is not stored yet (docs/backends/local.md, "Job specs inline"). None: read
+        the spec from ``spec_location``."""
+        return None if self.inline_spec is None else self.inline_spec.text
 
     @property
     def paths(self) -> JobPaths:
@@ -193,6 +221,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit(self, jobs: Sequence[JobRequest]) -> None:
         """Queue ``jobs``; return without waiting for them."""
+
+    def runs_inline_specs(self, resources: Resources) -> bool:
+        """Return whether every job asking for ``resources`` runs from the spec its
+        request carries (``JobRequest.spec_json``), never from the cache: the
+        workflow may then hand such jobs over before their specs are stored, and
+        store them while the jobs run.
+
+        The default says no (a batch job reads its spec from the cache): the
+        workflow stores every spec before it submits the job.
+        """
+        return False
 
     def submit_after(self, jobs: Sequence[JobRequest], inputs: Sequence[str]) -> bool:
         """Queue ``jobs`` (of one task) to start only once the jobs ``inputs`` (job ids of

@@ -201,6 +201,10 @@ class _WarmWorker:
         }
         if job.resources.memory_mb:
             command["memory_mb"] = job.resources.memory_mb
+        if job.spec_json is not None:
+            # The worker checks it against its key and reads no spec from the cache.
+            command["spec_json"] = job.spec_json
+            command["spec_key"] = job.spec_key
         try:
             self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -409,6 +413,11 @@ class LocalBackend(Backend):
                 f"a job asks for {wanted} GPU(s) but this machine has {len(self._all_gpus)} "
                 f"(devices: {have}; set the gpu_devices setting to list them)"
             )
+
+    def runs_inline_specs(self, resources: Resources) -> bool:
+        """Whether jobs asking for ``resources`` run in warm workers, which take their
+        specs inline: in warm mode, jobs without GPUs (those run cold, from the cache)."""
+        return self._mode == "warm" and not resources.gpus
 
     def submit(self, jobs: Sequence[JobRequest]) -> None:
         """Queue ``jobs``; they start as workers free up."""

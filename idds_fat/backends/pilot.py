@@ -162,11 +162,18 @@ class SlurmPilotBackend(SlurmBackend):
                         str(job.workdir),
                         job.resources.walltime,
                         job.resources.memory_mb,
+                        job.inline_spec,
+                        job.spec_key,
                     )
                 )
         self._pool.offer(leased)
         self._grow()
         self._poll_soon()
+
+    def runs_inline_specs(self, resources: Resources) -> bool:
+        """Yes: a pilot's warm workers take each job's spec from its lease (checked
+        against its key), so the workflow may lease a job before its spec is stored."""
+        return True
 
     def adopt(self, jobs: Sequence[tuple[JobRequest, str]]) -> None:
         """Pilots lease from this process's service: an earlier caller's jobs cannot be

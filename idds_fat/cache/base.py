@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Iterable
 
 from idds_fat.errors import IntegrityError
 
@@ -66,6 +67,15 @@ class ContentStore(abc.ABC):
         if not self.exists(key):
             self._write(key, data)
         return key
+
+    def put_many(self, items: Iterable[bytes]) -> list[str]:
+        """Store each of ``items`` unless its key is already there; return their keys,
+        in order. Stores that can write a batch faster than one ``put`` at a time
+        override it.
+
+        Raises CacheError if the store is unreachable (objects put before stay put).
+        """
+        return [self.put(data) for data in items]
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store may not be used afterwards."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,9 +18,11 @@ from idds_fat.cli.output import (
     table,
     work_dir_option,
 )
-from idds_fat.workdir import WorkDirPaths, read_tail
+from idds_fat.workdir import WorkDirPaths, WorkflowPaths, read_tail
 from idds_fat.workflow import catalog
-from idds_fat.workflow.driver import Driver
+
+if TYPE_CHECKING:
+    from idds_fat.workflow.driver import Driver
 
 
 @click.command()
@@ -59,10 +62,20 @@ def _show_workflows(root: Path, as_json: bool) -> None:
     click.echo(table(("ID", "NAME", "STATUS", "CREATED", "TASKS", "JOBS", "JOB STATES"), rows))
 
 
+def _driver_of(path: Path) -> Driver | None:
+    # The driver's module brings the serializer and the result decoding (the result
+    # collector, requests): imported only for a workflow that has a driver.
+    if not WorkflowPaths(path).driver.body.is_file():
+        return None
+    from idds_fat.workflow.driver import Driver
+
+    return Driver.of(path)
+
+
 def _workflow_header(summary: catalog.WorkflowSummary) -> str:
     states = state_counts(summary.job_states)
     tasks = "task" if summary.tasks == 1 else "tasks"
-    driver = Driver.of(summary.path)
+    driver = _driver_of(summary.path)
     return "\n".join(
         [
             f"workflow  {summary.id} ({summary.name})",
@@ -80,7 +93,7 @@ def _show_tasks(root: Path, workflow_id: str, as_json: bool) -> None:
     tasks = catalog.task_summaries(root, summary.id)
     if as_json:
         described = summary.to_dict()
-        if (driver := Driver.of(summary.path)) is not None:
+        if (driver := _driver_of(summary.path)) is not None:
             described["driver"] = {"status": driver.status, **driver.where}
         echo_json({"workflow": described, "tasks": [t.to_dict() for t in tasks]})
         return

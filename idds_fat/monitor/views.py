@@ -62,9 +62,8 @@ def workflow_view(work_dir: Path, workflow_id: str) -> dict[str, Any]:
         WorkflowNotFound: no workflow matches, or several do.
         IddsFatError: its record cannot be read.
     """
-    summary = catalog.workflow_summary(work_dir, workflow_id)
-    tasks = catalog.task_summaries(work_dir, summary.id)
-    values = catalog.task_values(work_dir, summary.id)
+    detail = catalog.workflow_detail(work_dir, workflow_id)
+    summary, tasks, values = detail.summary, detail.tasks, detail.values
     timings = catalog.job_timings(work_dir, summary.id, limit=TIMELINE_LIMIT)
     now = time.time()
     return {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 from .envelope import peek, seal, sha256_hex
 from .errors import DeliveryError, WrapperError
@@ -29,6 +28,8 @@ def put_object(cache: str, data: bytes, token: str | None, deadline: float) -> s
             lambda: http_request("PUT", url, token, data, 60.0), deadline, "storing " + url
         )
         return key
+    from pathlib import Path  # only for a directory cache; a cold job's reply needs none
+
     path = Path(cache_object_location(cache, key))
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def seal(header: dict, body: bytes, key: bytes) -> bytes:
     header = dict(header, v=WRAPPER_VERSION, sha256=sha256_hex(body), size=len(body))
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     signed = ENVELOPE_MAGIC + len(head).to_bytes(_HEADER_LEN_BYTES, "big") + head + body
-    return signed + hmac.new(key, signed, hashlib.sha256).digest()
+    return signed + hmac.digest(key, signed, "sha256")
 
 
 def peek(data: bytes) -> tuple[dict, bytes]:
@@ -66,7 +66,7 @@ def unseal(data: bytes, key: bytes) -> tuple[dict, bytes]:
         header, body = peek(data)
     except ValueError as exc:
         raise IntegrityError(str(exc)) from None
-    expected = hmac.new(key, data[:-_MAC_LEN], hashlib.sha256).digest()
+    expected = hmac.digest(key, data[:-_MAC_LEN], "sha256")
     if not hmac.compare_digest(expected, data[-_MAC_LEN:]):
         raise IntegrityError("envelope signature does not verify (forged or wrong key)")
     if header.get("v") != WRAPPER_VERSION:

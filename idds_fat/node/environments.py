@@ -17,14 +17,16 @@ import os
 import pickle
 import sys
 import time
-import urllib.parse
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .envelope import sha256_hex
 from .errors import InterpreterMismatchError, JobEnvironmentError, WrapperError
 from .extract import safe_untar
 from .fetch import fetch_object
 from .spec import SECRETS_ENV, SECRETS_FD_ENV, JobSpec, secrets_json, secrets_pipe
+
+if TYPE_CHECKING:  # the functions that need pathlib load it: a cold job never does (~3 ms)
+    from pathlib import Path
 
 ENV_STAGE_ENV = "IDDS_FAT_ENV_STAGE"  # the stages this process already runs inside
 ENV_CACHE_ENV = "IDDS_FAT_ENV_CACHE_DIR"  # the node's choice of cache dir wins
@@ -50,6 +52,8 @@ def environment_label(env: dict) -> str:
 
 def env_cache_root(env: dict) -> Path:
     """Return the node-local directory where environments are built and kept."""
+    from pathlib import Path
+
     chosen = os.environ.get(ENV_CACHE_ENV) or env.get("cache_dir")
     if chosen:
         return Path(chosen).expanduser()
@@ -210,7 +214,7 @@ def find_container_runtime(named: str | None) -> str:
 
 
 def container_command(
-    env: dict, spec: JobSpec, spec_location: str, workdir: Path, stages: str
+    env: dict, spec: JobSpec, spec_location: str, workdir: str | Path, stages: str
 ) -> list[str]:
     """Return the command running this wrapper inside the job's container image.
 
@@ -222,9 +226,12 @@ def container_command(
     the runtime's environment nor the container's holds them.
     """
     import shutil
+    import urllib.parse
+    from pathlib import Path
 
     runtime = find_container_runtime(env.get("runtime"))
     flavour = Path(runtime).name
+    workdir = Path(workdir)
     wrapper_copy = workdir / ".idds-fat-wrapper.py"
     shutil.copyfile(own_file(), wrapper_copy)
     binds = [str(workdir)]
@@ -285,6 +292,7 @@ def _run_container(command: list[str], child_env: dict, env: dict, secrets: byte
     """
     import subprocess
     import tempfile
+    from pathlib import Path
 
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(command, env=child_env, input=secrets, stderr=err)
@@ -305,6 +313,7 @@ def _prefix_runtime(init_env: str) -> str:
     """The container runtime an ``init_env`` prefix starts with (``""`` if none):
     the wrapper then runs inside it, under the image's ``python3``."""
     import shlex
+    from pathlib import Path
 
     try:
         words = shlex.split(init_env)
@@ -376,7 +385,7 @@ def run_behind_prefix(init_env: str, secrets: dict, argv: list[str], stages: str
 
 
 def enter_environment(
-    spec: JobSpec, secrets: dict, spec_location: str, workdir: Path
+    spec: JobSpec, secrets: dict, spec_location: str, workdir: str | Path
 ) -> int | None:
     """Put this job inside its environment; return None when this process should run it.
 
@@ -407,6 +416,8 @@ def enter_environment(
             fd = secrets_pipe(secrets_json(secrets))
             os.execve(python, [python, *argv], rerun_environment(fd, stages))
         if kind == "container":
+            from pathlib import Path
+
             command = container_command(env, spec, spec_location, workdir, stages)
             flavour = Path(command[0]).name
             child_env = rerun_environment(0, stages, flavour)

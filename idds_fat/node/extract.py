@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import stat
 from contextlib import contextmanager
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UnsafeArchiveError
+
+if TYPE_CHECKING:  # loaded where an archive is extracted: a cold job without one never does
+    from pathlib import Path
 
 #: A tarball (an environment: venv-pack, conda-pack) may expand to this many times
 #: its own size, or ``MIN_UNTAR_BYTES`` if more. Real ones expand 2-5 times; a
@@ -31,6 +33,8 @@ def _removed_on_failure(dest: Path):
     try:
         yield
     except BaseException:
+        import shutil  # only a refusal needs it: a cold job without one never loads it
+
         for name in set(os.listdir(dest)) - before:
             path = dest / name
             if path.is_dir() and not path.is_symlink():
@@ -50,6 +54,8 @@ def safe_extract(data: bytes, dest: Path, max_bytes: int, max_files: int = 200_0
     Raises UnsafeArchiveError, having removed what it wrote (every entry of
     ``dest`` that was not there before).
     """
+    from pathlib import Path
+
     dest = Path(dest).resolve()
     with _removed_on_failure(dest):
         return _extract_zip(data, dest, max_bytes, max_files)
@@ -114,6 +120,8 @@ def safe_untar(
     """
     if max_bytes is None:
         max_bytes = max(MIN_UNTAR_BYTES, MAX_UNTAR_RATIO * len(data))
+    from pathlib import Path
+
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with _removed_on_failure(dest):

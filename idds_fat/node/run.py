@@ -11,7 +11,7 @@ import os
 import pickle
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .envelope import seal, unseal
 from .environments import check_interpreter
@@ -19,6 +19,9 @@ from .errors import IntegrityError, WrapperError
 from .extract import safe_extract
 from .fetch import fetch_object, http_request, with_retries
 from .spec import JobSpec
+
+if TYPE_CHECKING:  # loaded by a code context or a warm worker; a plain cold job never
+    from pathlib import Path
 
 #: The persistent id of another job's result stored by reference, as the caller
 #: pickles it into a dependent job's call: (this tag, cache key, task, job, attempt).
@@ -31,8 +34,8 @@ RESULT_OF = "idds-fat/result-of"
 _RESULT_POLL_SECONDS = 10.0
 
 
-def _pickler():
-    """cloudpickle when this interpreter has it; else pickle, enough to report why not."""
+def job_pickler():
+    """Return cloudpickle when this interpreter has it; else pickle, enough to report why not."""
     try:
         import cloudpickle
     except ImportError:
@@ -42,7 +45,7 @@ def _pickler():
 
 def _error_body(exc: BaseException, tb_text: str) -> dict:
     """Describe ``exc`` for the caller; include its pickle only if it round-trips."""
-    cloudpickle = _pickler()
+    cloudpickle = job_pickler()
 
     pickled = None
     try:
@@ -110,6 +113,7 @@ class WarmState:
     def context(self, archive: dict, get) -> Path:
         """Return the extracted dir of ``archive``, extracting it if it is not the current one."""
         import tempfile
+        from pathlib import Path
 
         if self._context is not None and self._context[0] == archive["key"]:
             return self._context[1]
@@ -146,7 +150,7 @@ def _get_object(spec: JobSpec, secrets: dict, key: str, warm: WarmState | None) 
     return data
 
 
-def _context_dir(spec: JobSpec, get, workdir: Path, warm: WarmState | None) -> Path:
+def _context_dir(spec: JobSpec, get, workdir: str | Path, warm: WarmState | None) -> str | Path:
     """Extract the job's code context (once per archive in a warm worker); return its dir."""
     archive = spec.archive
     if not archive:
@@ -154,6 +158,7 @@ def _context_dir(spec: JobSpec, get, workdir: Path, warm: WarmState | None) -> P
     if warm is not None:
         return warm.context(archive, get)
     import tempfile
+    from pathlib import Path
 
     context_dir = Path(tempfile.mkdtemp(prefix="context-", dir=workdir))
     safe_extract(get(archive["key"]), context_dir, int(archive["max_bytes"]))
@@ -284,12 +289,12 @@ def _loader(spec: JobSpec, key: bytes, get, token: str | None = None):
 def _run_function(
     spec: JobSpec,
     secrets: dict,
-    workdir: Path,
+    workdir: str | Path,
     warm: WarmState | None,
     setup_failure: Exception | None,
 ) -> tuple[str, object]:
     """Fetch, verify, extract and run; return ``(status, value_or_error_body)``."""
-    cloudpickle = _pickler()
+    cloudpickle = job_pickler()
 
     key = secrets["key"]
 
@@ -345,7 +350,7 @@ def _run_function(
 def run_job(
     spec: JobSpec,
     secrets: dict,
-    workdir: Path,
+    workdir: str | Path,
     warm: WarmState | None = None,
     setup_failure: Exception | None = None,
 ) -> bytes:
@@ -354,7 +359,7 @@ def run_job(
     ``warm`` is what a warm worker keeps between jobs; ``setup_failure`` (the
     environment could not be entered) is reported as the job's setup error.
     """
-    cloudpickle = _pickler()
+    cloudpickle = job_pickler()
 
     started = time.time()
     status, outcome = _run_function(spec, secrets, workdir, warm, setup_failure)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import select
-from pathlib import Path
 from typing import Any
 
 from .envelope import WRAPPER_VERSION
@@ -114,6 +112,8 @@ def secrets_pipe(raw: bytes) -> int:
     Raises WrapperError when ``raw`` exceeds ``select.PIPE_BUF`` bytes: only that
     much is sure to fit in a pipe nobody reads yet.
     """
+    import select  # the caller's and a worker's side only: a job never loads it
+
     if len(raw) > select.PIPE_BUF:
         raise WrapperError(f"the job secrets are {len(raw)} bytes, over {select.PIPE_BUF}")
     read_end, write_end = os.pipe()
@@ -156,7 +156,8 @@ def read_secrets() -> dict:
     if fd:
         raw = _read_pipe(int(fd))
     elif path:
-        raw = Path(path).read_text()
+        with open(path) as handle:
+            raw = handle.read()
     if raw is None:
         raise WrapperError(
             f"no job secrets: set {SECRETS_FD_ENV}, {SECRETS_FILE_ENV} or {SECRETS_ENV}"

@@ -11,15 +11,19 @@ import binascii
 import json
 import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .deliver import close_stomp_connections, deliver, keep_stomp_connections, reply_message
+from .envelope import sha256_hex
 from .environments import own_file, rerun_environment
-from .errors import EXIT_UNDELIVERED, EXIT_UNREPORTED, DeliveryError, WrapperError
+from .errors import EXIT_UNDELIVERED, EXIT_UNREPORTED, DeliveryError, IntegrityError, WrapperError
 from .fetch import load_spec
 from .pilot import SlotWorker, split_devices
 from .run import WarmState, run_job
 from .spec import JobSpec, secrets_json, secrets_pipe
+
+if TYPE_CHECKING:  # loaded by the functions using it: a cold job never does (~3 ms)
+    from pathlib import Path
 
 
 def _needs_own_process(spec: JobSpec) -> bool:
@@ -40,6 +44,27 @@ def _run_in_child(location: str, secrets: dict, workdir: Path) -> int:
         os.close(fd)
 
 
+def inline_spec(text: str, key: str) -> bytes:
+    """Return the job spec sent inline with a job (its JSON ``text``) if its sha256 is
+    ``key``, as a spec read from the cache is checked against its name.
+
+    Raises IntegrityError when it is not.
+    """
+    data = text.encode()
+    if sha256_hex(data) != key:
+        raise IntegrityError(f"the job spec sent with the job does not match its sha256 {key}")
+    return data
+
+
+def _keep_spec(workdir: Path, key: str, data: bytes) -> str:
+    """Write a checked inline spec into the job's dir, named by its key (a child checks
+    it again), for a job run in a process of its own: the cache may not hold it yet."""
+    path = workdir / key
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+    return str(path)
+
+
 def _run_warm_job(
     location: str,
     secrets: dict,
@@ -47,21 +72,30 @@ def _run_warm_job(
     reply: bool,
     warm: WarmState,
     rundir: Path | None = None,
+    inline: tuple[str, str] | None = None,
 ) -> tuple[int, bytes | None, JobSpec | None]:
     """Run one job in this worker, in ``rundir`` (default: ``workdir``); return
     ``(exit status, message, spec)``.
 
-    With ``reply``, the result is not delivered: the message that carries it
-    (the envelope, or a reference to it in the cache when large) is returned
-    for the caller, who is at the other end of this worker's pipe.
+    With ``inline`` (the spec's JSON and its key, sent with the job), the spec is
+    that text, checked against the key; else it is read from ``location``. With
+    ``reply``, the result is not delivered: the message that carries it (the
+    envelope, or a reference to it in the cache when large) is returned for the
+    caller, who is at the other end of this worker's pipe.
     """
     try:
-        spec = load_spec(location, secrets["token"])
+        if inline is not None:
+            data = inline_spec(*inline)
+            spec = JobSpec.from_json(data)
+        else:
+            spec = load_spec(location, secrets["token"])
     except Exception as exc:
         print(f"idds-fat wrapper: cannot start job: {exc}", file=sys.stderr)
         return EXIT_UNREPORTED, None, None
     if _needs_own_process(spec):
         _private_job_dir(workdir)  # a cold job runs in its work dir
+        if inline is not None:
+            location = _keep_spec(workdir, inline[1], data)
         return _run_in_child(location, secrets, workdir), None, None
     envelope = run_job(spec, secrets, rundir or workdir, warm)
     try:
@@ -148,6 +182,8 @@ def _run_command(
     directory then. Without it (a pack), the work dir and its files are created
     first and the job runs there.
     """
+    from pathlib import Path
+
     workdir = Path(command["workdir"])
     home = Path.cwd()
     spool = None
@@ -169,7 +205,10 @@ def _run_command(
     try:
         os.chdir(rundir)
         reply = bool(command.get("reply"))
-        return _run_warm_job(command["spec"], secrets, workdir, reply, warm, rundir)
+        inline = None
+        if command.get("spec_json") is not None:
+            inline = (command["spec_json"], str(command.get("spec_key")))
+        return _run_warm_job(command["spec"], secrets, workdir, reply, warm, rundir, inline)
     except Exception:  # a bug of ours must not end the session silently
         import traceback
 
@@ -307,11 +346,12 @@ class _WarmSession:
     temporary directory), removed when the block ends.
     """
 
-    def __init__(self, parent: Path | None = None) -> None:
+    def __init__(self, parent: str | Path | None = None) -> None:
         self.parent = parent
 
     def __enter__(self) -> WarmState:
         import tempfile
+        from pathlib import Path
 
         self.root = Path(tempfile.mkdtemp(prefix="idds-fat-worker-", dir=self.parent))
         self.warm = WarmState(self.root)
@@ -339,7 +379,9 @@ def serve_worker(secrets: dict) -> int:
 
     Protocol, one JSON object per line: the caller writes
     ``{"spec": LOCATION, "workdir": DIR, "reply": BOOL}`` (and optionally
-    ``"memory_mb": N``, and ``"spool": SPOOL``) to stdin; the worker runs the job
+    ``"memory_mb": N``, ``"spool": SPOOL``, and ``"spec_json": TEXT, "spec_key":
+    SHA256``: the spec itself, run if its sha256 is that key, else refused, with
+    no read of LOCATION, which the caller may still be writing) to stdin; the worker runs the job
     in ``DIR`` (its stdout and stderr in ``DIR/stdout.txt`` and ``DIR/stderr.txt``;
     with a spool, in the worker's own directory, its output written to
     ``SPOOL/stdout.txt`` and ``SPOOL/stderr.txt`` and copied to ``DIR`` only when
@@ -380,7 +422,7 @@ def serve_worker(secrets: dict) -> int:
     keep_stomp_connections()  # one broker connection for all the jobs of this worker
     # The caller starts each worker in a directory of its own, which it removes
     # should it have to kill the worker: nothing is left behind in /tmp.
-    with _WarmSession(Path.cwd()) as warm:
+    with _WarmSession(os.getcwd()) as warm:
         while line := commands.readline():
             command = json.loads(line)
             if "ack" in command:
@@ -466,6 +508,8 @@ def run_pack(jobs: list[dict], secrets: dict, slots: int | None = None) -> int:
     slots = min(slots or pack_slots(), len(jobs))
     if slots > 1:
         return _run_pack_in_slots(jobs, secrets, slots)
+    from pathlib import Path
+
     idle = (os.dup(1), os.dup(2))
     worst = 0
     # The pack's files (its extracted code context) go in its first job's dir:
@@ -498,6 +542,7 @@ def _run_pack_in_slots(jobs: list[dict], secrets: dict, slots: int) -> int:
     system is ending the element) and returns that status."""
     import threading
     from collections import deque
+    from pathlib import Path
 
     first = Path(jobs[0]["workdir"])
     first.mkdir(parents=True, exist_ok=True)

@@ -4,17 +4,21 @@
 
     SlurmPilotBackend.submit --offer--> LeasePool (queued)           one per workflow
     pilot slot --POST /pilots/POOL/lease {pilot, remaining, wait}-->  take (long poll)
-                <-- {"jobs": [{job_id, spec, workdir, walltime, memory_mb, reply}]}
-    pilot slot --POST /pilots/POOL/done {pilot, job, exit, result, more}-->
-                leased -> gone; on_done (the result verified and kept) -> "recorded";
+                <-- {"jobs": [{job_id, spec, workdir, walltime, memory_mb, reply,
+                               spec_json, spec_key}]}  (the spec inline, with its key)
+    pilot slot --POST /pilots/POOL/done {pilot, reports: [{job, exit, result}, ...], more}-->
+                each: leased -> gone; on_done (the result verified and kept) -> recorded;
                 up to ``more`` jobs taken at once (queued -> leased), no waiting
+                <-- {"known": [BOOL, ...], "recorded": [BOOL, ...], "jobs": [...]}
     status watcher: pilot left Slurm --release_pilot(P)-->            P's leased -> queued again
 
 A lease is at-least-once: a job leased to a pilot that dies goes back to the
 head of the queue once the backend knows the pilot is gone (Slurm says so to
 the status watcher), and runs again elsewhere; a result it had delivered
-before is a duplicate the collector drops. A job with a walltime is leased
-only to a pilot whose remaining time covers it. With ``direct_results`` the
+before is a duplicate the collector drops. No request leases more than its
+share of the queue while other slots wait for a job (the queue divided among
+them and it). A job with a walltime is leased only to a pilot whose remaining
+time covers it. With ``direct_results`` the
 pool asks pilots (``"reply": true``) to carry each result in the job's
 ``done`` report: the backend hands it to the workflow, which keeps it and
 verifies it before anything is unpickled, and the answer says whether it was
@@ -34,7 +38,8 @@ import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -56,6 +61,11 @@ class LeasedJob:
         workdir: the job's directory.
         walltime: seconds the job declares it needs, or None.
         memory_mb: the job's memory cap, or None.
+        inline_spec: the spec itself while it is not in the cache yet: an object
+            whose ``text`` is its JSON, or None once stored
+            (:class:`idds_fat.backends.InlineSpec`); the pilot's worker runs that
+            text if its sha256 is ``spec_key``, reading no cache.
+        spec_key: the spec's cache key.
     """
 
     job_id: str
@@ -63,16 +73,22 @@ class LeasedJob:
     workdir: str
     walltime: float | None = None
     memory_mb: int | None = None
+    inline_spec: Any = field(default=None, repr=False, compare=False)
+    spec_key: str = ""
 
     def to_json(self) -> dict:
         """The job as a pilot receives it."""
-        return {
+        job = {
             "job_id": self.job_id,
             "spec": self.spec,
             "workdir": self.workdir,
             "walltime": self.walltime,
             "memory_mb": self.memory_mb,
         }
+        text = getattr(self.inline_spec, "text", None)
+        if text is not None:
+            job.update(spec_json=text, spec_key=self.spec_key)
+        return job
 
 
 #: Called (from a worker thread, never the event loop) when a pilot took jobs: (pilot, jobs).
@@ -114,17 +130,35 @@ class LeasePool:
                 self._queued.extend(jobs)
         self._wake()
 
-    def take(self, pilot: str, remaining: float | None, limit: int = 1) -> list[LeasedJob]:
+    def take(
+        self, pilot: str, remaining: float | None, limit: int = 1, share: bool = False
+    ) -> list[LeasedJob]:
         """Lease up to ``limit`` queued jobs to ``pilot`` at once (none if none fits).
 
         A job with a walltime goes only to a pilot whose ``remaining`` seconds
-        cover it; the others stay queued for a pilot that has the time.
+        cover it; the others stay queued for a pilot that has the time. With
+        ``share`` (a slot leasing ahead), ``pilot`` takes no more than its
+        share of the queue while other slots wait for a job (:meth:`lease`): an
+        idle slot is never left waiting while another holds the work.
         """
+        return self._take(pilot, remaining, limit, share, None)
+
+    def _take(
+        self,
+        pilot: str,
+        remaining: float | None,
+        limit: int,
+        share: bool,
+        own: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None,
+    ) -> list[LeasedJob]:
         taken: list[LeasedJob] = []
         with self._lock:
             self._seen.add(pilot)
             if self.closed or pilot in self._gone:
                 return taken
+            others = len(self._waiters) - (own in self._waiters)
+            if share and others:
+                limit = min(limit, -(-len(self._queued) // (others + 1)))
             skipped = []
             while self._queued and len(taken) < limit:
                 job = self._queued.popleft()
@@ -137,9 +171,10 @@ class LeasePool:
         return taken
 
     async def lease(
-        self, pilot: str, remaining: float | None, wait: float, limit: int = 1
+        self, pilot: str, remaining: float | None, wait: float, limit: int = 1, share: bool = False
     ) -> list[LeasedJob]:
-        """Like :meth:`take`, waiting up to ``wait`` seconds for a job (on the event loop)."""
+        """Like :meth:`take`, waiting up to ``wait`` seconds for a job (on the event loop);
+        with ``share``, the queue is shared with the other requests waiting too."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -147,7 +182,7 @@ class LeasePool:
             with self._lock:
                 self._waiters.add(waiter)
             try:
-                jobs = self.take(pilot, remaining, limit)
+                jobs = self._take(pilot, remaining, limit, share, waiter)
                 left = deadline - loop.time()
                 if jobs or self.closed or left <= 0:
                     return jobs
@@ -195,6 +230,11 @@ class LeasePool:
         """Return ``(queued, leased)``."""
         with self._lock:
             return len(self._queued), len(self._leased)
+
+    def waiting(self) -> int:
+        """How many lease requests wait for a job now (idle slots)."""
+        with self._lock:
+            return len(self._waiters)
 
     def seen(self, pilot: str) -> bool:
         """Whether ``pilot`` has asked for work (it runs)."""
@@ -255,20 +295,44 @@ def _jobs_json(pool: LeasePool, jobs: Sequence[LeasedJob]) -> list[dict]:
 
 
 def _after_done(
-    pool: LeasePool, pilot: str, report: dict, known: bool, jobs: Sequence[LeasedJob]
-) -> bool:
-    """The backend's side of a ``done`` report: the job's end (whether its result was
-    recorded), then the jobs leased with it; a failure of the first must not lose the
-    second."""
-    recorded = False
-    if known:
-        try:
-            recorded = bool(pool.on_done(pilot, report["job"], report))
-        except Exception:  # not recorded: the pilot delivers the result the usual way
-            logger.exception("handling the end of job %s failed", report["job"])
+    pool: LeasePool,
+    pilot: str,
+    reports: Sequence[dict],
+    known: Sequence[bool],
+    jobs: Sequence[LeasedJob],
+) -> list[bool]:
+    """The backend's side of a ``done`` request: each known job's end (whether its
+    result was recorded), then the jobs leased with them; a failure of one must lose
+    neither the others nor the jobs leased."""
+    recorded = []
+    for report, held in zip(reports, known, strict=True):
+        kept = False
+        if held:
+            try:
+                kept = bool(pool.on_done(pilot, report["job"], report))
+            except Exception:  # not recorded: the pilot delivers the result the usual way
+                logger.exception("handling the end of job %s failed", report["job"])
+        recorded.append(kept)
     if jobs:
         _leased(pool, pilot, jobs)
     return recorded
+
+
+def _reports(body: dict) -> list[dict]:
+    """The ``reports`` of a ``done`` request, checked, each result decoded to bytes.
+    Raises ValueError (or binascii.Error) naming what is wrong."""
+    reports = body.get("reports")
+    if not isinstance(reports, list) or not reports:
+        raise ValueError("'reports' must be a non-empty list")
+    for report in reports:
+        if not isinstance(report, dict) or not isinstance(report.get("job"), str):
+            raise ValueError("each report must be an object with a string 'job'")
+        result = report.get("result")
+        if result is not None:
+            if not isinstance(result, str):
+                raise ValueError("'result' must be a base64 string")
+            report["result"] = binascii.a2b_base64(result, strict_mode=True)
+    return reports
 
 
 def _leased(pool: LeasePool, pilot: str, jobs: Sequence[LeasedJob]) -> None:
@@ -284,14 +348,23 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
     ``POST /pilots/{pool}/lease`` with ``{"pilot": ID, "remaining": SECONDS or
     null, "wait": SECONDS, "limit": N}`` answers ``{"jobs": [...], "closed":
     BOOL}``, waiting up to ``wait`` seconds (at most 30) for a job; each job
-    says whether to ``reply`` (carry its result in the report).
-    ``POST /pilots/{pool}/done`` with ``{"pilot": ID, "job": JOB_ID, "exit":
-    STATUS, "worker_died": BOOL}``, and optionally ``"result": BASE64`` and
-    ``"more": N, "remaining": SECONDS``, ends a lease and leases up to N more
-    jobs without waiting: ``{"known": BOOL, "recorded": BOOL, "jobs": [...],
-    "closed": BOOL}``. ``recorded`` is false unless the result was kept: the
-    pilot then delivers it the usual way. An unknown pool is 404 (its workflow
-    has closed: the pilot should stop).
+    says whether to ``reply`` (carry its result in the report). Both routes
+    lease at most ``N`` (``more``) jobs, and no more than the requester's share
+    of the queue while other lease requests wait (the queue divided among
+    them and it).
+    ``POST /pilots/{pool}/done`` with ``{"pilot": ID, "reports": [{"job":
+    JOB_ID, "exit": STATUS, "worker_died": BOOL}, ...]}``, each report with an
+    optional ``"result": BASE64``, and optionally ``"more": N, "remaining":
+    SECONDS``, ends those leases (the jobs a pilot's slot saw end since its
+    last request: one request for several jobs) and leases up to N more jobs
+    without waiting: ``{"known": [BOOL, ...], "recorded": [BOOL, ...], "jobs":
+    [...], "closed": BOOL}``, the lists in the order of the reports. A report
+    is ``known`` when it ended a lease the pilot held (not when the job was
+    withdrawn, re-leased after the pilot was thought gone, or already
+    reported: a duplicate in the same request is not known either), and
+    ``recorded`` is false unless its result was kept: the pilot then delivers
+    it the usual way, and the collector drops a duplicate. An unknown pool is
+    404 (its workflow has closed: the pilot should stop).
     """
 
     async def _read(request: Request) -> tuple[LeasePool | None, dict]:
@@ -311,7 +384,7 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
             return PlainTextResponse(str(exc).splitlines()[0], 400)
         if pool is None:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
-        jobs = await pool.lease(body["pilot"], remaining, wait, max(limit, 1))
+        jobs = await pool.lease(body["pilot"], remaining, wait, max(limit, 1), share=True)
         if jobs:
             await run_in_threadpool(_leased, pool, body["pilot"], jobs)
         return JSONResponse({"jobs": _jobs_json(pool, jobs), "closed": pool.closed})
@@ -319,13 +392,7 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
     async def done(request: Request) -> Response:
         try:
             pool, body = await _read(request)
-            if not isinstance(body.get("job"), str):
-                raise ValueError("'job' must be a string")
-            result = body.get("result")
-            if result is not None:
-                if not isinstance(result, str):
-                    raise ValueError("'result' must be a base64 string")
-                body["result"] = binascii.a2b_base64(result, strict_mode=True)
+            reports = _reports(body)
             remaining = _number(body.get("remaining"), "remaining")
             more = int(_number(body.get("more"), "more") or 0)
         except (ValueError, binascii.Error) as exc:
@@ -333,13 +400,13 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
         if pool is None:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
         pilot = body["pilot"]
-        known = pool.done(pilot, body["job"]) is not None
-        jobs = pool.take(pilot, remaining, more) if more > 0 else []
-        recorded = False
-        if known or jobs:
-            # One hop off the loop for both: the backend's callbacks write to SQLite, and
+        known = [pool.done(pilot, report["job"]) is not None for report in reports]
+        jobs = pool.take(pilot, remaining, more, share=True) if more > 0 else []
+        recorded = [False] * len(reports)
+        if any(known) or jobs:
+            # One hop off the loop for all: the backend's callbacks write to SQLite, and
             # may ask this very service for a result.
-            recorded = await run_in_threadpool(_after_done, pool, pilot, body, known, jobs)
+            recorded = await run_in_threadpool(_after_done, pool, pilot, reports, known, jobs)
         return JSONResponse(
             {
                 "known": known,

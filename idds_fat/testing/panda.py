@@ -5,7 +5,7 @@ directory, everything a PanDA site's central services are for one queue:
 
 ```
 PostgreSQL 15 (private cluster, PanDA schema)  <-- the server's WSGI app, JEDI, the adder
-front end 127.0.0.1:PORT (panda_assets/front_end.py)
+front end 127.0.0.1:PORT (panda_assets/front_end.py), and with TLS on TLS_PORT
     /api/v1/..., /server/panda/...  -> pandaserver.server.panda.application
     /cache/<name>                   -> the server's cache_dir (uploads, the bash-c runner)
 JEDI (panda_assets/jedi_master.py): task registered -> defined -> ready -> running, jobs
@@ -21,6 +21,15 @@ checks it itself (``token_authType = oidc``): the signature against the issuer's
 the expiry, the audience (the client ID of ``auth/wlcg_auth_config.json``) and the
 VO group, then names the caller after the token's ``name`` claim.
 
+Or as at an X.509 site (``x509=True``, the default): at start the harness makes a CA
+of its own (``grid_certificates.py``; :attr:`PandaServer.ca_dir` is what
+``X509_CERT_DIR`` names) and a host certificate, and the front end also listens with
+TLS on :attr:`PandaServer.tls_url`, requiring a client certificate that verifies
+against that CA (grid proxies allowed) and exporting its subject DN as mod_ssl does
+(``SSL_CLIENT_S_DN``); the server derives the user from the DN.
+:meth:`PandaServer.issue_proxy` writes a user's proxy (0600, under ``base_dir``) for
+``X509_USER_PROXY``, or one from another CA, which the handshake refuses.
+
 Jobs are run by :class:`~idds_fat.testing.panda_pilot.PandaPilot`, a stand-in for
 the pilot. The server is ``panda-server[postgres]`` (1.0.4) in a venv of its own,
 installed by ``.ci/panda-install`` (``$IDDS_FAT_PANDA_VENV``, default
@@ -30,9 +39,10 @@ installed by ``.ci/panda-install`` (``$IDDS_FAT_PANDA_VENV``, default
 pg_cron and pg_partman comes from Debian. :meth:`PandaServer.available` says
 whether all of it is there.
 
-What differs from a production PanDA: no TLS and no grid certificates (a request
-without a token gets a production DN from the front end, as a pilot's production
-proxy would through mod_gridsite; see ``panda_assets/front_end.py``), an issuer
+What differs from a production PanDA: plain HTTP for the server's own daemons,
+JEDI and the pilot (a request without a token there gets a production DN from the
+front end, as a pilot's production proxy would through mod_gridsite; see
+``panda_assets/front_end.py``), proxies without VOMS attributes, an issuer
 that serves keys but no login flows (no device code, no refresh: tokens are minted
 here), no Rucio (a DDM plugin that does nothing), no
 CRIC (the queue is one row of ``schedconfig_json``), no message broker, and the
@@ -49,6 +59,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -60,6 +71,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idds_fat.errors import IddsFatError
+from idds_fat.testing.grid_certificates import TestCertificateAuthority
 from idds_fat.testing.processes import LOG_TAIL_BYTES, Started, free_port, spawn_logged
 from idds_fat.workdir import read_tail, write_private
 
@@ -92,6 +104,9 @@ CLIENT_ID = "idds-fat-panda"
 #: The ``name`` claim of :meth:`PandaServer.issue_token`'s tokens, an ordinary user;
 #: PanDA derives the user's DN (and task owner) from it.
 USER_NAME = "idds-fat tester"
+#: The common name of :meth:`PandaServer.issue_proxy`'s user; PanDA names the user
+#: (and task owner) after the DN without its ``/DC=`` parts and proxy ``/CN=<number>``.
+X509_USER_NAME = "idds-fat x509 tester"
 #: Seconds an ID token of :attr:`PandaServer.auth` is valid (an IAM ID token's hour).
 TOKEN_LIFETIME = 3600
 START_TIMEOUT = 120.0
@@ -170,6 +185,9 @@ class PandaServer(Started):
         port: the front end's port (default: a free one, picked now).
         token_lifetime: seconds each token of :attr:`auth` and
             :meth:`backend_settings` is valid from when it is asked for.
+        x509: also serve TLS on :attr:`tls_url` with a client certificate required,
+            verified against a CA made at start (:attr:`ca_dir`,
+            :meth:`issue_proxy`), as mod_ssl does at a site.
 
     Usable as a context manager: ``with PandaServer(tmp) as panda: ...``.
     """
@@ -184,6 +202,7 @@ class PandaServer(Started):
         abort_rescue: int = 4,
         port: int | None = None,
         token_lifetime: int = TOKEN_LIFETIME,
+        x509: bool = True,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
             raise PandaServerError(f"not a queue name: {queue!r}")
@@ -203,6 +222,8 @@ class PandaServer(Started):
         self.home = self.base_dir / "home"
         self.issuer_port = free_port()
         self.token_lifetime = token_lifetime
+        self.tls_port = free_port() if x509 else None
+        self._ca: TestCertificateAuthority | None = None
         self._signing_key = _new_signing_key()
         self._processes = _Processes()
         self._db_dir: Path | None = None
@@ -234,6 +255,52 @@ class PandaServer(Started):
     def runner_url(self) -> str:
         """The payload runner tasks name as ``transPath`` (``bash -c`` of its arguments)."""
         return f"{self.url}/cache/bash-c"
+
+    @property
+    def tls_url(self) -> str:
+        """The front end's TLS base URL, ``https://127.0.0.1:TLS_PORT``; its
+        ``/server/panda`` is the ``PANDA_URL_SSL`` of X.509 callers.
+
+        Raises:
+            PandaServerError: the server was made with ``x509=False``.
+        """
+        if self.tls_port is None:
+            raise PandaServerError("this PanDA server serves no TLS (x509=False)")
+        return f"https://{HOST}:{self.tls_port}"
+
+    @property
+    def ca_dir(self) -> Path:
+        """The directory of the test CA's certificate under its OpenSSL hash, as a
+        site's ``/etc/grid-security/certificates``: ``X509_CERT_DIR`` for callers.
+
+        Raises:
+            PandaServerError: not started, or made with ``x509=False``.
+        """
+        if self._ca is None:
+            raise PandaServerError("no test CA: the server is not started, or x509=False")
+        return self._ca.ca_dir
+
+    def issue_proxy(self, *, trusted: bool = True, lifetime: float = 12 * 3600) -> Path:
+        """Write a grid proxy of the user :data:`X509_USER_NAME` (proxy certificate,
+        its key, the user certificate; mode 0600, under ``base_dir``) and return its
+        path, for ``X509_USER_PROXY``.
+
+        Args:
+            trusted: False signs the user certificate with a CA of its own, which the
+                front end does not trust: the handshake refuses it.
+            lifetime: seconds the proxy is valid.
+
+        Raises:
+            PandaServerError: not started, or made with ``x509=False``.
+        """
+        ca = self._ca
+        if ca is None:
+            raise PandaServerError("no test CA: the server is not started, or x509=False")
+        name = f"proxy-{secrets.token_hex(4)}"
+        if not trusted:
+            ca = TestCertificateAuthority(self.base_dir / "x509" / name, name="untrusted CA")
+        path, _ = ca.issue_proxy(name, X509_USER_NAME, lifetime=lifetime)
+        return path
 
     @property
     def issuer_url(self) -> str:
@@ -289,10 +356,15 @@ class PandaServer(Started):
         header = {"alg": "RS256", "typ": "JWT", "kid": _KEY_ID}
         return jwt.encode(header, claims, key)
 
-    def backend_settings(self) -> dict[str, str]:
+    def backend_settings(self, *, x509: bool = False) -> dict[str, str]:
         """What :func:`backend_class` needs to reach this server, JSON-able, for a
         caller in another process: URLs and a fresh ID token of the user (pass it in
-        the environment, never on a command line)."""
+        the environment, never on a command line). With ``x509``, no token and the
+        TLS URL: the backend then finds a proxy as panda-client does
+        (``X509_USER_PROXY``, :meth:`issue_proxy`) and verifies the server against
+        ``X509_CERT_DIR`` (:attr:`ca_dir`)."""
+        if x509:
+            return {"server_url": f"{self.tls_url}/server/panda", "runner_url": self.runner_url}
         return {
             "server_url": self.server_url,
             "runner_url": self.runner_url,
@@ -346,6 +418,8 @@ class PandaServer(Started):
         shutil.copy2(ASSETS / "bash-c", self.cache_dir / "bash-c")
         self._finalizer = weakref.finalize(self, self._processes.kill_all)
         try:
+            if self.tls_port is not None:
+                self._ca = TestCertificateAuthority(self.base_dir / "x509")
             self._start_database(schema, deadline)
             self._write_configs(venv)
             self._start_panda(venv, deadline)
@@ -364,6 +438,32 @@ class PandaServer(Started):
             self._finalizer = None
         if self._db_dir is not None and self._db_dir.parent != self.base_dir:
             shutil.rmtree(self._db_dir, ignore_errors=True)
+        if self._ca is not None:
+            # The CA's, the host's and the proxies' keys go with the server.
+            shutil.rmtree(self._ca.directory, ignore_errors=True)
+            self._ca = None
+
+    def task_owner(self, task_id: int) -> str | None:
+        """Return the user PanDA recorded as the task's owner (``jedi_tasks.username``:
+        what it derived from the caller's token or certificate DN, whatever
+        ``userName`` the task asked for), or None for an unknown task.
+
+        Raises:
+            PandaServerError: the database did not answer.
+        """
+        if self._db_dir is None:
+            raise PandaServerError("the PanDA server is not started")
+        command = [str(PG_BIN / "psql"), "-h", str(self._db_dir), "-p", str(self.db_port)]
+        command += ["-U", "postgres", "-d", "panda_db", "-At", "-v", f"task={int(task_id)}"]
+        done = subprocess.run(
+            command,
+            input=b"SELECT username FROM doma_panda.jedi_tasks WHERE jeditaskid = :task",
+            capture_output=True,
+            timeout=30,
+        )
+        if done.returncode != 0:
+            raise PandaServerError(f"cannot read task {task_id}: {done.stderr.decode()[-500:]}")
+        return done.stdout.decode().strip() or None
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of each log, each under a header naming it."""
@@ -553,7 +653,15 @@ class PandaServer(Started):
         ):
             text = (templates / f"{name}.rpmnew").read_text()
             (etc / name).write_text(override_ini(text, overrides))
-        identities = {"anonymous_dn": PRODUCTION_DN}
+        identities: dict[str, object] = {"anonymous_dn": PRODUCTION_DN}
+        if self._ca is not None:
+            host = self._ca.host_cert(HOST)
+            identities["tls"] = {
+                "port": self.tls_port,
+                "cert": str(host.cert),
+                "key": str(host.key),
+                "ca_dir": str(self._ca.ca_dir),
+            }
         write_private(self.base_dir / "run" / "identities.json", json.dumps(identities).encode())
         self._write_issuer(etc / "auth")
 
@@ -629,6 +737,8 @@ class PandaServer(Started):
             env=self._env(venv),
         )
         self._wait(self._alive, deadline)
+        if self.tls_port is not None:
+            self._wait(self._tls_listens, deadline)
         self._wait(self._issuer_answers, deadline)
         self._processes.launch(
             "JEDI",
@@ -657,6 +767,13 @@ class PandaServer(Started):
                 return bool(json.loads(response.read()).get("success"))
         except (OSError, ValueError):
             return False
+
+    def _tls_listens(self) -> bool:
+        try:
+            socket.create_connection((HOST, self.tls_port), timeout=2).close()
+        except OSError:
+            return False
+        return True
 
     def _issuer_answers(self) -> bool:
         url = f"{self.issuer_url}/.well-known/openid-configuration"
@@ -691,10 +808,12 @@ def backend_class(
 ) -> type[PandaBackend]:
     """Return a :class:`~idds_fat.backends.panda.PandaBackend` whose ``create`` runs
     on the server of ``settings`` (:meth:`PandaServer.backend_settings`): its URLs,
-    the user's token, its ``bash-c`` runner, this interpreter on the node and fast
-    polls; with ``panda_cache``, code context and payloads go through the server's
-    cache. Put it in ``idds_fat.backends.BACKENDS["panda"]`` (the harness's stand-in
-    for the PanDA settings ``Config`` does not have)."""
+    the user's token (without one, the credentials panda-client would find, e.g.
+    ``X509_USER_PROXY``), its ``bash-c`` runner, this interpreter on the node and
+    fast polls; with ``panda_cache`` (or the workflow's setting of that name), code
+    context and payloads go through the server's cache. Put it in
+    ``idds_fat.backends.BACKENDS["panda"]``: ``Config`` has no settings for the
+    server's URLs, the runner or the poll intervals."""
     import sys
 
     from idds_fat.backends.panda import PandaAuth, PandaBackend, PandaClient
@@ -705,7 +824,10 @@ def backend_class(
         @classmethod
         def create(cls, config, setup):  # noqa: ANN001, ANN206 - Backend.create's contract
             placement = dict(setup.placement or {})
-            auth = PandaAuth("oidc", token=settings["token"], vo=VO)
+            if "token" in settings:
+                auth = PandaAuth("oidc", token=settings["token"], vo=VO)
+            else:  # as panda-client: PANDA_AUTH, else the proxy of X509_USER_PROXY
+                auth = PandaAuth.from_env()
             client = PandaClient(settings["server_url"], auth, cache_url=settings["server_url"])
             backend = cls(
                 on_exit=setup.on_exit,
@@ -719,7 +841,7 @@ def backend_class(
                 max_attempt=max_attempt,
                 poll_min=poll_min,
                 poll_max=poll_max,
-                panda_cache=panda_cache,
+                panda_cache=panda_cache or config.panda_cache,
             )
             backend.check_credentials()  # as PandaBackend.create does
             return backend

@@ -23,8 +23,37 @@ work dir. ``catalog`` reads every workflow's state for ``idds-fat status`` and
 the monitoring page; ``current`` keeps the stack of open workflows.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from idds_fat.workflow.current import current_workflow, require_workflow
-from idds_fat.workflow.runtime import Workflow
 from idds_fat.workflow.state import WorkflowState
 
+if TYPE_CHECKING:
+    from idds_fat.workflow.runtime import Workflow
+
 __all__ = ["Workflow", "WorkflowState", "current_workflow", "require_workflow"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``Workflow`` on first use (PEP 562).
+
+    ``catalog``, which ``idds-fat status`` and the monitoring page read, then
+    loads without the runtime and everything it starts (backends, service,
+    result channels).
+
+    Raises:
+        AttributeError: ``name`` is not a public name of the package.
+    """
+    if name != "Workflow":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from idds_fat.workflow.runtime import Workflow
+
+    globals()["Workflow"] = Workflow
+    return Workflow
+
+
+def __dir__() -> list[str]:
+    """Return the package's names, ``Workflow`` included before it is imported."""
+    return sorted(set(globals()) | set(__all__))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from idds_fat.backends import Resources
+from idds_fat.backends import JobRequest, Resources
 from idds_fat.config import Config
 from idds_fat.errors import IddsFatError, WorkflowClosedError
 from idds_fat.results import AsyncResult, MapResult
@@ -37,10 +37,24 @@ from idds_fat.workflow.executor_map import is_kwargs_list, map_entries, results_
 from idds_fat.workflow.idds_names import IddsWorkflowNames, body_of, idds_arguments
 from idds_fat.workflow.options import OptionAttribute, WorkflowOptions
 from idds_fat.workflow.parts import WorkflowParts
-from idds_fat.workflow.specs import JobSpecs
+from idds_fat.workflow.specs import JobSpecs, job_name, request_name
 from idds_fat.workflow.tracker import JobTracker
 
 logger = logging.getLogger(__name__)
+
+
+#: The first chunk of a task handed to a backend that runs specs inline: small, so the
+#: first jobs start early; each next chunk twice as large, up to the last size.
+_FIRST_CHUNK, _LAST_CHUNK = 8, 512
+
+
+def _chunks(count: int) -> Iterator[range]:
+    """Ranges that cover ``range(count)``, growing from ``_FIRST_CHUNK`` to ``_LAST_CHUNK``."""
+    start, size = 0, _FIRST_CHUNK
+    while start < count:
+        yield range(start, min(start + size, count))
+        start += size
+        size = min(size * 2, _LAST_CHUNK)
 
 
 class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
@@ -348,6 +362,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
                 futures = self.tracker.futures()
                 failed = any(f.done() and not f.cancelled() and f.exception() for f in futures)
                 state.end_workflow("cancelled" if cancel else "failed" if failed else "finished")
+            self.specs.close()
             self.parts.stop()
             drop_current(self)
 
@@ -367,6 +382,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             if self.parts.backend is not None:
                 self.parts.backend.shutdown(cancel=False, wait=False)
         finally:
+            self.specs.close()
             self.parts.stop()
             drop_current(self)
 
@@ -552,6 +568,11 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             for i, entry in enumerate(entries)
         ]
         task_id = self._new_task_id()
+        if parts.backend.runs_inline_specs(job_resources):
+            return self._submit_inline(
+                task_id, task_name, fn_name, (args, kwargs, entries), call, job_kwargs,
+                env_spec, init_env, job_resources,
+            )  # fmt: skip
         requests = self.specs.store_task(
             task_id, task_name, call, job_kwargs, env_spec, init_env, job_resources
         )
@@ -573,6 +594,92 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         try:
             parts.backend.submit(requests)
         except BaseException:
+            self.tracker.forget_task(task_id)  # the call raises: nobody holds these futures
+            raise
+        return futures
+
+    def _submit_inline(
+        self,
+        task_id: str,
+        task_name: str,
+        fn_name: str,
+        the_call: tuple[Sequence[Any], Mapping[str, Any], list[Any]],
+        call: Any,
+        job_kwargs: list[bytes | None],
+        env_spec: dict[str, Any],
+        init_env: str | None,
+        job_resources: Resources,
+    ) -> list[AsyncResult]:
+        """Submit a task to a backend whose warm workers run jobs from their inline
+        specs: its jobs start before their specs are stored, and the task is recorded
+        once they are.
+
+        Why this order keeps the durability promise (docs/backends/local.md, "Job
+        specs inline"): ``attach`` and a resubmission rerun a job from its spec in the
+        cache, and they find a job only through the task's record, so a spec must be
+        in the cache before ``record_task`` writes its key, not before the job runs. A
+        warm worker needs no cache copy: it checks the inline spec against its key. So
+        the jobs go to the backend chunk by chunk as their specs are built (the first
+        chunk small, so the first job starts early), each chunk's specs are written in
+        one batch while its jobs run, and the task is recorded after the last batch,
+        before this returns the futures: a caller killed before that held no future
+        of the task, and one killed after finds it whole on ``attach``. What the jobs
+        report meanwhile (started, ended) is held by the state record and applied when
+        the task is recorded (``WorkflowState.hold_task``).
+        """
+        parts = self.parts
+        assert parts.backend is not None and parts.state is not None
+        args, kwargs, entries = the_call
+        payload_key = self.specs.store_call(task_id, call)
+        futures = [
+            self.tracker.new_future(
+                task_id, index, entry, request_name(self.id, task_id, job_name(task_name, index))
+            )
+            for index, entry in enumerate(entries)
+        ]
+        for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
+            future.arguments = text
+        parts.state.hold_task(task_id)
+        self.tracker.add_task(task_id, task_name, futures)
+        requests: list[JobRequest] = []
+        writing: concurrent.futures.Future | None = None
+        try:
+            for chunk in _chunks(len(entries)):
+                built = [
+                    self.specs.build(
+                        task_id, index, task_name, payload_key, job_kwargs[index],
+                        env_spec, init_env, job_resources,
+                    )
+                    for index in chunk
+                ]  # fmt: skip
+                self.tracker.add_task(task_id, task_name, (), built)
+                parts.backend.submit(built)
+                requests.extend(built)
+                if writing is not None:
+                    writing.result()  # one batch at a time; raises what it raised
+                    writing = None
+                if len(requests) == len(entries) and len(requests) <= _FIRST_CHUNK:
+                    self.specs.write(built)  # one chunk: nothing to build meanwhile
+                else:
+                    # Stored by the writer thread while the jobs just handed over run
+                    # and this thread builds the next chunk (its I/O holds no GIL).
+                    writing = self.specs.write_soon(built)
+            if writing is not None:
+                writing.result()
+            parts.state.record_task(
+                task_id,
+                task_name,
+                fn_name,
+                self.specs.rows(task_name, requests),
+                [f.arguments for f in futures],
+            )
+        except BaseException:
+            if writing is not None:  # let it end before the task is forgotten
+                concurrent.futures.wait([writing])
+            # Nothing was recorded: the jobs handed over must not run on unseen.
+            parts.state.drop_task(task_id)
+            if requests:
+                parts.backend.cancel([r.job_id for r in requests])
             self.tracker.forget_task(task_id)  # the call raises: nobody holds these futures
             raise
         return futures

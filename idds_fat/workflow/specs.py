@@ -10,12 +10,14 @@ again, or attaches to it, reads the spec back by that key.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from idds_fat.backends import BACKENDS, JobRequest, Resources
-from idds_fat.cache import ContentStore
+from idds_fat.backends import BACKENDS, InlineSpec, JobRequest, Resources
+from idds_fat.cache import ContentStore, content_key
 from idds_fat.context.environment import (
     EnvironmentSettings,
     caller_versions,
@@ -69,6 +71,8 @@ class JobSpecs:
     def __init__(self, options: WorkflowOptions, parts: WorkflowParts) -> None:
         self._options = options
         self._parts = parts
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer_lock = threading.Lock()
 
     @property
     def _cache(self) -> ContentStore:
@@ -118,6 +122,23 @@ class JobSpecs:
         Raises:
             CacheError: the cache refused an object.
         """
+        payload_key = self.store_call(task_id, call)
+        requests = [
+            self.build(
+                task_id, index, task_name, payload_key, body, environment, init_env, resources
+            )
+            for index, body in enumerate(job_kwargs)
+        ]
+        self.write(requests)
+        return requests
+
+    def store_call(self, task_id: str, call: PickledCall) -> str:
+        """Seal a task's pickled call and put it in the cache; return its key (the
+        specs' ``payload``).
+
+        Raises:
+            CacheError: the cache refused it.
+        """
         parts = self._parts
         payload = seal(
             {
@@ -130,15 +151,66 @@ class JobSpecs:
             call.body,
             parts.key,
         )
-        payload_key = self._cache.put(payload)
-        requests = []
-        for index, body in enumerate(job_kwargs):
-            kwargs = self._kwargs_entry(task_id, index, body)
-            spec = self.job_spec(
-                task_id, index, task_name, payload_key, kwargs, environment, init_env
-            )
-            requests.append(self.request(task_id, index, spec.name, self.store(spec), resources))
-        return requests
+        return self._cache.put(payload)
+
+    def build(
+        self,
+        task_id: str,
+        index: int,
+        task_name: str,
+        payload_key: str,
+        body: bytes | None,
+        environment: dict[str, Any],
+        init_env: str | None,
+        resources: Resources,
+    ) -> JobRequest:
+        """Return the request of job ``index`` of a task (pickled arguments ``body``, or
+        None), its spec built and keyed in memory, not yet stored: :meth:`write`
+        stores it. Arguments too large to travel in the spec go to the cache now.
+
+        Raises:
+            CacheError: the cache refused the job's arguments.
+        """
+        kwargs = self._kwargs_entry(task_id, index, body)
+        spec = self.job_spec(task_id, index, task_name, payload_key, kwargs, environment, init_env)
+        data = self._sealed(spec)
+        return self.request(
+            task_id, index, spec.name, content_key(data), resources, data.decode("ascii")
+        )
+
+    def write(self, requests: Sequence[JobRequest]) -> None:
+        """Put the specs that ``requests`` (from :meth:`build`) carry into the cache, in
+        one batch: from now on a job, a resubmission or ``attach`` can read them there.
+        Then the requests drop their copy (a job not started yet reads its spec from
+        the cache), so a long map does not keep every spec in memory.
+
+        Raises:
+            CacheError: the cache refused a spec.
+        """
+        held = [r.inline_spec for r in requests if r.inline_spec is not None]
+        self._cache.put_many([h.text.encode("ascii") for h in held if h.text is not None])
+        for inline in held:
+            inline.text = None
+
+    def write_soon(self, requests: Sequence[JobRequest]) -> concurrent.futures.Future:
+        """:meth:`write` in this workflow's spec writer thread; return its future (its
+        ``result()`` raises what ``write`` raised)."""
+        with self._writer_lock:
+            if self._writer is None:
+                # One thread: batches are stored in order, and a workflow's specs
+                # never wait for another workflow's.
+                self._writer = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="idds-fat-specs"
+                )
+            return self._writer.submit(self.write, requests)
+
+    def close(self) -> None:
+        """Stop the spec writer thread, if one was started (nothing is pending: every
+        submission waits for its batches)."""
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def job_spec(
         self,
@@ -195,9 +267,13 @@ class JobSpecs:
     def store(self, spec: JobSpec) -> str:
         """Put ``spec`` in the cache (with presigned URLs on S3, and the URLs of the
         objects the backend keeps itself); return its key."""
+        return self._cache.put(self._sealed(spec))
+
+    def _sealed(self, spec: JobSpec) -> bytes:
+        """``spec`` as stored: its JSON, once the URLs it needs are in it."""
         self._add_node_urls(spec)
         self._add_backend_urls(spec)
-        return self._cache.put(spec.to_json())
+        return spec.to_json()
 
     def _add_backend_urls(self, spec: JobSpec) -> None:
         """Where the backend keeps the code context and payload itself (the panda
@@ -228,9 +304,17 @@ class JobSpecs:
         spec.result_put_url = cache.presigned_put(name)  # type: ignore[attr-defined]
 
     def request(
-        self, task_id: str, index: int, name: str, spec_key: str, resources: Resources
+        self,
+        task_id: str,
+        index: int,
+        name: str,
+        spec_key: str,
+        resources: Resources,
+        spec_json: str | None = None,
     ) -> JobRequest:
-        """Return what the backend is given to run job ``index`` of a task, named ``name``."""
+        """Return what the backend is given to run job ``index`` of a task, named
+        ``name``, from the spec ``spec_key`` (carrying its JSON ``spec_json``, when
+        given, until :meth:`write` stores it)."""
         parts = self._parts
         assert parts.work_dir is not None, "the workflow has not started"
         return JobRequest(
@@ -240,6 +324,7 @@ class JobSpecs:
             workdir=WorkflowPaths(parts.work_dir).job(task_id, index).root,
             resources=resources,
             spec_key=spec_key,
+            inline_spec=None if spec_json is None else InlineSpec(spec_json),
         )
 
     def read(self, job: JobRequest) -> JobSpec:
@@ -249,6 +334,9 @@ class JobSpecs:
             CacheError: the spec is not in the cache.
             WrapperError: it is not a spec this version reads.
         """
+        text = job.spec_json
+        if text is not None and content_key(text.encode()) == job.spec_key:
+            return JobSpec.from_json(text)  # it may not be stored yet
         return JobSpec.from_json(self._cache.get(job.spec_key))
 
     def again(self, job: JobRequest, attempt: int) -> JobRequest:

@@ -129,6 +129,10 @@ class WorkflowState:
         # Whether this follower changed any job (or started the workflow): one that
         # only read a finished workflow's results leaves its record as it was.
         self._changed = False
+        # Changes to the jobs of tasks held (hold_task) until record_task: (sql, row).
+        self._held: dict[str, list[tuple[str, tuple]]] = {}
+        # When each held task was handed over: its queued time, which its jobs' starts follow.
+        self._held_since: dict[str, float] = {}
 
     def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> int:
         """Run a change; return how many rows it changed."""
@@ -191,6 +195,30 @@ class WorkflowState:
                 return
         self.set_workflow_status(status)
 
+    def hold_task(self, task_id: str) -> None:
+        """Hold the changes to the jobs of ``task_id`` (started, ended) until
+        :meth:`record_task` records it, which applies them then, in order; or until
+        :meth:`drop_task`. Its jobs may run before it is recorded: warm workers start
+        them from the specs sent inline while the specs are stored, and a task is
+        recorded only once its specs are (docs/backends/local.md)."""
+        with self._lock:
+            self._held[task_id] = []
+            self._held_since[task_id] = time.time()
+
+    def drop_task(self, task_id: str) -> None:
+        """Forget the changes held for a task that will not be recorded (its submission failed)."""
+        with self._lock:
+            self._held.pop(task_id, None)
+            self._held_since.pop(task_id, None)
+
+    def _change(self, task_id: str, sql: str, row: tuple) -> None:
+        with self._lock:
+            held = self._held.get(task_id)
+            if held is not None:
+                held.append((sql, row))
+                return
+        self._run(sql, row)
+
     def record_task(
         self,
         task_id: str,
@@ -206,7 +234,9 @@ class WorkflowState:
         """
         jobs = list(jobs)
         texts = list(arguments) if arguments is not None else [None] * len(jobs)
-        now = time.time()
+        with self._lock:
+            held_since = self._held_since.pop(task_id, None)
+        now = time.time() if held_since is None else held_since
         self._run(
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
         )
@@ -218,6 +248,15 @@ class WorkflowState:
                 for (index, job_name, spec), text in zip(jobs, texts, strict=True)
             ],
         )
+        with self._lock:
+            # Under the lock to the end: a change that comes now waits, and lands after
+            # the held ones, which came first.
+            held = self._held.pop(task_id, None)
+            if held:
+                self._db.execute("BEGIN")
+                for sql, row in held:
+                    self._db.execute(sql, row)
+                self._db.execute("COMMIT")
 
     def set_waiting(self, task_id: str, depends: Sequence[Sequence[str]]) -> None:
         """Record the jobs of a task as ``waiting`` on the jobs ``depends`` lists for each
@@ -256,7 +295,8 @@ class WorkflowState:
         """
         now = time.time()
         ended = now if status in _FINAL else None
-        self._run(
+        self._change(
+            task_id,
             "UPDATE jobs SET status = ?, returncode = COALESCE(?, returncode), updated = ?, "
             "ended = COALESCE(?, ended), value = COALESCE(?, value), "
             "error = COALESCE(?, error) WHERE task = ? AND job = ? "
@@ -267,7 +307,8 @@ class WorkflowState:
     def set_job_started(self, task_id: str, job: int, backend_ref: str) -> None:
         """Record that a job runs, and how its backend knows it (a pid, an array element)."""
         now = time.time()
-        self._run(
+        self._change(
+            task_id,
             "UPDATE jobs SET status = 'running', backend_ref = ?, updated = ?, started = ? "
             "WHERE task = ? AND job = ? AND status IN ('queued', 'running')",
             (backend_ref, now, now, task_id, job),

@@ -17,6 +17,7 @@ import http.server
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -44,8 +45,10 @@ from idds_fat.backends.panda import (
     pseudo_input,
 )
 from idds_fat.backends.panda import backend as panda_backend
+from idds_fat.config import load_config
 from idds_fat.errors import ConfigError, IddsFatError
 from idds_fat.testing import wait_until
+from idds_fat.testing.grid_certificates import TestCertificateAuthority
 
 SERVER = "https://panda.example.org:25443/server/panda"  # a PANDA_URL_SSL
 API = "https://panda.example.org:25443/api/v1"  # §1 and §6.1: host and port, path dropped
@@ -624,6 +627,88 @@ def test_x509_proxy_is_the_client_certificate(rsps, tmp_path) -> None:
     assert request.headers["Accept"] == "application/json"
 
 
+@pytest.fixture
+def tls_server(tmp_path) -> Iterator[tuple[TestCertificateAuthority, str, list[str]]]:
+    """A TLS server on loopback as mod_ssl runs one for PanDA: its certificate from a
+    test CA, a client certificate required and verified against that CA (proxies
+    allowed); answers every request with an empty success envelope. Yields the CA,
+    the ``PANDA_URL_SSL`` and the subject DNs of the clients it served."""
+    ca = TestCertificateAuthority(tmp_path / "grid")
+    host = ca.host_cert()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.2 at most: the refusal then comes within the client's handshake, so the
+    # client reads the alert whatever the timing (with 1.3 it comes after).
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(host.cert, host.key)
+    context.load_verify_locations(capath=ca.ca_dir)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+    callers: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            subject = self.connection.getpeercert()["subject"]
+            callers.append("".join(f"/{k}={v}" for rdn in subject for k, v in rdn))
+            body = json.dumps(envelope(True, "", {})).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield ca, f"https://127.0.0.1:{server.server_address[1]}/server/panda", callers
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_grid_proxy_authenticates_over_tls_verified_against_x509_cert_dir(
+    tls_server, monkeypatch
+) -> None:
+    ca, url, callers = tls_server
+    proxy, dn = ca.issue_proxy("x509up_u1000", "Jane Doe")
+    monkeypatch.setenv("X509_CERT_DIR", str(ca.ca_dir))
+    # requests lets this override a Session's verify; the client must not.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.directory / "no-such-bundle.pem"))
+    client = PandaClient(url, PandaAuth.from_env({"X509_USER_PROXY": str(proxy)}), backoff=0)
+    assert client.voms_attributes() == {}
+    # The server verified the proxy (signed by the user's certificate, not the CA).
+    assert callers == [dn.replace("/DC=", "/domainComponent=").replace("/CN=", "/commonName=")]
+
+
+def test_a_proxy_the_server_refuses_is_an_auth_error_at_once(
+    tls_server, monkeypatch, tmp_path, caplog
+) -> None:
+    ca, url, callers = tls_server
+    rogue = TestCertificateAuthority(tmp_path / "rogue", name="rogue CA")
+    proxy, _ = rogue.issue_proxy("x509up_u1000", "Jane Doe")
+    monkeypatch.setenv("X509_CERT_DIR", str(ca.ca_dir))
+    client = PandaClient(url, PandaAuth("x509", proxy=proxy), attempts=5, backoff=0)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(PandaAuthError, match="unknown ca") as caught:
+            client.voms_attributes()
+    assert "refused the TLS handshake" in str(caught.value) and str(proxy) in str(caught.value)
+    assert "retrying" not in caplog.text and callers == []
+
+
+def test_a_server_certificate_x509_cert_dir_does_not_trust_is_an_auth_error(
+    tls_server, monkeypatch, tmp_path
+) -> None:
+    ca, url, callers = tls_server
+    proxy, _ = ca.issue_proxy("x509up_u1000", "Jane Doe")
+    other = TestCertificateAuthority(tmp_path / "other", name="other CA")
+    monkeypatch.setenv("X509_CERT_DIR", str(other.ca_dir))
+    client = PandaClient(url, PandaAuth("x509", proxy=proxy), attempts=5, backoff=0)
+    with pytest.raises(PandaAuthError, match="did not verify against") as caught:
+        client.voms_attributes()
+    assert str(other.ca_dir) in str(caught.value) and callers == []
+
+
 def test_oidc_token_file_is_read_stripped_for_each_request(rsps, tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -947,6 +1032,50 @@ def test_create_takes_wrapper_url_secrets_and_callback_from_the_setup(monkeypatc
     Setup.wrapper_url = None
     with pytest.raises(ConfigError, match="HTTP cache"):
         PandaBackend.create(None, Setup())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source", ["env", "file", "argument"])
+def test_the_panda_cache_setting_reaches_the_backend(monkeypatch, tmp_path, source) -> None:
+    # From every source a setting has, and off unless set.
+    monkeypatch.setenv("PANDA_AUTH", "oidc")
+    monkeypatch.setenv("PANDA_AUTH_ID_TOKEN", TOKEN)
+    monkeypatch.setenv("PANDA_AUTH_VO", VO)
+    monkeypatch.setenv("PANDA_URL_SSL", SERVER)
+    monkeypatch.setenv("PANDACACHE_URL", CACHE)
+    assert load_config().panda_cache is False
+    if source == "env":
+        monkeypatch.setenv("IDDS_FAT_PANDA_CACHE", "yes")
+        config = load_config()
+    elif source == "file":
+        (tmp_path / "idds-fat.toml").write_text("[idds_fat]\npanda_cache = true\n")
+        monkeypatch.setenv("IDDS_FAT_CONFIG", str(tmp_path / "idds-fat.toml"))
+        config = load_config()
+    else:
+        config = load_config(panda_cache=True)
+    assert config.panda_cache is True
+
+    class Setup:
+        on_exit = Exits()
+        wrapper_url = WRAPPER_URL
+        secrets = None
+        placement = None
+
+    context = b"PK context"
+    key = hashlib.sha256(context).hexdigest()
+    with responses.RequestsMock() as rsps:
+        recorded(rsps, "voms_attributes")
+        recorded(rsps, "upload")
+        backend = PandaBackend.create(config, Setup())
+        urls = backend.node_urls([key], lambda _: context)
+        assert urls == {key: f"https://pandacache.example.org/cache/sources.idds-fat-{key}"}
+        assert rsps.calls[-1].request.url == f"{API}/file_server/upload_cache_file"
+        backend.shutdown(cancel=True)
+
+
+def test_a_bad_panda_cache_setting_names_its_source(monkeypatch) -> None:
+    monkeypatch.setenv("IDDS_FAT_PANDA_CACHE", "sometimes")
+    with pytest.raises(ConfigError, match=r"panda_cache = 'sometimes' from \$IDDS_FAT_PANDA_CACHE"):
+        load_config()
 
 
 def _unsigned_jwt(claims: dict) -> str:

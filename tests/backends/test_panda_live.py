@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from idds_fat import Workflow, work
 from idds_fat.backends import BACKENDS
 from idds_fat.backends.panda import PandaAuthError, PandaClient
 from idds_fat.testing import PandaPilot, wait_until
-from idds_fat.testing.panda import backend_class
+from idds_fat.testing.panda import X509_USER_NAME, backend_class
 from idds_fat.testing.processes import free_port
 
 # Fixtures count: the first test also starts the PanDA server (~10 s) and the service.
@@ -129,12 +130,23 @@ def sleeper(seconds):
     return seconds
 
 
-def test_hpo_loop_of_two_rounds_of_five_points_runs_through_panda(live, pilot) -> None:
+@pytest.mark.parametrize("channel", ["rest", pytest.param("stomp", marks=pytest.mark.broker)])
+def test_hpo_loop_of_two_rounds_of_five_points_runs_through_panda(
+    live, pilot, request, channel
+) -> None:
     # A pattern search: each round evaluates 5 points (one PanDA task, 5 jobs)
-    # around the best so far; the minimum of `loss` is at (3, -1).
+    # around the best so far; the minimum of `loss` is at (3, -1). Results come back
+    # over REST to the service, or, with a broker, over STOMP straight to the caller.
+    options = dict(live)
+    if channel == "stomp":
+        broker = request.getfixturevalue("activemq")
+        options.update(broker=broker.url, broker_user="idds", broker_password="fat-secret")
     centre, seen = (0.0, 0.0), {}
+    before = {job.panda_id for job in pilot.jobs}
     began = time.monotonic()
-    with Workflow(**live) as wf:
+    with Workflow(**options) as wf:
+        if channel == "stomp":
+            wait_until(lambda: wf.parts.subscriber.up, "the STOMP subscription", timeout=30)
         for step in (3.0, 1.0):
             moves = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
             points = [{"x": centre[0] + dx * step, "y": centre[1] + dy * step} for dx, dy in moves]
@@ -147,12 +159,15 @@ def test_hpo_loop_of_two_rounds_of_five_points_runs_through_panda(live, pilot) -
             for point in points:
                 seen[(point["x"], point["y"])] = results.get_result(args=point)
             centre = min(seen, key=seen.get)
-        received = wf.stats["received"]
-    print(f"2 x 5 HPO through PanDA: {time.monotonic() - began:.1f} s")
+        stats = wf.stats
+    print(f"2 x 5 HPO through PanDA over {channel}: {time.monotonic() - began:.1f} s")
     assert centre == (3.0, -1.0) and seen[centre] == 0.0
-    assert received == 10
-    ran = [job for job in pilot.jobs if job.status == "finished"]
-    assert len({job.task_id for job in ran}) >= 2 and len(ran) >= 10
+    # Every result came by the channel under test, none by the other.
+    other = "rest" if channel == "stomp" else "stomp"
+    assert stats["received"] == 10 and stats[channel] == 10 and stats[other] == 0, stats
+    ran = [job for job in pilot.jobs if job.panda_id not in before]
+    assert {job.status for job in ran} == {"finished"} and len(ran) == 10
+    assert len({job.task_id for job in ran}) == 2
 
 
 def test_a_failing_job_reraises_with_its_remote_traceback(live) -> None:
@@ -212,8 +227,60 @@ def test_an_expired_or_forged_token_stops_the_workflow_before_anything_runs(
     assert len(pilot.jobs) == before and not pilot.running
 
 
+@work
+def greet(name):
+    return f"hello {name}"
+
+
+def test_a_grid_proxy_through_tls_runs_a_task_owned_by_its_dn(
+    live, monkeypatch, panda_server, pilot
+) -> None:
+    # As at an X.509 site: the backend finds the proxy as panda-client does
+    # (X509_USER_PROXY), presents it to the front end's TLS listener, which verifies it
+    # against the test CA and exports its DN as mod_ssl does; the server makes the
+    # caller's user (and the task's owner) from the DN. The backend verifies the
+    # server against X509_CERT_DIR.
+    proxy = panda_server.issue_proxy()
+    assert stat.S_IMODE(proxy.stat().st_mode) == 0o600
+    monkeypatch.delenv("PANDA_AUTH", raising=False)
+    monkeypatch.setenv("X509_USER_PROXY", str(proxy))
+    monkeypatch.setenv("X509_CERT_DIR", str(panda_server.ca_dir))
+    settings = panda_server.backend_settings(x509=True)
+    assert settings["server_url"].startswith("https://") and "token" not in settings
+    monkeypatch.setitem(BACKENDS, "panda", backend_class(settings))
+    before = {job.panda_id for job in pilot.jobs}
+    with Workflow(**live):
+        assert greet("grid") == "hello grid"
+    [job] = [job for job in pilot.jobs if job.panda_id not in before]
+    assert job.status == "finished"
+    assert panda_server.task_owner(job.task_id) == X509_USER_NAME
+    # The proxy's private key went nowhere but its own file.
+    key_line = proxy.read_text().split("PRIVATE KEY-----\n")[1].splitlines()[0]
+    for log in panda_server.log_dir.iterdir():
+        assert key_line not in log.read_text(errors="replace"), log
+
+
+def test_a_proxy_of_another_ca_is_refused_before_anything_runs(
+    live, monkeypatch, panda_server, pilot
+) -> None:
+    monkeypatch.delenv("PANDA_AUTH", raising=False)
+    monkeypatch.setenv("X509_USER_PROXY", str(panda_server.issue_proxy(trusted=False)))
+    monkeypatch.setenv("X509_CERT_DIR", str(panda_server.ca_dir))
+    settings = panda_server.backend_settings(x509=True)
+    monkeypatch.setitem(BACKENDS, "panda", backend_class(settings))
+    before = len(pilot.jobs)
+    # The handshake fails with the front end's alert; no retry, no task, no secret.
+    with pytest.raises(PandaAuthError, match="unknown ca") as caught:
+        with Workflow(**live):
+            greet("nobody")
+    assert "before anything was submitted" in str(caught.value)
+    assert "refused the TLS handshake" in str(caught.value)
+    assert "X.509 proxy" in str(caught.value)
+    assert len(pilot.jobs) == before and not pilot.running
+
+
 def test_code_context_and_payload_go_through_the_panda_servers_cache(
-    live, monkeypatch, panda_server, tmp_path
+    live, panda_server, tmp_path
 ) -> None:
     # As iDDS does: the backend puts them with file_server/upload_cache_file and the
     # jobs read them back from the server's /cache/ (checked against their sha256);
@@ -222,9 +289,8 @@ def test_code_context_and_payload_go_through_the_panda_servers_cache(
     source.mkdir()
     (source / "data.txt").write_text("from the PanDA cache")
     read = work(lambda suffix: open("data.txt").read() + suffix)
-    settings = panda_server.backend_settings()
-    monkeypatch.setitem(BACKENDS, "panda", backend_class(settings, panda_cache=True))
-    with Workflow(**live, source_dir=source) as wf:
+    # The setting, as a user gives it: it reaches the backend through Config.
+    with Workflow(**live, source_dir=source, panda_cache=True) as wf:
         results = read.map([{"suffix": "!"}, {"suffix": "?"}]).results(timeout=240)
         assert results == ["from the PanDA cache!", "from the PanDA cache?"]
         [task_id] = wf.tasks
@@ -262,7 +328,7 @@ _CALLER = """
 import json, os
 from idds_fat import Workflow, work
 from idds_fat.backends import BACKENDS
-from idds_fat.testing.panda import backend_class
+from idds_fat.testing.panda import X509_USER_NAME, backend_class
 
 BACKENDS["panda"] = backend_class(json.loads(os.environ["PANDA_LIVE_SERVER"]))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from idds_fat import Workflow, work
 from idds_fat.backends.pilot import SlurmPilotBackend
+from idds_fat.errors import JobLostError
 from idds_fat.testing import wait_until
 
 
@@ -70,6 +71,56 @@ def test_map_runs_through_warm_pilots(slurm_env):
     assert wf.stats["received"] == 30
     # No broker: every result came in its job's report, none through the REST store.
     assert wf.stats["local"] == 30 and wf.stats["rest"] == 0
+
+
+@work
+def dies_at(i, fatal):
+    import sys
+
+    if i == fatal:
+        print(f"job {i} ends its worker", file=sys.stderr, flush=True)
+        os._exit(17)
+    print(f"job {i} ran")
+    return i
+
+
+def test_a_job_that_kills_its_worker_is_lost_with_its_stderr_and_the_jobs_behind_it_run(
+    slurm_env,
+):
+    # Trivial jobs: a slot sends its worker several at once, so the worker dies with
+    # jobs queued behind the fatal one; those must run in the slot's next worker.
+    with Workflow(**_settings(slurm_pilots=1, slurm_max_pilots=1, max_resubmits=0)):
+        warm = dies_at.map([{"i": i, "fatal": -1} for i in range(40)]).results()
+        futures = dies_at.map([{"i": i, "fatal": 25} for i in range(60)]).futures
+        lost = futures[25].exception(timeout=120)
+        values = [f.result(timeout=120) for k, f in enumerate(futures) if k != 25]
+    assert warm == list(range(40))
+    assert values == [i for i in range(60) if i != 25]  # none lost behind the fatal job
+    assert isinstance(lost, JobLostError)
+    assert "exit status 17" in str(lost) and "job 25 ends its worker" in lost.stderr_tail
+
+
+def test_pilots_run_jobs_from_their_leases_before_the_specs_are_stored(slurm_env):
+    ended_first: list[bool] = []
+    with Workflow(**_settings(slurm_pilots=1, slurm_max_pilots=1)) as wf:
+        cache = wf.parts.cache
+        assert cache is not None
+        put_many = cache.put_many
+
+        def stored_late(items):
+            # The first batch of specs waits for a job to end: a pilot that read its
+            # spec from the cache could not run one before this returns.
+            if not ended_first:
+                futures = wf.tracker.futures()
+                wait_until(lambda: any(f.done() for f in futures), "a job to end", 120)
+                ended_first.append(True)
+            return put_many(items)
+
+        cache.put_many = stored_late  # type: ignore[method-assign]
+        results = where.map([{"i": i} for i in range(12)]).results()
+        assert all(cache.exists(r.spec_key) for r in wf.tracker.requests())
+    assert [r[0] for r in results] == list(range(12))
+    assert ended_first == [True]
 
 
 def test_killed_pilot_loses_and_doubles_no_result(slurm_env, tmp_path):

@@ -85,3 +85,29 @@ def test_concurrent_puts_of_same_key_leave_one_complete_file(tmp_path: Path) -> 
     assert errors == []
     assert store.get(key) == data
     assert [p.name for p in (tmp_path / key[:2]).iterdir()] == [key]  # no temp files left
+
+
+def test_put_many_stores_each_object_as_put_does_private_and_complete(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    items = [f"spec {i}".encode() for i in range(20)] + [b"spec 3"]  # one twice
+    keys = store.put_many(items)
+    assert keys == [content_key(data) for data in items]
+    for key, data in zip(keys, items, strict=True):
+        path = tmp_path / key[:2] / key
+        assert path.read_bytes() == data
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert not list(tmp_path.glob("*/.*.tmp"))  # no temporary file left
+
+
+def test_put_many_writes_past_a_stale_temporary_file(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    store = DirectoryStore(tmp_path)
+    key = content_key(b"after a kill")
+    (tmp_path / key[:2]).mkdir()
+    # What a killed writer with this process's pid and thread would have left.
+    (tmp_path / key[:2] / f".{key[:8]}-{os.getpid()}-{threading.get_ident()}.tmp").write_bytes(b"x")
+    assert store.put_many([b"after a kill"]) == [key]
+    assert store.get(key) == b"after a kill"

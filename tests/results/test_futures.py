@@ -144,3 +144,66 @@ def test_ctrl_c_in_map_results_kills_the_outstanding_jobs(tmp_path, waiting_in):
         wait_until(lambda: not _pid_alive(job_pid), f"the job (pid {job_pid}) to die", timeout=30)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _CountingCondition:
+    """A future's condition that counts how often it is taken (``with`` or ``acquire``)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self.entered = 0
+
+    def __enter__(self) -> bool:
+        self.entered += 1
+        return self._condition.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._condition.__exit__(*exc)
+
+    def acquire(self, *args: object) -> bool:
+        self.entered += 1
+        return self._condition.acquire(*args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._condition, name)
+
+
+def test_waiting_in_slices_locks_each_future_a_fixed_number_of_times(monkeypatch):
+    # The main thread waits in slices (for Ctrl-C). Waiting on 100,000 futures must
+    # not lock each of them every slice: that made a big map's wait quadratic.
+    assert threading.current_thread() is threading.main_thread()
+    monkeypatch.setattr("idds_fat.results.futures._INTERRUPTIBLE_SLICE", 0.005)
+    futures = [AsyncResult("t", i) for i in range(20)]
+    conditions = []
+    for future in futures:
+        future._condition = _CountingCondition()
+        conditions.append(future._condition)
+    futures[0].set_result(0)
+    done, pending = wait_interruptibly(futures, timeout=0.2)  # about 40 slices
+    assert done == {futures[0]} and pending == set(futures[1:])
+    # Once to install the waiter, once to remove it (set_result was the first's third).
+    assert [c.entered for c in conditions[1:]] == [2] * 19
+    assert all(not f._waiters for f in futures)
+
+
+def test_waiting_in_slices_returns_once_every_future_is_done():
+    futures = [AsyncResult("t", i) for i in range(50)]
+    settler = threading.Thread(target=lambda: [f.set_result(f.job) for f in futures])
+    settler.start()
+    done, pending = wait_interruptibly(futures)
+    settler.join()
+    assert done == set(futures) and not pending
+    assert [f.result() for f in futures] == list(range(50))
+    assert all(not f._waiters for f in futures)
+
+
+def test_map_result_finds_a_job_by_arguments_added_after_it_was_made():
+    futures = [AsyncResult("t", i, {"x": i}) for i in range(3)]
+    results = MapResult(futures)
+    results.add_result(args={"x": 7}, result=70)
+    for i, future in enumerate(futures):
+        future.set_result(i * 10)
+    assert results.get_result(args={"x": 7}) == 70
+    assert results.get_result(args={"x": 1}) == 10
+    with pytest.raises(KeyError):
+        results.future_for({"x": 5})

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from idds_fat.backends import InlineSpec
 from idds_fat.service import EmbeddedService
 from idds_fat.service.leases import LEASES, LeasedJob, LeasePool
+from idds_fat.testing.waiting import wait_until
 
 TOKEN = "lease-test-token"
 
@@ -86,8 +88,9 @@ def test_routes_lease_with_a_long_poll_and_report_done(service):
         pool.offer([_job(7)])  # wakes the poll whether it started waiting or not
         waiter.join(30)
         assert answers and [j["job_id"] for j in answers[0]["jobs"]] == ["t/7"]
-        answer = _post(service, f"{pool.name}/done", {"pilot": "p", "job": "t/7", "exit": 0})
-        assert answer.json() == {"known": True, "recorded": False, "jobs": [], "closed": False}
+        body = {"pilot": "p", "reports": [{"job": "t/7", "exit": 0}]}
+        answer = _post(service, f"{pool.name}/done", body)
+        assert answer.json() == {"known": [True], "recorded": [False], "jobs": [], "closed": False}
         assert reports == [("p", "t/7", 0)]
         pool.close()
         closed = _post(service, f"{pool.name}/lease", {"pilot": "p", "wait": 20}).json()
@@ -122,15 +125,10 @@ def test_a_done_report_carries_the_result_and_leases_the_next_job(service):
         pool.offer([_job(0), _job(1), _job(2)])
         leased = _post(service, f"{pool.name}/lease", {"pilot": "p", "limit": 1}).json()
         assert [(j["job_id"], j["reply"]) for j in leased["jobs"]] == [("t/0", True)]
-        body = {
-            "pilot": "p",
-            "job": "t/0",
-            "exit": 0,
-            "result": base64.b64encode(b"signed result").decode(),
-            "more": 1,
-        }
+        report = {"job": "t/0", "exit": 0, "result": base64.b64encode(b"signed result").decode()}
+        body = {"pilot": "p", "reports": [report], "more": 1}
         answer = _post(service, f"{pool.name}/done", body).json()
-        assert answer["known"] and answer["recorded"]
+        assert answer["known"] == [True] and answer["recorded"] == [True]
         assert [j["job_id"] for j in answer["jobs"]] == ["t/1"]  # one request: end and next
         assert reports == [("t/0", b"signed result")]  # decoded before the backend sees it
         assert started == ["t/0", "t/1"]
@@ -148,15 +146,135 @@ def test_a_result_not_recorded_is_left_to_the_pilot_and_its_next_job_still_comes
     try:
         pool.offer([_job(0), _job(1)])
         pool.take("p", None)
-        result = base64.b64encode(b"r").decode()
-        body = {"pilot": "p", "job": "t/0", "exit": 0, "result": result, "more": 1}
+        report = {"job": "t/0", "exit": 0, "result": base64.b64encode(b"r").decode()}
+        body = {"pilot": "p", "reports": [report], "more": 1}
         answer = _post(service, f"{pool.name}/done", body).json()
-        assert answer["known"] and not answer["recorded"]  # the pilot delivers it itself
+        assert answer["known"] == [True] and answer["recorded"] == [False]  # the pilot delivers
         assert [j["job_id"] for j in answer["jobs"]] == ["t/1"]
         # A report of a lease the pilot no longer holds records nothing either.
         again = _post(service, f"{pool.name}/done", {**body, "more": 0}).json()
-        assert again == {"known": False, "recorded": False, "jobs": [], "closed": False}
-        bad = _post(service, f"{pool.name}/done", {**body, "result": "***"})
-        assert bad.status_code == 400
+        assert again == {"known": [False], "recorded": [False], "jobs": [], "closed": False}
+        bad = {**body, "reports": [{**report, "result": "***"}]}
+        assert _post(service, f"{pool.name}/done", bad).status_code == 400
+        for reports in ([], [{"exit": 0}], "t/0"):
+            malformed = _post(service, f"{pool.name}/done", {"pilot": "p", "reports": reports})
+            assert malformed.status_code == 400
+    finally:
+        LEASES.remove(pool)
+
+
+def test_a_lease_carries_the_jobs_spec_inline_with_its_key_when_it_has_one(service):
+    pool = _pool()
+    LEASES.add(pool)
+    try:
+        spec = InlineSpec('{"v": 1}')
+        inline = LeasedJob("t/1", "/specs/1", "/jobs/1", inline_spec=spec, spec_key="ab" * 32)
+        pool.offer([_job(0), inline, _job(2)])
+        leased = _post(service, f"{pool.name}/lease", {"pilot": "p", "limit": 2}).json()["jobs"]
+        assert [(j["job_id"], j.get("spec_json"), j.get("spec_key")) for j in leased] == [
+            ("t/0", None, None),  # read from the cache, as before
+            ("t/1", '{"v": 1}', "ab" * 32),
+        ]
+        assert '{"v"' not in repr(inline)  # on S3 a spec holds presigned URLs
+        spec.text = None  # stored meanwhile: the job reads it from the cache
+        assert "spec_json" not in inline.to_json()
+    finally:
+        LEASES.remove(pool)
+
+
+def test_one_done_request_records_every_result_it_carries_and_leases_as_many(service):
+    reports, started = [], []
+
+    def done(pilot, job, report):
+        reports.append((job, report["result"]))
+        return job != "t/1"  # the backend could not keep this one
+
+    pool = _pool(done, lambda pilot, jobs: started.extend(j.job_id for j in jobs), True)
+    LEASES.add(pool)
+    try:
+        pool.offer([_job(n) for n in range(6)])
+        assert len(pool.take("p", None, limit=3)) == 3
+        body = {
+            "pilot": "p",
+            "reports": [
+                {"job": f"t/{n}", "exit": 0, "result": base64.b64encode(b"r%d" % n).decode()}
+                for n in range(3)
+            ],
+            "more": 3,
+        }
+        answer = _post(service, f"{pool.name}/done", body).json()
+        assert answer["known"] == [True, True, True]
+        assert answer["recorded"] == [True, False, True]  # t/1's worker delivers it itself
+        assert reports == [("t/0", b"r0"), ("t/1", b"r1"), ("t/2", b"r2")]
+        assert [j["job_id"] for j in answer["jobs"]] == ["t/3", "t/4", "t/5"]
+        assert started == ["t/3", "t/4", "t/5"]
+        assert pool.counts() == (0, 3)
+    finally:
+        LEASES.remove(pool)
+
+
+def test_a_job_reported_twice_in_one_request_is_recorded_once(service):
+    reports = []
+    pool = _pool(lambda pilot, job, report: reports.append(job) or True, direct_results=True)
+    LEASES.add(pool)
+    try:
+        pool.offer([_job(0), _job(1)])
+        pool.take("p", None, limit=2)
+        result = base64.b64encode(b"r").decode()
+        twice = [{"job": "t/0", "exit": 0, "result": result}] * 2
+        body = {"pilot": "p", "reports": [*twice, {"job": "t/1", "exit": 0, "result": result}]}
+        answer = _post(service, f"{pool.name}/done", body).json()
+        # The duplicate ended no lease: not known, not recorded (were its result
+        # delivered all the same, the collector drops it by its attempt).
+        assert answer["known"] == [True, False, True]
+        assert answer["recorded"] == [True, False, True]
+        assert reports == ["t/0", "t/1"]
+        assert pool.counts() == (0, 0)
+    finally:
+        LEASES.remove(pool)
+
+
+def test_a_busy_slot_leasing_ahead_leaves_their_share_to_slots_waiting(service):
+    pool = _pool()
+    LEASES.add(pool)
+    try:
+        idle = []
+        body = {"pilot": "q", "wait": 20, "remaining": 60}  # too short for the long jobs
+        waiter = threading.Thread(
+            target=lambda: idle.append(_post(service, f"{pool.name}/lease", body).json())
+        )
+        waiter.start()
+        wait_until(lambda: pool.waiting() == 1, "the idle slot's long poll")
+        pool.offer([_job(n, walltime=600) for n in range(6)])
+        wait_until(lambda: pool.waiting() == 1, "the idle slot waiting again")
+        assert len(pool.take("p", None, limit=16, share=True)) == 3  # its share: one waits
+        assert len(pool.take("p", None, limit=16)) == 3  # without share: what it asks for
+        pool.offer([_job(9)])
+        waiter.join(30)
+        assert [j["job_id"] for j in idle[0]["jobs"]] == ["t/9"]
+    finally:
+        LEASES.remove(pool)
+
+
+def test_slots_waiting_together_share_the_jobs_that_come(service):
+    pool = _pool()
+    LEASES.add(pool)
+    try:
+        answers: list[list[str]] = []
+
+        def wait_for_jobs(pilot: str) -> None:
+            body = {"pilot": pilot, "wait": 20, "limit": 8}
+            jobs = _post(service, f"{pool.name}/lease", body).json()["jobs"]
+            answers.append([j["job_id"] for j in jobs])
+
+        waiters = [threading.Thread(target=wait_for_jobs, args=(p,)) for p in ("a", "b")]
+        for waiter in waiters:
+            waiter.start()
+        wait_until(lambda: pool.waiting() == 2, "both slots' long polls")
+        pool.offer([_job(n) for n in range(6)])
+        for waiter in waiters:
+            waiter.join(30)
+        assert sorted(len(jobs) for jobs in answers) == [3, 3]  # not 6 and 0
+        assert sorted(sum(answers, [])) == [f"t/{n}" for n in range(6)]
     finally:
         LEASES.remove(pool)

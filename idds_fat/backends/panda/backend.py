@@ -246,7 +246,8 @@ class PandaBackend(Backend):
         Uses ``setup.on_exit``, ``setup.on_start``, ``setup.wrapper_url``,
         ``setup.secrets`` and the ``queue``, ``site``, ``cloud`` and
         ``container_options["container_image"]``
-        of ``setup.placement`` (a :class:`~idds_fat.backends.base.BackendSetup`);
+        of ``setup.placement`` (a :class:`~idds_fat.backends.base.BackendSetup`),
+        the ``panda_cache`` setting of ``config``;
         ``PANDA_URL_SSL``, ``PANDACACHE_URL`` and the auth variables as
         panda-client reads them.
 
@@ -270,6 +271,7 @@ class PandaBackend(Backend):
             site=placement.get("site"),
             cloud=placement.get("cloud"),
             container_image=container.get("container_image"),
+            panda_cache=config is not None and config.panda_cache,
         )
         backend.check_credentials()
         return backend

@@ -53,7 +53,23 @@ def api_base(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/api/v1"
 
 
+def _tls_refusal(exc: BaseException) -> str | None:
+    """OpenSSL's reason when a TLS handshake failed for good: the server sent an alert
+    (it refused our certificate: ``unknown ca``, ``certificate required``, ``bad
+    certificate``, ``certificate expired``) or we refused the server's certificate
+    (``certificate verify failed``). None for anything else, a reset or EOF included,
+    which may pass."""
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return None
+    text = str(exc)
+    found = re.search(r"\[SSL: \w+\] ([^(]+)", text)
+    reason = (found.group(1) if found else text).strip()
+    return reason if "alert" in reason or "certificate verify failed" in reason else None
+
+
 def _is_transient(exc: BaseException) -> bool:
+    if _tls_refusal(exc) is not None:
+        return False  # no retry mends a refused certificate
     return isinstance(
         exc,
         (
@@ -320,8 +336,15 @@ class PandaClient:
 
         def once() -> requests.Response:
             headers = {"Accept": "application/json", **self.auth.headers()}
+            # verify per request: requests lets $REQUESTS_CA_BUNDLE (or $CURL_CA_BUNDLE)
+            # override a Session's verify, which would drop X509_CERT_DIR.
             response = self._session.request(
-                method, url, headers=headers, timeout=self.timeout, **kwargs
+                method,
+                url,
+                headers=headers,
+                timeout=self.timeout,
+                verify=self._session.verify,
+                **kwargs,
             )
             if response.status_code >= 500 or response.status_code in _TRANSIENT_STATUSES:
                 logger.debug("PanDA %s answered HTTP %s", operation, response.status_code)
@@ -351,6 +374,11 @@ class PandaClient:
                 status=exc.response.status_code,
             ) from None
         except requests.RequestException as exc:
+            refusal = _tls_refusal(exc)
+            if refusal is not None:
+                raise PandaAuthError(
+                    self._tls_message(host, operation, refusal), operation
+                ) from None
             # `from None`: the requests exception holds the request, headers and all.
             raise PandaUnavailableError(
                 f"PanDA server {host} unreachable for {operation} after {self.attempts} "
@@ -383,6 +411,24 @@ class PandaClient:
                 status=200,
             )
         return reply
+
+    def _tls_message(self, host: str, operation: str, reason: str) -> str:
+        if "certificate verify failed" in reason:
+            trusted = self._session.verify
+            where = (
+                f"the CA certificates in {trusted}"
+                if isinstance(trusted, str)
+                else "the system CAs"
+            )
+            return (
+                f"the certificate of PanDA server {host} did not verify against {where} "
+                f"({reason}) for {operation}: set X509_CERT_DIR to the grid CA directory"
+            )
+        return (
+            f"PanDA server {host} refused the TLS handshake for {operation} ({reason}): "
+            f"it does not accept {self.auth.describe()}; check that the proxy is valid "
+            "and signed by a CA the site trusts (voms-proxy-info)"
+        )
 
     def _redact(self, text: str) -> str:
         try:
