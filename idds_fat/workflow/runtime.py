@@ -584,13 +584,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
             future.arguments = text
         self.tracker.add_task(task_id, task_name, futures, requests)
-        parts.state.record_task(
-            task_id,
-            task_name,
-            fn_name,
-            self.specs.rows(task_name, requests),
-            [f.arguments for f in futures],
-        )
+        self._record_task(task_id, task_name, fn_name, requests, futures)
         try:
             parts.backend.submit(requests)
         except BaseException:
@@ -666,13 +660,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
                     writing = self.specs.write_soon(built)
             if writing is not None:
                 writing.result()
-            parts.state.record_task(
-                task_id,
-                task_name,
-                fn_name,
-                self.specs.rows(task_name, requests),
-                [f.arguments for f in futures],
-            )
+            self._record_task(task_id, task_name, fn_name, requests, futures)
         except BaseException:
             if writing is not None:  # let it end before the task is forgotten
                 concurrent.futures.wait([writing])
@@ -683,6 +671,24 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             self.tracker.forget_task(task_id)  # the call raises: nobody holds these futures
             raise
         return futures
+
+    def _record_task(
+        self,
+        task_id: str,
+        task_name: str,
+        fn_name: str,
+        requests: Sequence[JobRequest],
+        futures: Sequence[AsyncResult],
+    ) -> None:
+        """Record a task in the workflow's state: its jobs' spec keys and their calls' text."""
+        assert self.parts.state is not None
+        self.parts.state.record_task(
+            task_id,
+            task_name,
+            fn_name,
+            self.specs.rows(task_name, requests),
+            [f.arguments for f in futures],
+        )
 
     def _new_task_id(self) -> str:
         """Book a new task's id. Raises WorkflowClosedError once the workflow is closed."""

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from idds_fat import Workflow, work
-from idds_fat.node.spec import SECRETS_FD_ENV, secrets_pipe
 from idds_fat.testing import wait_until
-from idds_fat.wrapper_source import launch_command, wrapper_file
+from idds_fat.testing.bare_worker import start_bare_worker
 
 
 @work
@@ -46,30 +42,10 @@ def test_a_warm_worker_gets_its_next_job_before_the_last_one_is_recorded(tmp_pat
     assert wf.stats["local"] == 2 and wf.stats["duplicates"] == 0
 
 
-def _worker(tmp_path: Path) -> subprocess.Popen:
-    """A bare ``wrapper --worker``, its secrets on a pipe as the local backend gives them."""
-    wrapper = wrapper_file(tmp_path)
-    home = tmp_path / "home"
-    home.mkdir()
-    fd = secrets_pipe(json.dumps({"hmac_key": "00" * 32, "token": None}).encode())
-    try:
-        return subprocess.Popen(
-            [*launch_command(sys.executable, wrapper), "--worker"],
-            cwd=home,
-            env={**os.environ, SECRETS_FD_ENV: str(fd)},
-            pass_fds=(fd,),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        os.close(fd)
-
-
 def test_a_warm_worker_takes_acks_after_the_next_command_and_ends_at_end_of_input(tmp_path):
     # No job here: the protocol alone. An ack with nothing to acknowledge is ignored,
     # a command after it is run, and end of input ends the worker with status 0.
-    worker = _worker(tmp_path)
+    worker = start_bare_worker(tmp_path)
     assert worker.stdin is not None and worker.stdout is not None
     worker.stdin.write(json.dumps({"ack": True}) + "\n")
     missing = {"spec": str(tmp_path / "no-spec.json"), "workdir": str(tmp_path / "j0")}

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from idds_fat import Workflow
 from idds_fat.errors import CacheError
-from idds_fat.node.spec import SECRETS_FD_ENV, secrets_pipe
 from idds_fat.testing import wait_until
+from idds_fat.testing.bare_worker import start_bare_worker
 from idds_fat.workflow.state import WorkflowState
-from idds_fat.wrapper_source import launch_command, wrapper_file
 
 
 def square(x):
@@ -209,28 +205,8 @@ def test_changes_to_a_held_task_apply_in_order_when_it_is_recorded(tmp_path):
     state.close()
 
 
-def _worker(tmp_path: Path) -> subprocess.Popen:
-    """A bare ``wrapper --worker``, its secrets on a pipe as the local backend gives them."""
-    wrapper = wrapper_file(tmp_path)
-    home = tmp_path / "home"
-    home.mkdir()
-    fd = secrets_pipe(json.dumps({"hmac_key": "00" * 32, "token": None}).encode())
-    try:
-        return subprocess.Popen(
-            [*launch_command(sys.executable, wrapper), "--worker"],
-            cwd=home,
-            env={**os.environ, SECRETS_FD_ENV: str(fd)},
-            pass_fds=(fd,),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        os.close(fd)
-
-
 def test_a_warm_worker_refuses_an_inline_spec_that_does_not_match_its_key(tmp_path):
-    worker = _worker(tmp_path)
+    worker = start_bare_worker(tmp_path)
     assert worker.stdin is not None and worker.stdout is not None
     workdir = tmp_path / "j0"
     command = {
