@@ -126,6 +126,7 @@ class SlotWorker:
         self.spool = directory.with_name(directory.name + ".spool") if spool else None
         self.process = None  # a subprocess.Popen while the worker runs
         self.answers = None  # its answers as they come: (line, time), then None at its end
+        self.outstanding = 0  # jobs sent to this worker and not yet answered
 
     def _start(self):
         # subprocess, queue and threading are imported where used: cold jobs, which run
@@ -170,9 +171,17 @@ class SlotWorker:
             pass
 
     def send(self, job: dict) -> None:
-        """Hand ``job`` to the worker (started first if it is not running)."""
-        if self.process is None or self.process.poll() is not None:
+        """Hand ``job`` to the worker (started first if it is not running).
+
+        A worker that ended with jobs still unanswered is replaced only once
+        :meth:`receive` has taken the answers it gave and its end: starting the next
+        one sooner would drop those answers and pair the next worker's with the
+        wrong jobs. Sent meanwhile, a job goes nowhere; the slot hands it to the
+        next worker with the others sent after the job the worker died in.
+        """
+        if self.process is None or (self.outstanding == 0 and self.process.poll() is not None):
             self.process = self._start()
+        self.outstanding += 1
         command = {"spec": job["spec"], "workdir": job["workdir"], "reply": bool(job.get("reply"))}
         if job.get("memory_mb"):
             command["memory_mb"] = job["memory_mb"]
@@ -194,7 +203,9 @@ class SlotWorker:
             status = self.process.wait()  # type: ignore[union-attr]
             self.process = None
             self.answers = None
+            self.outstanding = 0  # the jobs sent after it go to the next worker
             return SlotAnswer(status, True, at=time.monotonic())
+        self.outstanding -= 1
         line, at = item
         answer = json.loads(line)
         return SlotAnswer(
@@ -245,6 +256,7 @@ class SlotWorker:
             self.process.wait()
             self.process = None
             self.answers = None
+            self.outstanding = 0
 
 
 def _read_answers(stdout, answers) -> None:

@@ -176,3 +176,41 @@ def test_a_slot_holds_about_two_round_trips_of_work_and_one_job_of_long_jobs():
     short.trip(0.010)
     short.answered(sent_at=0.0, at=0.0001)
     assert short.ahead == pilot._SLOT_AHEAD_MAX
+
+
+def test_a_worker_that_ended_is_replaced_only_after_its_answers_are_taken(tmp_path, monkeypatch):
+    # The real SlotWorker, its process faked: it answered job a, then died in job b.
+    # Job c is sent after the process ended but before the slot read that: starting a
+    # new worker then would drop a's answer and pair the new worker's with a and b.
+    import io
+    import queue
+
+    class Ended:
+        stdin = io.StringIO()
+
+        def poll(self) -> int:
+            return 17
+
+        def wait(self) -> int:
+            return 17
+
+    starts: list[str] = []
+
+    def start(self):
+        starts.append("worker")
+        self.answers = queue.SimpleQueue()
+        if len(starts) == 1:
+            self.answers.put(('{"exit": 0, "result": "QQ=="}\n', time.monotonic()))
+            self.answers.put(None)
+        return Ended()
+
+    monkeypatch.setattr(pilot.SlotWorker, "_start", start)
+    worker = pilot.SlotWorker({}, tmp_path / "slot", None)
+    for name in ("a", "b", "c"):
+        worker.send({"spec": name, "workdir": str(tmp_path / name)})
+    first, second = worker.receive(), worker.receive()
+    assert (first.status, first.died, first.result) == (0, False, "QQ==")
+    assert (second.status, second.died) == (17, True)
+    assert starts == ["worker"]  # not replaced while its answers were unread
+    worker.send({"spec": "c", "workdir": str(tmp_path / "c")})  # the slot sends c again
+    assert starts == ["worker", "worker"]
