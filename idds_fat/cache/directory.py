@@ -44,76 +44,57 @@ class DirectoryStore(ContentStore):
         return self.path(key).is_file()
 
     def _write(self, key: str, data: bytes) -> None:
-        target = self.path(key)
+        # Plain string paths, and the fan-out directory made only when missing: a job
+        # spec is written on the caller's path, where each extra system call shows.
+        directory = os.path.join(self.root, key[:2])
+        target = os.path.join(directory, key)
         try:
-            private_dir(target.parent)
-            # mkstemp creates the file 0600, whatever the umask.
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=target.parent)
+            fd, tmp = self._temporary(directory, key)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                 os.replace(tmp, target)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
                 raise
         except OSError as exc:
             raise CacheError(f"cannot write {target}: {exc}") from exc
         logger.debug("stored %s (%d bytes) in %s", key, len(data), self.root)
 
+    @staticmethod
+    def _temporary(directory: str, key: str) -> tuple[int, str]:
+        """Create a temporary file for ``key`` in its fan-out ``directory`` (made, 0700,
+        if missing), 0600; return its descriptor and path. Its name is unique among the
+        threads and processes writing at once; ``mkstemp`` picks one only when a killed
+        writer whose pid came back left that name."""
+        tmp = os.path.join(directory, f".{key[:8]}-{os.getpid()}-{threading.get_ident()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            private_dir(Path(directory))
+            with contextlib.suppress(FileExistsError):
+                return os.open(tmp, flags, 0o600), tmp
+        return tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=directory)
+
     def put_many(self, items: Iterable[bytes]) -> list[str]:
         """Store each of ``items``; return their keys.
 
-        The same files as ``put`` (each written to a temporary file of its own and
-        renamed into place, 0600), with less per object, for a batch of new objects
-        (job specs): no check that an object is there already (an identical copy
-        then replaces it, atomically), fan-out directories made only when missing,
-        plain string paths. On this machine's disk that is a third of ``put``'s
-        time per job spec, on the caller's critical path.
+        For a batch of new objects (job specs): no check that an object is there
+        already, which costs more than writing it again (an identical copy then
+        replaces it, atomically).
 
         Raises CacheError when an object cannot be written (those before it stay).
         """
-        root = str(self.root)
-        # Unique among the threads and processes that may write an object at once.
-        suffix = f"-{os.getpid()}-{threading.get_ident()}.tmp"
         keys = []
         for data in items:
             key = content_key(data)
+            self._write(key, data)
             keys.append(key)
-            directory = os.path.join(root, key[:2])
-            target = os.path.join(directory, key)
-            tmp = os.path.join(directory, f".{key[:8]}{suffix}")
-            try:
-                fd = self._create(directory, tmp)
-                if fd is None:  # left by a killed process whose pid came back
-                    self._write(key, data)
-                    continue
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                    os.replace(tmp, target)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-            except OSError as exc:
-                raise CacheError(f"cannot write {target}: {exc}") from exc
         return keys
-
-    @staticmethod
-    def _create(directory: str, tmp: str) -> int | None:
-        """Create ``tmp`` (0600 whatever the umask, as mkstemp) and return its descriptor,
-        making its fan-out ``directory`` first if missing; None if ``tmp`` exists."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            return os.open(tmp, flags, 0o600)
-        except FileExistsError:
-            return None
-        except FileNotFoundError:
-            private_dir(Path(directory))
-        try:
-            return os.open(tmp, flags, 0o600)
-        except FileExistsError:
-            return None
 
     def get(self, key: str) -> bytes:
         """Return the bytes stored under ``key``, verified against it.

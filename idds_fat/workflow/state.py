@@ -129,10 +129,10 @@ class WorkflowState:
         # Whether this follower changed any job (or started the workflow): one that
         # only read a finished workflow's results leaves its record as it was.
         self._changed = False
-        # Changes to the jobs of tasks held (hold_task) until record_task: (sql, row).
-        self._held: dict[str, list[tuple[str, tuple]]] = {}
-        # When each held task was handed over: its queued time, which its jobs' starts follow.
-        self._held_since: dict[str, float] = {}
+        # Tasks held (hold_task) until record_task: when each was handed over (its
+        # queued time, which its jobs' starts follow) and the changes to its jobs
+        # meanwhile, (sql, row) in order.
+        self._held: dict[str, tuple[float, list[tuple[str, tuple]]]] = {}
 
     def _run(self, sql: str, rows: Iterable[tuple] | tuple = ()) -> int:
         """Run a change; return how many rows it changed."""
@@ -202,20 +202,18 @@ class WorkflowState:
         them from the specs sent inline while the specs are stored, and a task is
         recorded only once its specs are (docs/backends/local.md)."""
         with self._lock:
-            self._held[task_id] = []
-            self._held_since[task_id] = time.time()
+            self._held[task_id] = (time.time(), [])
 
     def drop_task(self, task_id: str) -> None:
         """Forget the changes held for a task that will not be recorded (its submission failed)."""
         with self._lock:
             self._held.pop(task_id, None)
-            self._held_since.pop(task_id, None)
 
     def _change(self, task_id: str, sql: str, row: tuple) -> None:
         with self._lock:
             held = self._held.get(task_id)
             if held is not None:
-                held.append((sql, row))
+                held[1].append((sql, row))
                 return
         self._run(sql, row)
 
@@ -235,8 +233,8 @@ class WorkflowState:
         jobs = list(jobs)
         texts = list(arguments) if arguments is not None else [None] * len(jobs)
         with self._lock:
-            held_since = self._held_since.pop(task_id, None)
-        now = time.time() if held_since is None else held_since
+            held = self._held.get(task_id)
+        now = time.time() if held is None else held[0]
         self._run(
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
         )
@@ -251,10 +249,10 @@ class WorkflowState:
         with self._lock:
             # Under the lock to the end: a change that comes now waits, and lands after
             # the held ones, which came first.
-            held = self._held.pop(task_id, None)
-            if held:
+            _, changes = self._held.pop(task_id, (now, []))
+            if changes:
                 self._db.execute("BEGIN")
-                for sql, row in held:
+                for sql, row in changes:
                     self._db.execute(sql, row)
                 self._db.execute("COMMIT")
 
