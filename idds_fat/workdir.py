@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -120,6 +120,9 @@ class WorkflowPaths:
     """The files of one workflow, in its directory ``root`` (``WORK_DIR/workflows/ID``)."""
 
     root: Path
+    # The last task's directory: a map asks for it per job (job(), a request each), and
+    # one join is a third of the three that make it.
+    _last_task: tuple[str, Path] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def workflow_id(self) -> str:
@@ -180,7 +183,12 @@ class WorkflowPaths:
 
     def task(self, task_id: str) -> Path:
         """The directory of task ``task_id``: its jobs' directories, a backend's own files."""
-        return self.jobs / task_id
+        last = self._last_task
+        if last is not None and last[0] == task_id:
+            return last[1]
+        path = self.jobs / task_id
+        object.__setattr__(self, "_last_task", (task_id, path))  # frozen: the memo only
+        return path
 
     def job(self, task_id: str, index: int, attempt: int = 0) -> JobPaths:
         """The files of job ``index`` of a task: ``INDEX/`` for its first run,

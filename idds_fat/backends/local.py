@@ -17,8 +17,9 @@ import shutil
 import signal
 import subprocess
 import threading
-from base64 import b64decode
+from binascii import a2b_base64
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 
 from idds_fat.backends.base import (
@@ -168,6 +169,8 @@ class _WarmWorker:
         self.jobs_run = 0  # jobs it answered for
         self.unacked = 0  # answers that carried a result not yet acknowledged
         self.recycle = False  # its last job changed process state it could not put back
+        # What every command to it says alike, by ``reply``: made once, not per job.
+        self._command_tails: dict[bool, bytes] = {}
         private_dir(home)
         private_dir(self.spool.root)
         with open_private(self.log, append=True) as log:
@@ -179,8 +182,6 @@ class _WarmWorker:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                text=True,
-                bufsize=1,
                 start_new_session=True,  # its own process group, so cancel kills children too
             )
 
@@ -193,20 +194,31 @@ class _WarmWorker:
         """Hand ``job`` to the worker (with ``reply``, its result comes back here, to
         be acked with ``ack``); return False if the worker is gone. It may still be
         running the job before: it reads this one when done."""
-        command: dict[str, object] = {
-            "spec": job.spec_location,
-            "workdir": str(job.workdir),
-            "reply": reply,
-            "spool": str(self.spool.root),
-        }
+        # The JSON object of the protocol (``idds_fat.node.worker``), written field by
+        # field: a json.dumps of a dict per job cost the caller more than the rest.
+        tail = self._command_tails.get(reply)
+        if tail is None:
+            spool = _json_string(str(self.spool.root))
+            tail = self._command_tails[reply] = (
+                f', "reply": {json.dumps(reply)}, "spool": {spool}'.encode()
+            )
+        parts = [
+            b'{"spec": ',
+            _json_string(job.spec_location).encode(),
+            b', "workdir": ',
+            _json_string(os.fspath(job.workdir)).encode(),
+            tail,
+        ]
         if job.resources.memory_mb:
-            command["memory_mb"] = job.resources.memory_mb
-        if job.spec_json is not None:
+            parts += [b', "memory_mb": ', json.dumps(job.resources.memory_mb).encode()]
+        spec_json = job.spec_json
+        if spec_json is not None:
             # The worker checks it against its key and reads no spec from the cache.
-            command["spec_json"] = job.spec_json
-            command["spec_key"] = job.spec_key
+            parts += [b', "spec_json": ', _json_string(spec_json).encode()]
+            parts += [b', "spec_key": ', _json_string(job.spec_key).encode()]
+        parts.append(b"}\n")
         try:
-            self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.write(b"".join(parts))  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError, ValueError):
             return False
@@ -221,11 +233,11 @@ class _WarmWorker:
         if not line:
             return None
         self.jobs_run += 1
-        answer = json.loads(line)
+        answer = json.loads(line.decode())
         result = answer.get("result")
         self.unacked += result is not None
         self.recycle = bool(answer.get("recycle"))
-        return JobExit(int(answer["exit"]), result=None if result is None else b64decode(result))
+        return JobExit(int(answer["exit"]), result=None if result is None else a2b_base64(result))
 
     def run(self, job: JobRequest, reply: bool) -> JobExit | None:
         """Run ``job`` (``send``, then ``receive``); None if the worker died."""
@@ -273,7 +285,7 @@ class _WarmWorker:
             return
         self.unacked -= 1
         try:
-            self.proc.stdin.write(json.dumps({"ack": recorded}) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.write(_ACKS[recorded])  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (OSError, ValueError):  # closed: at end of input it delivers the result
             pass
@@ -292,13 +304,19 @@ class _WarmWorker:
         return returncode
 
 
+_ACKS = {flag: (json.dumps({"ack": flag}) + "\n").encode() for flag in (True, False)}
+
+
 class _Sent:
-    """A job handed to a warm worker: the worker, and the walltime clock that kills it."""
+    """A job handed to a warm worker: the worker, and the walltime clock that kills it
+    (set ``expired`` first), if the job has a walltime."""
+
+    __slots__ = ("worker", "timer", "expired")
 
     def __init__(self, worker: _WarmWorker) -> None:
         self.worker = worker
         self.timer: threading.Timer | None = None
-        self.expired = threading.Event()
+        self.expired = False
 
 
 class LocalBackend(Backend):
@@ -369,6 +387,7 @@ class LocalBackend(Backend):
         self._procs: dict[str, subprocess.Popen] = {}
         self._live: set[str] = set()  # submitted and not yet ended
         self._cancelled: set[str] = set()
+        self._task_dirs: set[str] = set()  # made by _start_warm
         self._pool = _JobThreads(max_workers, "idds-fat-local")
 
     @classmethod
@@ -633,9 +652,12 @@ class LocalBackend(Backend):
     def _start_warm(self, job: JobRequest, worker: _WarmWorker) -> _Sent | JobExit:
         """Hand ``job`` to ``worker`` and start its walltime clock; a JobExit if it was
         cancelled first."""
-        # The task's dir only (a stat after its first job): the worker makes the job's
-        # own dir when the job has something to put there.
-        private_dir(job.workdir.parent)
+        # The task's dir only, once per task: the worker makes the job's own dir when
+        # the job has something to put there.
+        task_dir = os.path.dirname(job.workdir)
+        if task_dir not in self._task_dirs:
+            private_dir(Path(task_dir))
+            self._task_dirs.add(task_dir)
         with self._lock:
             if job.job_id in self._cancelled:
                 return JobExit(None, "cancelled", cancelled=True)
@@ -645,7 +667,7 @@ class LocalBackend(Backend):
         if walltime is not None:
 
             def expire(pid: int = worker.proc.pid) -> None:
-                sent.expired.set()
+                sent.expired = True  # before the kill that ends the wait for an answer
                 _kill_group(pid)
 
             sent.timer = threading.Timer(walltime, expire)
@@ -670,7 +692,7 @@ class LocalBackend(Backend):
         returncode = self._retire(worker)
         took = worker.took(job)
         log = worker.keep_output(job) if took else None
-        if sent.expired.is_set():
+        if sent.expired:
             return JobExit(
                 returncode, f"walltime of {job.resources.walltime:g} s exceeded", log=log
             )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +33,10 @@ class ResultCollector:
     verified the same way, when the value is first used. A result is handed
     to ``dispatch`` once per (task, job, attempt); repeats are counted in
     ``duplicates``. ``drain()`` reads the REST store without waiting, for a
-    caller that must know now (a job just exited).
+    caller that must know now (a job just exited). ``holder`` names this
+    collector to the result store: the copies kept for it (results it got
+    over a warm worker's pipe, ``EmbeddedService.keep_result``) are left out of
+    its reads, never read back; any other reader (``attach``) gets them.
     """
 
     def __init__(
@@ -53,7 +56,7 @@ class ResultCollector:
         self._wake = threading.Event()
         self._cursor = 0
         self._seen: set[tuple[str, int, int]] = set()
-        self._local_copies: set[bytes] = set()  # sha256 of results handed over directly
+        self.holder = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,14 +115,16 @@ class ResultCollector:
                 logger.exception("result collector failed; retrying")
                 self._stop.wait(1.0)
 
-    def _fetch(self, wait: float) -> int:
-        """Fetch one page after the cursor; return how many messages it held."""
-        cursor, envelopes = self._source.fetch(self._cursor, wait)
+    def _fetch(self, wait: float) -> bool:
+        """Fetch one page after the cursor; return whether it moved the cursor on
+        (a page may hold only copies kept for this collector, passed over)."""
+        before = self._cursor
+        cursor, envelopes = self._source.fetch(before, wait, holder=self.holder)
         for data in envelopes:
             self.accept(data, "rest")
         with self._lock:
             self._cursor = max(self._cursor, cursor)
-        return len(envelopes)
+        return bool(envelopes) or cursor > before
 
     def _resolve(self, ref_header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         """Fetch and verify the large result a verified reference names. Raises IntegrityError."""
@@ -146,17 +151,6 @@ class ResultCollector:
         Thread-safe; never raises for a bad message (it is counted in ``rejected``).
         ``by_channel`` counts the new results each channel brought first.
         """
-        if channel == "rest" and self._local_copies:
-            digest = hashlib.sha256(data).digest()
-            with self._lock:
-                if digest in self._local_copies:
-                    # The REST store's copy of a result handed over directly: the
-                    # caller put it there on purpose; reading it back is no duplicate.
-                    self._local_copies.discard(digest)
-                    return
-        elif channel == "local":
-            with self._lock:
-                self._local_copies.add(hashlib.sha256(data).digest())
         try:
             header, body = open_envelope(data, self._key)
         except IntegrityError as exc:

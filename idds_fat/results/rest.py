@@ -21,16 +21,23 @@ class RestResultSource:
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
 
-    def fetch(self, cursor: int, wait: float = 0.0, limit: int = 1000) -> tuple[int, list[bytes]]:
-        """Return ``(new_cursor, envelopes)`` newer than ``cursor``, waiting up to ``wait`` s.
+    def fetch(
+        self, cursor: int, wait: float = 0.0, limit: int = 1000, holder: str | None = None
+    ) -> tuple[int, list[bytes]]:
+        """Return ``(new_cursor, envelopes)`` newer than ``cursor``, waiting up to ``wait`` s;
+        with ``holder``, without the copies the store keeps for that reader (the cursor
+        still moves past them).
 
         Raises:
             ServiceError: the service could not be reached or answered an error.
         """
+        params: dict[str, object] = {"since": cursor, "wait": wait, "limit": limit}
+        if holder is not None:
+            params["holder"] = holder
         try:
             response = self._session.get(
                 self.url,
-                params={"since": cursor, "wait": wait, "limit": limit},
+                params=params,
                 timeout=(5.0, wait + 15.0),
             )
         except requests.RequestException as exc:

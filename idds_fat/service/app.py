@@ -10,7 +10,9 @@ service always has a token):
 - ``GET /results/{workflow}?since=0&wait=0&limit=1000``:
   ``{"cursor": n, "results": [{"seq": n, "envelope": "<base64>"}]}``, waiting up
   to ``wait`` seconds (at most 60) for a result newer than ``since``; with
-  ``task=t0001&job=0``, only the results whose header names that job.
+  ``task=t0001&job=0``, only the results whose header names that job; with
+  ``holder=ID``, without the copies kept for reader ID (its own, ``ResultStore.add``),
+  the cursor moving past them.
 - ``GET /healthz``: ``{"ok": true}``.
 - ``POST /pilots/{pool}/lease`` and ``/done``: pilots pull jobs (:mod:`idds_fat.service.leases`).
 
@@ -245,13 +247,16 @@ def create_app(
         except ValueError as exc:
             return _bad_request(f"bad query parameter: {exc}")
         task = request.query_params.get("task")
+        holder = request.query_params.get("holder") or None
         limit = min(max(limit, 1), MAX_LIMIT)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             event = wakeups.watch(workflow)
             try:
-                rows = await run_in_threadpool(results().since, workflow, since, limit, task, job)
+                rows = await run_in_threadpool(
+                    results().since, workflow, since, limit, task, job, holder
+                )
                 remaining = deadline - loop.time()
                 if rows or remaining <= 0 or wakeups.closing:
                     break
@@ -265,6 +270,7 @@ def create_app(
                 "results": [
                     {"seq": seq, "envelope": base64.b64encode(envelope).decode("ascii")}
                     for seq, envelope in rows
+                    if envelope is not None  # only moves the holder's cursor on
                 ],
             }
         )

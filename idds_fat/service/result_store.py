@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_by_workflow ON results (workflow, seq);
 """
 
+#: Columns added after the first release (added on open to a store that lacks them):
+#: ``holder``, the reader that has the envelope already (``add(..., holder=...)``).
+_LATER_COLUMNS = {"holder": "TEXT"}
+
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -57,13 +61,20 @@ class ResultStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            known = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+            for column, kind in _LATER_COLUMNS.items():
+                if column not in known:
+                    self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
 
-    def add(self, workflow: str, envelope: bytes) -> int | None:
+    def add(self, workflow: str, envelope: bytes, holder: str | None = None) -> int | None:
         """Store ``envelope`` for ``workflow``; return its sequence number.
 
         Posting the same bytes again returns the existing sequence number.
         ``None`` is returned only if the row vanished between insert and lookup
-        (purged concurrently).
+        (purged concurrently). ``holder`` names the reader that has the envelope
+        already (a caller that got it over a warm worker's pipe keeps this copy
+        for ``attach`` and ``idds-fat results``): :meth:`since` passes over it
+        for that reader only.
 
         Raises:
             ValueError: ``envelope`` is not an envelope, or its header names
@@ -83,12 +94,13 @@ class ResultStore:
             hashlib.sha256(envelope).hexdigest(),
             time.time(),
             sqlite3.Binary(envelope),
+            holder,
         )
         with self._lock:
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO results"
-                " (workflow, task, job, attempt, digest, received, envelope)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " (workflow, task, job, attempt, digest, received, envelope, holder)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             if cursor.rowcount == 1:
@@ -105,24 +117,45 @@ class ResultStore:
         limit: int,
         task: str | None = None,
         job: int | None = None,
-    ) -> list[tuple[int, bytes]]:
+        holder: str | None = None,
+    ) -> list[tuple[int, bytes | None]]:
         """Return up to ``limit`` ``(seq, envelope)`` of ``workflow`` with seq > ``cursor``
         (only those whose header names ``task`` and ``job``, when given: a dependent
         job reading its input's result).
 
         Rows come oldest first, so the last seq returned is the reader's next cursor.
+        ``holder``: the reader asking; the envelopes kept for it (``add(...,
+        holder=...)``) are left out, and when they are the newest rows, a last
+        ``(seq, None)`` moves its cursor past them, so it never reads them again.
         """
         where, params = "workflow = ? AND seq > ?", [workflow, cursor]
         if task is not None:
             where, params = where + " AND task = ?", [*params, task]
         if job is not None:
             where, params = where + " AND job = ?", [*params, job]
+        if holder is not None:
+            where, params = where + " AND holder IS NOT ?", [*params, holder]
+        page = f"SELECT seq, envelope FROM results WHERE {where} ORDER BY seq LIMIT ?"
+        last = None
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT seq, envelope FROM results WHERE {where} ORDER BY seq LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-        return [(seq, bytes(envelope)) for seq, envelope in rows]
+            if holder is None:
+                rows = self._db.execute(page, (*params, limit)).fetchall()
+            else:
+                # One read transaction: a row another writer adds between the page and
+                # the newest seq must not be passed over.
+                self._db.execute("BEGIN")
+                try:
+                    rows = self._db.execute(page, (*params, limit)).fetchall()
+                    if len(rows) < limit:
+                        last = self._db.execute(
+                            "SELECT MAX(seq) FROM results WHERE workflow = ?", (workflow,)
+                        ).fetchone()[0]
+                finally:
+                    self._db.execute("COMMIT")
+        found: list[tuple[int, bytes | None]] = [(seq, bytes(envelope)) for seq, envelope in rows]
+        if last is not None and last > (rows[-1][0] if rows else cursor):
+            found.append((last, None))
+        return found
 
     def purge(self, now: float | None = None) -> int:
         """Delete results received more than ``ttl_seconds`` before ``now``; return how many."""

@@ -152,24 +152,27 @@ class EmbeddedService:
         logger.debug("embedded service running at %s", self._url)
         return self
 
-    def keep_result(self, workflow: str, envelope: bytes) -> None:
+    def keep_result(self, workflow: str, envelope: bytes, holder: str | None = None) -> None:
         """Store a result envelope that reached the caller by another way (a warm worker's pipe).
 
         Readers are not woken: the caller that got it needs no copy now, and
-        the copy is there for a later ``attach`` or ``idds-fat results``. When
-        the service is stopped (its caller detached), the copy goes straight into
-        the store's database, where a service started later on ``data_dir`` finds it.
+        the copy is there for a later ``attach`` or ``idds-fat results``; a read
+        by ``holder`` (the caller's own reader, which has it) passes over it
+        (``ResultStore.add``). When the service is stopped (its caller detached),
+        the copy goes straight into the store's database, where a service started
+        later on ``data_dir`` finds it.
 
         Raises:
             ValueError: ``envelope`` is not an envelope of ``workflow``.
+            sqlite3.Error: the store's database could not be written.
         """
         app = self._app
         if app is not None:
-            app.state.results.add(workflow, envelope)
+            app.state.results.add(workflow, envelope, holder)
             return
         store = ResultStore(self.data_dir / RESULTS_DB, self.result_ttl_seconds)
         try:
-            store.add(workflow, envelope)
+            store.add(workflow, envelope, holder)
         finally:
             store.close()
 

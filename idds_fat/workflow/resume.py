@@ -111,7 +111,7 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
         return
     parts.reopen(workflow_dir)
     _reopen_context(workflow)
-    pending = _rebuild_tasks(workflow)
+    pending, unsubmitted = _rebuild_tasks(workflow)
     parts.start(workflow.tracker, catch_up=True)
     assert parts.backend is not None
     running = [(job, ref) for job, ref in pending if ref]
@@ -120,12 +120,25 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
         parts.backend.adopt(running)
     if never_started:
         parts.backend.submit(never_started)
+    # After the catch-up, which settled any such job that ran from its inline spec
+    # and left a result: lose() leaves a settled future as it is.
+    for job in unsubmitted:
+        workflow.tracker.lose(job, JobExit(None, _UNSUBMITTED))
     logger.info(
-        "attached to %s: %d jobs running, %d started again",
+        "attached to %s: %d jobs running, %d started again, %d never submitted",
         parts.workflow_id,
         len(running),
         len(never_started),
+        len(unsubmitted),
     )
+
+
+#: Why a job recorded queued without a spec key did not run: its caller was killed
+#: while it handed a long task's jobs over (runtime.Workflow._submit_rest).
+_UNSUBMITTED = (
+    "it was never submitted: its caller went away while handing its task's jobs over, "
+    "before its spec was stored, so it cannot be run again from here; submit it again"
+)
 
 
 def _reopen_context(workflow: Workflow) -> None:
@@ -139,16 +152,19 @@ def _reopen_context(workflow: Workflow) -> None:
         parts.archive = ContextArchive(None, recorded["context_sha256"], 0, 0, source_dir)
 
 
-def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
+def _rebuild_tasks(
+    workflow: Workflow,
+) -> tuple[list[tuple[JobRequest, str | None]], list[JobRequest]]:
     """Book every recorded task again from its jobs' specs; return the unfinished
-    jobs with the backend's reference to each (None: it never started)."""
+    jobs with the backend's reference to each (None: it never started), and the
+    queued jobs that have no spec key (never submitted: they cannot run again)."""
     parts, specs, tracker = workflow.parts, workflow.specs, workflow.tracker
     assert parts.state is not None
-    pending = []
+    pending, unsubmitted = [], []
     for task_id, task_name, jobs in parts.state.tasks():
         requests, futures = [], []
         for index, name, spec_key, _status, _returncode, _ref, arguments in jobs:
-            request = specs.request(task_id, index, name, spec_key, workflow.resources)
+            request = specs.request(task_id, index, name, spec_key or "", workflow.resources)
             # A job still waiting on its inputs has no spec yet (dependencies.py).
             kwargs = specs.job_kwargs(specs.read(request)) if spec_key else None
             requests.append(request)
@@ -169,8 +185,10 @@ def _rebuild_tasks(workflow: Workflow) -> list[tuple[JobRequest, str | None]]:
                 tracker.fail(future, error)
             elif status == "lost":
                 tracker.lose(request, JobExit(returncode, "lost before the caller went away"))
+            elif status == "queued" and not request.spec_key:
+                unsubmitted.append(request)
             elif status in ("queued", "running"):
                 if status == "running":
                     future.mark_running()  # it started under the earlier caller
                 pending.append((request, ref))
-    return pending
+    return pending, unsubmitted

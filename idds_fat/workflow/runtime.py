@@ -11,6 +11,7 @@ What it holds lives next door: its options (options.py), the parts it runs
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import html
 import logging
 import os
@@ -20,7 +21,7 @@ import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from idds_fat.backends import JobRequest, Resources
 from idds_fat.config import Config
@@ -46,6 +47,24 @@ logger = logging.getLogger(__name__)
 #: The first chunk of a task handed to a backend that runs specs inline: small, so the
 #: first jobs start early; each next chunk twice as large, up to the last size.
 _FIRST_CHUNK, _LAST_CHUNK = 8, 512
+
+
+class _Submission(NamedTuple):
+    """A long task's chunks being handed over in the background (``Workflow._submit_rest``)."""
+
+    task_id: str
+    done: concurrent.futures.Future  # its last keys recorded (or it failed)
+    stop: threading.Event  # set: hand nothing more over
+    handed: threading.Event  # set: it hands nothing more over (its writes may go on)
+
+
+def _job_index(request: JobRequest) -> int:
+    return int(request.job_id.rsplit("/", 1)[1])
+
+
+def _spec_keys(requests: Sequence[JobRequest]) -> list[tuple[int, str]]:
+    """What the state record keeps of jobs whose specs are stored: (index, spec key)."""
+    return [(_job_index(r), r.spec_key) for r in requests]
 
 
 def _chunks(count: int) -> Iterator[range]:
@@ -148,6 +167,10 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         self._started = False
         self._closed = False
         self._closer: threading.Thread | None = None  # shutdown's closing thread
+        # The thread that hands a long task's later chunks over, and what it does now.
+        self._submitter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._submissions: list[_Submission] = []  # not ended yet (or not seen ended)
+        self._submitter_ident: int | None = None
         self._lock = threading.Lock()
         self.options.warn_ignored_parameters()
 
@@ -285,7 +308,9 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         """Kill the unfinished jobs of one task (or of all), running ones too; return how many.
 
         Their futures end cancelled (as :meth:`AsyncResult.kill` leaves them); the
-        CLI's ``cancel`` and the monitoring page's cancel button call this.
+        CLI's ``cancel`` and the monitoring page's cancel button call this. The jobs
+        of a long task not handed to the backend yet never go there; it returns once
+        the workflow's background submission has ended.
 
         Raises:
             KeyError: no task has this id.
@@ -293,9 +318,13 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         tasks = self.tracker.tasks()
         if task_id is not None and task_id not in tasks:
             raise KeyError(f"no task {task_id!r} in workflow {self.id}")
+        self._stop_submissions(task_id)
         chosen = [task_id] if task_id is not None else list(tasks)
         futures = [f for t in chosen for f in tasks[t] if not f.done()]
+        # Cancelled first, so the submitter skips them, then waited for: whatever it
+        # hands over from now on is cancelled at once (it checks after handing over).
         self.tracker.cancel(futures)
+        self._await_submission()
         return len(futures)
 
     def close(self, cancel: bool | None = None) -> None:
@@ -314,7 +343,8 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         From now on ``submit`` and ``map`` raise
         :class:`~idds_fat.errors.WorkflowClosedError` (a ``RuntimeError``).
         ``cancel_futures`` cancels the jobs that have not started
-        (``Future.cancel``); running ones finish. Then it is ``close(cancel=False)``:
+        (``Future.cancel``; those of a long task not handed over yet never go to
+        the backend); running ones finish. Then it is ``close(cancel=False)``:
         the remaining jobs finish and their futures settle, then the workflow's
         parts stop. With ``wait=True`` this returns after that; with
         ``wait=False`` it returns at once and the closing runs in a thread of
@@ -326,6 +356,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         """
         first = self._mark_closed()
         if cancel_futures:
+            self._stop_submissions()  # the jobs not handed over yet never go
             for future in self.tracker.futures():
                 future.cancel()
         if first and wait:
@@ -350,6 +381,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
 
     def _finish(self, cancel: bool) -> None:
         try:
+            self._await_submission(stop=cancel)
             if cancel:  # before the backend stops: a job released now could not start
                 self.tracker.cancel(self.dependents.waiting())
             else:
@@ -362,6 +394,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
                 futures = self.tracker.futures()
                 failed = any(f.done() and not f.cancelled() and f.exception() for f in futures)
                 state.end_workflow("cancelled" if cancel else "failed" if failed else "finished")
+            self._stop_submitter()
             self.specs.close()
             self.parts.stop()
             drop_current(self)
@@ -371,17 +404,20 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
 
         The jobs run on (their results wait in the result store or the broker's
         queue); ``Workflow.attach(id)`` follows them again later. Jobs not started
-        yet start only when someone attaches.
+        yet start only when someone attaches. A long task still being handed over is
+        handed over whole first, so ``attach`` can run every job of it.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self.tracker.close(detached=True)
+        self._await_submission()
+        self.tracker.close(detached=True)
         try:
             if self.parts.backend is not None:
                 self.parts.backend.shutdown(cancel=False, wait=False)
         finally:
+            self._stop_submitter()
             self.specs.close()
             self.parts.stop()
             drop_current(self)
@@ -443,9 +479,12 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
     ) -> Iterator[Any]:
         """Run ``fn(*xs)`` for ``xs`` in ``zip(*iterables)``, as ``Executor.map``.
 
-        Submits every job at once (one task, one job per element) and returns an
-        iterator of their values in input order, each waited for when reached;
-        the first exception is raised where it is reached. ``timeout`` counts
+        Submits one task, one job per element, and returns an iterator of their
+        values in input order, each waited for when reached; the first exception
+        is raised where it is reached. Every job is recorded before this returns;
+        on warm workers a long map returns once its first jobs are handed over,
+        and the rest follow in the background, in order (docs/backends/local.md,
+        "Job specs inline"). ``timeout`` counts
         from this call: a value not there by then raises ``TimeoutError``.
         Leaving the iterator early cancels the jobs that have not started.
         ``chunksize`` is accepted and has no effect (as for
@@ -538,6 +577,8 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         """
         check_call(fn, args, kwargs, kwargs_list)  # before start: a bad call costs nothing
         self.start()
+        # The jobs of a task reach the backend after those of the tasks before it.
+        self._await_submission(handed_only=True)
         parts, config = self.parts, self.config
         assert parts.cache is not None and parts.backend is not None and parts.state is not None
         fn_name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function")
@@ -584,7 +625,9 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
             future.arguments = text
         self.tracker.add_task(task_id, task_name, futures, requests)
-        self._record_task(task_id, task_name, fn_name, requests, futures)
+        self._record_task(
+            task_id, task_name, fn_name, self.specs.rows(task_name, requests), futures
+        )
         try:
             parts.backend.submit(requests)
         except BaseException:
@@ -605,21 +648,23 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         job_resources: Resources,
     ) -> list[AsyncResult]:
         """Submit a task to a backend whose warm workers run jobs from their inline
-        specs: its jobs start before their specs are stored, and the task is recorded
-        once they are.
+        specs: its jobs start before their specs are stored, and it returns the
+        futures once the first chunk is handed over and stored.
 
         Why this order keeps the durability promise (docs/backends/local.md, "Job
         specs inline"): ``attach`` and a resubmission rerun a job from its spec in the
         cache, and they find a job only through the task's record, so a spec must be
-        in the cache before ``record_task`` writes its key, not before the job runs. A
-        warm worker needs no cache copy: it checks the inline spec against its key. So
-        the jobs go to the backend chunk by chunk as their specs are built (the first
-        chunk small, so the first job starts early), each chunk's specs are written in
-        one batch while its jobs run, and the task is recorded after the last batch,
-        before this returns the futures: a caller killed before that held no future
-        of the task, and one killed after finds it whole on ``attach``. What the jobs
-        report meanwhile (started, ended) is held by the state record and applied when
-        the task is recorded (``WorkflowState.hold_task``).
+        in the cache before its key is recorded, not before the job runs (a warm
+        worker checks the inline spec against its key). A task of one chunk (a
+        ``submit``, a map of up to ``_FIRST_CHUNK`` jobs) is handed over, stored, then
+        recorded whole before this returns; what its jobs report meanwhile is held
+        (``WorkflowState.hold_task``). A longer task is recorded first, every job
+        queued without a spec key, before any job is handed over; then its first
+        chunk is handed over, stored and its keys recorded, and this returns; the
+        other chunks follow in this workflow's submitter thread (:meth:`_submit_rest`),
+        each key recorded once its spec is stored. So ``attach`` finds every job of a
+        task whose futures were returned: with its key, to follow or rerun, or without
+        one, never handed over for good, which it fails (``resume._rebuild_tasks``).
         """
         parts = self.parts
         assert parts.backend is not None and parts.state is not None
@@ -633,61 +678,189 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         ]
         for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
             future.arguments = text
-        parts.state.hold_task(task_id)
+
+        def build(indices: Iterable[int]) -> list[JobRequest]:
+            return [
+                self.specs.build(
+                    task_id, index, task_name, payload_key, job_kwargs[index],
+                    env_spec, init_env, job_resources,
+                )
+                for index in indices
+            ]  # fmt: skip
+
+        chunks = list(_chunks(len(entries)))
+        one_chunk = len(chunks) == 1
+        if one_chunk:
+            parts.state.hold_task(task_id)
+        else:
+            self._record_task(
+                task_id, task_name, fn_name,
+                [(i, job_name(task_name, i), None) for i in range(len(entries))], futures,
+            )  # fmt: skip
         self.tracker.add_task(task_id, task_name, futures)
-        requests: list[JobRequest] = []
-        writing: concurrent.futures.Future | None = None
+        built: list[JobRequest] = []
         try:
-            for chunk in _chunks(len(entries)):
-                built = [
-                    self.specs.build(
-                        task_id, index, task_name, payload_key, job_kwargs[index],
-                        env_spec, init_env, job_resources,
-                    )
-                    for index in chunk
-                ]  # fmt: skip
-                self.tracker.add_task(task_id, task_name, (), built)
-                parts.backend.submit(built)
-                requests.extend(built)
-                if writing is not None:
-                    writing.result()  # one batch at a time; raises what it raised
-                    writing = None
-                if len(requests) == len(entries) and len(requests) <= _FIRST_CHUNK:
-                    self.specs.write(built)  # one chunk: nothing to build meanwhile
-                else:
-                    # Stored by the writer thread while the jobs just handed over run
-                    # and this thread builds the next chunk (its I/O holds no GIL).
-                    writing = self.specs.write_soon(built)
-            if writing is not None:
-                writing.result()
-            self._record_task(task_id, task_name, fn_name, requests, futures)
+            built = build(chunks[0])
+            self.tracker.add_task(task_id, task_name, (), built)
+            parts.backend.submit(built)
+            self.specs.write(built)
+            if one_chunk:
+                self._record_task(
+                    task_id, task_name, fn_name, self.specs.rows(task_name, built), futures
+                )
+            else:
+                parts.state.set_spec_keys(task_id, _spec_keys(built))
         except BaseException:
-            if writing is not None:  # let it end before the task is forgotten
-                concurrent.futures.wait([writing])
-            # Nothing was recorded: the jobs handed over must not run on unseen.
+            # The jobs handed over must not run on unseen: nobody holds their futures.
             parts.state.drop_task(task_id)
-            if requests:
-                parts.backend.cancel([r.job_id for r in requests])
-            self.tracker.forget_task(task_id)  # the call raises: nobody holds these futures
+            if built:
+                parts.backend.cancel([r.job_id for r in built])
+            self.tracker.forget_task(task_id)  # records a recorded task's jobs failed
             raise
+        if not one_chunk:
+            stop, handed = threading.Event(), threading.Event()
+            pool = self._submitter_pool()
+            done = pool.submit(
+                self._submit_rest, task_id, task_name, list(futures), chunks[1:], build,
+                stop, handed,
+            )  # fmt: skip
+            done.add_done_callback(lambda _: handed.set())  # however it ended
+            with self._lock:
+                self._submissions = [s for s in self._submissions if not s.done.done()]
+                self._submissions.append(_Submission(task_id, done, stop, handed))
         return futures
+
+    def _submit_rest(
+        self,
+        task_id: str,
+        task_name: str,
+        futures: list[AsyncResult],
+        chunks: list[range],
+        build: Callable[[Iterable[int]], list[JobRequest]],
+        stop: threading.Event,
+        handed: threading.Event,
+    ) -> None:
+        """Hand the chunks after a task's first to the backend, in order, in this
+        workflow's submitter thread: build one, hand it over, store its specs in the
+        spec writer thread while the next is built, record its keys once stored.
+
+        A future cancelled before its job is handed over is skipped. ``stop`` (a
+        cancel) leaves the chunks not handed over unsubmitted, their futures
+        cancelled. A failure (the cache refused a batch, the backend a chunk) fails
+        every future whose key is not recorded with it: those handed over are
+        cancelled at the backend, the others never go there. ``handed`` is set once
+        it hands nothing more over: a later task's jobs may go to the backend then.
+        """
+        backend, state = self.parts.backend, self.parts.state
+        assert backend is not None and state is not None
+        self._submitter_ident = threading.get_ident()
+        unkeyed: list[JobRequest] = []  # handed over, keys not recorded yet, in order
+        writing: tuple[concurrent.futures.Future, list[JobRequest]] | None = None
+        handed_to = chunks[0].start if chunks else len(futures)
+
+        def keyed() -> None:
+            nonlocal writing
+            assert writing is not None
+            (stored, batch), writing = writing, None
+            stored.result()  # raises what the write raised
+            state.set_spec_keys(task_id, _spec_keys(batch))
+            del unkeyed[: len(batch)]
+
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    break
+                built = build(i for i in chunk if not futures[i].done())
+                handed_to = chunk.stop
+                if not built:
+                    continue
+                self.tracker.add_task(task_id, task_name, (), built)
+                unkeyed.extend(built)
+                backend.submit(built)
+                # Cancelled while its chunk was built: a backend that had not seen the
+                # job then (pilots) learns of the cancel only now.
+                late = [r.job_id for r in built if futures[_job_index(r)].cancelled()]
+                if late:
+                    backend.cancel(late)
+                if writing is not None:
+                    keyed()
+                writing = (self.specs.write_soon(built), built)
+            handed.set()
+            if writing is not None:
+                keyed()
+        except BaseException as exc:
+            handed.set()
+            if writing is not None:  # a batch that was stored keeps its jobs
+                with contextlib.suppress(BaseException):
+                    keyed()
+            logger.error("submitting task %s failed: %s", task_id, exc)
+            lost = [futures[_job_index(r)] for r in unkeyed] + futures[handed_to:]
+            for future in lost:
+                self.tracker.fail(future, exc)
+            if unkeyed:  # settled first: the backend's report of the cancel changes nothing
+                backend.cancel([r.job_id for r in unkeyed])
+            return
+        unsent = [f for f in futures[handed_to:] if not f.done()]
+        if unsent:
+            self.tracker.cancel(unsent)
+
+    def _submitter_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._submitter is None:
+                # One thread: a workflow's tasks reach the backend in the order submitted.
+                self._submitter = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="idds-fat-submit"
+                )
+            return self._submitter
+
+    def _stop_submissions(self, task_id: str | None = None) -> None:
+        """Tell the background submission of ``task_id`` (or of every task) to stop:
+        its jobs not handed over yet are then cancelled."""
+        with self._lock:
+            chosen = [s for s in self._submissions if task_id in (None, s.task_id)]
+        for submission in chosen:
+            submission.stop.set()
+
+    def _await_submission(self, stop: bool = False, handed_only: bool = False) -> None:
+        """Wait until the background submissions of long tasks end (``handed_only``:
+        until they hand nothing more over; their last specs may still be stored);
+        ``stop`` them first."""
+        if stop:
+            self._stop_submissions()
+        if threading.get_ident() == self._submitter_ident:
+            return  # a future's callback run by the submitter itself: waiting never ends
+        with self._lock:
+            submissions = list(self._submissions)
+        if handed_only:
+            for submission in submissions:
+                submission.handed.wait()
+            return
+        concurrent.futures.wait([s.done for s in submissions])
+        for submission in submissions:
+            if (error := submission.done.exception()) is not None:  # a bug: futures may hang
+                logger.error("submitting task %s failed", submission.task_id, exc_info=error)
+        with self._lock:
+            self._submissions = [s for s in self._submissions if s not in submissions]
+
+    def _stop_submitter(self) -> None:
+        with self._lock:
+            pool, self._submitter = self._submitter, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _record_task(
         self,
         task_id: str,
         task_name: str,
         fn_name: str,
-        requests: Sequence[JobRequest],
+        rows: Sequence[tuple[int, str, str | None]],
         futures: Sequence[AsyncResult],
     ) -> None:
-        """Record a task in the workflow's state: its jobs' spec keys and their calls' text."""
+        """Record a task in the workflow's state: its jobs ``(index, name, spec_key)``
+        and their calls' text."""
         assert self.parts.state is not None
         self.parts.state.record_task(
-            task_id,
-            task_name,
-            fn_name,
-            self.specs.rows(task_name, requests),
-            [f.arguments for f in futures],
+            task_id, task_name, fn_name, rows, [f.arguments for f in futures]
         )
 
     def _new_task_id(self) -> str:
@@ -699,6 +872,9 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
 
     def wait(self, futures: Sequence[AsyncResult], timeout: float | None = None) -> None:
         """Block until ``futures`` are all done; cancel them on Ctrl-C or timeout.
+
+        Once they are done, it also waits for the last long task to be handed over
+        whole (every spec stored and its key recorded).
 
         Raises:
             TimeoutError: not all done within ``timeout`` (default: the workflow's).
@@ -721,6 +897,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             raise TimeoutError(
                 f"{len(pending)} of {len(futures)} jobs not done after {timeout} s; cancelled"
             )
+        self._await_submission()
 
     @property
     def stats(self) -> dict[str, int]:

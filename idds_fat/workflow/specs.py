@@ -5,15 +5,29 @@ the call, its arguments and the code context are in the cache, where to deliver
 the result, which environment to run in (docs/contracts.md). Its cache key
 travels on the job's :class:`JobRequest` (``spec_key``), so whoever runs a job
 again, or attaches to it, reads the spec back by that key.
+
+::
+
+    build(job 0 of a task)    job_spec -> JobSpec.to_json      the one place a spec is built
+                              kept as the task's _FirstJob
+    build(job 1)              _TaskTemplate: job_spec's JSON with job, name and kwargs
+                              cut out, checked against job 0's bytes (else: as job 0)
+    build(jobs 1, 2, ...)     the template with the job's values spliced in: the same
+                              bytes (its sha256 is the key the wrapper checks), for the
+                              price of a few string joins; a map's caller builds one per job
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import concurrent.futures
+import copy
 import dataclasses
+import hmac
+import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import BACKENDS, InlineSpec, JobRequest, Resources
@@ -24,12 +38,15 @@ from idds_fat.context.environment import (
     environment_spec,
     task_environment,
 )
+from idds_fat.node.envelope import ENVELOPE_MAGIC, WRAPPER_VERSION, sha256_hex
 from idds_fat.node.fetch import cache_object_location
 from idds_fat.node.spec import JobSpec
 from idds_fat.serialize import loads, open_envelope, seal
 from idds_fat.workdir import WorkflowPaths
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from idds_fat.serialize.pickling import PickledCall
     from idds_fat.workflow.options import WorkflowOptions
     from idds_fat.workflow.parts import WorkflowParts
@@ -73,6 +90,13 @@ class JobSpecs:
         self._parts = parts
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer_lock = threading.Lock()
+        # The tasks being built, by (task_id, task_name, payload_key, init_env): a
+        # _FirstJob until a second job comes, then their _TaskTemplate (or None).
+        self._templates: dict[tuple, _FirstJob | _TaskTemplate | None] = {}
+        self._templates_lock = threading.Lock()
+        # (cache, key -> where a job reads it, or None: ask node_location)
+        self._locator: tuple[ContentStore, Callable[[str], str] | None] | None = None
+        self._paths: WorkflowPaths | None = None
 
     @property
     def _cache(self) -> ContentStore:
@@ -171,12 +195,108 @@ class JobSpecs:
         Raises:
             CacheError: the cache refused the job's arguments.
         """
-        kwargs = self._kwargs_entry(task_id, index, body)
-        spec = self.job_spec(task_id, index, task_name, payload_key, kwargs, environment, init_env)
-        data = self._sealed(spec)
+        task = (task_id, task_name, payload_key, init_env)
+        template = self._template(task, environment, index)
+        if template is None:
+            kwargs = self._kwargs_entry(task_id, index, body)
+            spec = self.job_spec(
+                task_id, index, task_name, payload_key, kwargs, environment, init_env
+            )
+            data = self._sealed(spec)
+            text = data.decode("ascii")
+            if index >= 0 and type(index) is int and not presigns(self._cache):
+                self._first_job(task, environment, index, kwargs, text)
+        else:
+            kwargs = self._kwargs_entry(task_id, index, body, template.task_json)
+            text = template.render(index, kwargs)
+            data = text.encode("ascii")
         return self.request(
-            task_id, index, spec.name, content_key(data), resources, data.decode("ascii")
+            task_id, index, job_name(task_name, index), content_key(data), resources, text
         )
+
+    def _template(
+        self, task: tuple, environment: dict[str, Any], index: int
+    ) -> _TaskTemplate | None:
+        """The template of ``task``'s specs, made when its second job is built (a task
+        of one job costs nothing more); None: build this job's spec the slow way."""
+        if type(index) is not int or index < 0:
+            return None
+        with self._templates_lock:
+            entry = self._templates.get(task)
+        if entry is None:
+            return None
+        # An environment is a dict, so no key: a task's jobs get the same one (the
+        # same object) and the template holds while it is unchanged (a copy's ==).
+        same = environment is entry.source and environment == entry.environment
+        if isinstance(entry, _TaskTemplate):
+            return entry if same else None
+        template = self._make_template(task, entry) if same else None
+        # A task whose template does not apply keeps None: its jobs take the slow way.
+        with self._templates_lock:
+            self._templates[task] = template
+        return template
+
+    def _first_job(
+        self,
+        task: tuple,
+        environment: dict[str, Any],
+        index: int,
+        kwargs: dict[str, str] | None,
+        text: str,
+    ) -> None:
+        """Keep what the first job of ``task`` built the slow way: its template is
+        checked against it."""
+        with self._templates_lock:
+            if task in self._templates:
+                return  # a task whose template does not apply, or not the first job
+        first = _FirstJob(environment, copy.deepcopy(environment), index, kwargs, text)
+        with self._templates_lock:
+            # Tasks are built one after the other (a dependent task now and then
+            # among them): a few entries are enough, the oldest go.
+            while len(self._templates) >= _TEMPLATES_KEPT:
+                del self._templates[next(iter(self._templates))]
+            self._templates[task] = first
+
+    def _make_template(self, task: tuple, first: _FirstJob) -> _TaskTemplate | None:
+        """Return the template of ``task``'s specs, or None where a job's spec holds
+        more of its own than ``job``, ``name`` and ``kwargs`` (presigned URLs on S3,
+        the backend's URLs) or the template does not give ``first``'s spec byte for
+        byte."""
+        task_id, task_name, payload_key, init_env = task
+        if presigns(self._cache):
+            return None
+        spec = self.job_spec(task_id, 0, task_name, payload_key, None, first.environment, init_env)
+        spec.job, spec.name, spec.kwargs = _MARKS  # type: ignore[assignment]
+        text = self._sealed(spec).decode("ascii")
+        if spec.urls or spec.result_object or spec.result_put_url:
+            return None
+        marked = sorted((text.find(mark), slot) for slot, mark in enumerate(_MARKS_JSON))
+        if any(text.count(mark) != 1 for mark in _MARKS_JSON):
+            return None  # a marker's text in a task's own values: never splice there
+        pieces, start = [], 0
+        for position, slot in marked:
+            pieces.append(text[start:position])
+            start = position + len(_MARKS_JSON[slot])
+        pieces.append(text[start:])
+        template = _TaskTemplate(
+            first.source,
+            first.environment,
+            tuple(pieces),
+            tuple(slot for _, slot in marked),
+            json.dumps(task_name)[:-1],
+            json.dumps(task_id),
+        )
+        # The one check that the splice and the helper seal give what the slow path
+        # gives (else every job of the task takes the slow path).
+        if template.render(first.index, first.kwargs) != first.text:
+            return None
+        probe = b"\x80probe"
+        header = {"kind": "kwargs", "task": task_id, "job": first.index}
+        if _seal_kwargs(template.task_json, first.index, probe, self._parts.key) != seal(
+            header, probe, self._parts.key
+        ):
+            return None
+        return template
 
     def write(self, requests: Sequence[JobRequest]) -> None:
         """Put the specs that ``requests`` (from :meth:`build`) carry into the cache, in
@@ -256,12 +376,20 @@ class JobSpecs:
         """Return what the state record keeps of a task's jobs: (index, name, spec key)."""
         return [(i, job_name(task_name, i), r.spec_key) for i, r in enumerate(requests)]
 
-    def _kwargs_entry(self, task_id: str, index: int, body: bytes | None) -> dict[str, str] | None:
+    def _kwargs_entry(
+        self, task_id: str, index: int, body: bytes | None, task_json: str | None = None
+    ) -> dict[str, str] | None:
+        """Seal a job's pickled arguments with the workflow's key; return where they
+        are (``task_json``: the task id as JSON, to seal them with ``_seal_kwargs``)."""
         if body is None:
             return None
-        sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, self._parts.key)
+        key = self._parts.key
+        if task_json is None:
+            sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, key)
+        else:
+            sealed = _seal_kwargs(task_json, index, body, key)
         if len(sealed) <= INLINE_KWARGS_BYTES:
-            return {"inline": base64.b64encode(sealed).decode()}
+            return {"inline": binascii.b2a_base64(sealed, newline=False).decode("ascii")}
         return {"key": self._cache.put(sealed)}
 
     def store(self, spec: JobSpec) -> str:
@@ -320,12 +448,29 @@ class JobSpecs:
         return JobRequest(
             job_id=f"{task_id}/{index}",
             name=request_name(parts.workflow_id, task_id, name),
-            spec_location=node_location(self._cache, spec_key),
-            workdir=WorkflowPaths(parts.work_dir).job(task_id, index).root,
+            spec_location=self._spec_location(spec_key),
+            workdir=self._workflow_paths(parts.work_dir).job(task_id, index).root,
             resources=resources,
             spec_key=spec_key,
             inline_spec=None if spec_json is None else InlineSpec(spec_json),
         )
+
+    def _workflow_paths(self, work_dir: Path) -> WorkflowPaths:
+        # One kept: it keeps its last task's directory (WorkflowPaths.task).
+        paths = self._paths
+        if paths is None or paths.root is not work_dir:
+            paths = self._paths = WorkflowPaths(work_dir)
+        return paths
+
+    def _spec_location(self, key: str) -> str:
+        """:func:`node_location` of ``key``, the cache path made by one string join
+        (the path's prefix is worked out once per cache)."""
+        cache = self._cache
+        locator = self._locator
+        if locator is None or locator[0] is not cache:
+            locator = self._locator = (cache, _locator(cache))
+        where = locator[1]
+        return node_location(cache, key) if where is None else where(key)
 
     def read(self, job: JobRequest) -> JobSpec:
         """Return the spec ``job`` runs, read back from the cache.
@@ -369,3 +514,92 @@ class JobSpecs:
         else:
             raw = self._cache.get(entry["key"])
         return loads(open_envelope(raw, self._parts.key)[1])
+
+
+#: How many tasks' templates (or first jobs) a JobSpecs keeps.
+_TEMPLATES_KEPT = 8
+# Stand-ins for a job's own values in a task's spec, found again in its JSON. The
+# NULs make them text no task name or environment holds in practice; a spec that
+# holds one anyway is built the slow way (_make_template counts them).
+_MARKS = ("\0idds-fat:job\0", "\0idds-fat:name\0", "\0idds-fat:kwargs\0")
+_MARKS_JSON = tuple(json.dumps(mark) for mark in _MARKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FirstJob:
+    """The first job of a task, built the slow way: what its template is checked against."""
+
+    source: dict[str, Any]  # the environment it was given,
+    environment: dict[str, Any]  # and a copy: the template holds while they are equal
+    index: int
+    kwargs: dict[str, str] | None
+    text: str  # its spec's JSON
+
+
+class _TaskTemplate:
+    """The JSON of a task's job specs with the values of their own (``job``, ``name``,
+    ``kwargs``) cut out: a job's spec is then a few string joins, the same bytes as
+    ``JobSpec.to_json`` (its sha256 is the spec's cache key, which the wrapper checks).
+    """
+
+    __slots__ = ("source", "environment", "pieces", "slots", "name_head", "task_json")
+
+    def __init__(
+        self,
+        source: dict[str, Any],
+        environment: dict[str, Any],
+        pieces: tuple[str, ...],
+        slots: tuple[int, ...],
+        name_head: str,
+        task_json: str,
+    ) -> None:
+        self.source = source  # the environment its task's jobs are given
+        self.environment = environment  # a copy, as it was when the template was made
+        self.pieces = pieces  # the JSON around the three values, in the order of the text
+        self.slots = slots  # which value (the index in _MARKS) goes between them
+        self.name_head = name_head  # the task name as JSON, its closing quote left off
+        self.task_json = task_json  # the task id as JSON
+
+    def render(self, index: int, kwargs: dict[str, str] | None) -> str:
+        """Return the spec JSON of job ``index`` with its arguments at ``kwargs`` (as
+        ``_kwargs_entry`` gives)."""
+        # JSON as json.dumps writes it: a job index is digits; "[", "]" and digits
+        # need no escape, so a name's JSON is the task name's with "[index]" added;
+        # base64 and hex need none either.
+        if kwargs is None:
+            where = "null"
+        else:
+            ((kind, value),) = kwargs.items()
+            where = f'{{"{kind}": "{value}"}}'
+        values = (str(index), f'{self.name_head}[{index}]"', where)
+        p, (a, b, c) = self.pieces, self.slots
+        return p[0] + values[a] + p[1] + values[b] + p[2] + values[c] + p[3]
+
+
+def _seal_kwargs(task_json: str, index: int, body: bytes, key: bytes) -> bytes:
+    """``seal({"kind": "kwargs", "task": task_id, "job": index}, body, key)``, the
+    same bytes, its header written as text (``task_json``: the task id as JSON)
+    rather than a dict through ``json.dumps``: the header's keys sorted, no spaces."""
+    head = (
+        f'{{"job":{index},"kind":"kwargs","sha256":"{sha256_hex(body)}",'
+        f'"size":{len(body)},"task":{task_json},"v":{WRAPPER_VERSION}}}'
+    ).encode("ascii")
+    signed = ENVELOPE_MAGIC + len(head).to_bytes(4, "big") + head + body
+    return signed + hmac.digest(key, signed, "sha256")
+
+
+def _locator(cache: ContentStore) -> Callable[[str], str] | None:
+    """Return a function giving :func:`node_location` of a key in ``cache`` by string
+    joins, or None where that does not hold (presigned URLs, an unusual location)."""
+    if presigns(cache):
+        return None
+    location = cache.location
+    probes = ("ab" + "0" * 62, "cd" + "1" * 62)
+    first, second = (cache_object_location(location, probe) for probe in probes)
+    prefix = first[: -len(probes[0]) - 3]
+    if first == f"{prefix}ab/{probes[0]}" and second == f"{prefix}cd/{probes[1]}":
+        return lambda key: f"{prefix}{key[:2]}/{key}"
+    prefix = first[: -len(probes[0])]
+    if second == prefix + probes[1]:
+        return lambda key: prefix + key
+    return None

@@ -199,8 +199,10 @@ class WorkflowState:
         """Hold the changes to the jobs of ``task_id`` (started, ended) until
         :meth:`record_task` records it, which applies them then, in order; or until
         :meth:`drop_task`. Its jobs may run before it is recorded: warm workers start
-        them from the specs sent inline while the specs are stored, and a task is
-        recorded only once its specs are (docs/backends/local.md)."""
+        the jobs of a task of one chunk from the specs sent inline while the specs are
+        stored, and such a task is recorded only once its specs are
+        (docs/backends/local.md). A longer task is recorded before any of its jobs is
+        handed over, so nothing of it is held."""
         with self._lock:
             self._held[task_id] = (time.time(), [])
 
@@ -222,11 +224,15 @@ class WorkflowState:
         task_id: str,
         name: str,
         function: str,
-        jobs: Iterable[tuple[int, str, str]],
+        jobs: Iterable[tuple[int, str, str | None]],
         arguments: Sequence[str | None] | None = None,
     ) -> None:
-        """Record a task and its jobs ``(index, name, spec_key)`` as queued.
+        """Record a task and its jobs ``(index, name, spec_key)`` as queued, in one
+        transaction.
 
+        A ``spec_key`` of None records a job whose spec is not in the cache yet
+        (:meth:`set_spec_keys` records it once it is): ``attach`` fails such a job
+        that is still queued, as its caller went away while submitting it.
         ``arguments``, one per job, is the text the monitoring page shows of each
         job's call (a shortened repr made by the caller: the service reads no payload).
         """
@@ -234,27 +240,41 @@ class WorkflowState:
         texts = list(arguments) if arguments is not None else [None] * len(jobs)
         with self._lock:
             held = self._held.get(task_id)
-        now = time.time() if held is None else held[0]
-        self._run(
-            "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", (task_id, name, function, len(jobs), now)
-        )
-        self._run(
-            "INSERT INTO jobs (task, job, name, spec, status, updated, arguments) "
-            "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-            [
-                (task_id, index, job_name, spec, now, text)
-                for (index, job_name, spec), text in zip(jobs, texts, strict=True)
-            ],
-        )
-        with self._lock:
-            # Under the lock to the end: a change that comes now waits, and lands after
-            # the held ones, which came first.
-            _, changes = self._held.pop(task_id, (now, []))
-            if changes:
-                self._db.execute("BEGIN")
+            now = time.time() if held is None else held[0]
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
+                    (task_id, name, function, len(jobs), now),
+                )
+                self._db.executemany(
+                    "INSERT INTO jobs (task, job, name, spec, status, updated, arguments) "
+                    "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                    [
+                        (task_id, index, job_name, spec, now, text)
+                        for (index, job_name, spec), text in zip(jobs, texts, strict=True)
+                    ],
+                )
+                # Under the lock to the end: a change that comes now waits, and lands
+                # after the held ones, which came first.
+                _, changes = self._held.pop(task_id, (now, []))
                 for sql, row in changes:
                     self._db.execute(sql, row)
-                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._changed = True
+
+    def set_spec_keys(self, task_id: str, keys: Iterable[tuple[int, str]]) -> None:
+        """Record the spec keys ``(index, spec_key)`` of jobs of a task recorded without
+        them (:meth:`record_task`), in one transaction, whatever their status now: call
+        it only once the specs are in the cache, so whoever reads a key can rerun the
+        job from it."""
+        self._run(
+            "UPDATE jobs SET spec = ? WHERE task = ? AND job = ?",
+            [(spec, task_id, index) for index, spec in keys],
+        )
 
     def set_waiting(self, task_id: str, depends: Sequence[Sequence[str]]) -> None:
         """Record the jobs of a task as ``waiting`` on the jobs ``depends`` lists for each

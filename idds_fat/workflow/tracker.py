@@ -214,32 +214,54 @@ class JobTracker:
 
     def job_started(self, job: JobRequest, ref: str) -> None:
         """Note that ``job`` runs, and record how the backend knows it (``ref``) for ``attach``."""
+        task_id, index = job.job_id.rsplit("/", 1)
         with self._lock:
             self._running.add(job.job_id)
-        if (future := self._future_of(job)) is not None:
+            future = self._futures.get((task_id, int(index)))
+        if future is not None:
             future.mark_running()  # from now on cancel() is False; kill() stops it
-        task_id, index = job.job_id.rsplit("/", 1)
         if self._parts.state is not None:
             self._parts.state.set_job_started(task_id, int(index), ref)
 
     def job_ended(self, job: JobRequest, outcome: JobExit) -> None:
         """Act on the end of ``job``: take a result it handed back, cancel, wait for
-        a result still on its way, or report the job lost."""
+        a result still on its way, or report the job lost.
+
+        Raises:
+            ServiceError: the result it handed back was taken, but no copy of it
+                could be kept in the result store: the backend must not count it
+                delivered (a warm worker then delivers it itself).
+        """
         service, collector = self._parts.service, self._parts.collector
+        unkept: Exception | None = None
         if outcome.result is not None and service is not None:
             # The copy that attach() and `idds-fat results` read later; kept before
             # the user sees the value, so a caller killed right after loses nothing.
+            # Kept for this collector, whose own reads pass over it: it gets the
+            # result just below, and reading its copy back would cost a read per job.
+            holder = None if collector is None or self._detached else collector.holder
             try:
-                service.keep_result(self._parts.workflow_id, outcome.result)
-            except (ValueError, OSError, sqlite3.Error) as exc:
+                service.keep_result(self._parts.workflow_id, outcome.result, holder)
+            except ValueError as exc:  # not a result of this workflow: the collector says
                 logger.warning("could not keep a copy of the result of %s: %s", job.name, exc)
+            except (OSError, sqlite3.Error) as exc:
+                unkept = exc
+        self._take_end(job, outcome)
+        if unkept is not None:
+            raise ServiceError(
+                f"could not keep a copy of the result of {job.name}: {unkept}"
+            ) from unkept
+
+    def _take_end(self, job: JobRequest, outcome: JobExit) -> None:
+        collector = self._parts.collector
         if self._detached:
             return  # the copy waits for attach()
         if outcome.result is not None and collector is not None:
             collector.accept(outcome.result, "local")
+        task_id, index = job.job_id.rsplit("/", 1)
         with self._lock:
             self._running.discard(job.job_id)
-        future = self._future_of(job)
+            future = self._futures.get((task_id, int(index)))
         if future is None:
             return
         if outcome.cancelled:

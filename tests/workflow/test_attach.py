@@ -12,8 +12,16 @@ import time
 import pytest
 
 from idds_fat import IddsFatError, JobLostError, Workflow, work
+from idds_fat.backends.local import LocalBackend
+from idds_fat.config import load_config
 from idds_fat.testing import wait_until
+from idds_fat.workdir import WorkDirPaths, WorkflowPaths
 from idds_fat.workflow.catalog import WorkflowNotFound
+from idds_fat.workflow.state import WorkflowState
+
+
+def square(x):
+    return x * x
 
 
 def _caller_script(tmp_path, gate, n, local_mode="warm"):
@@ -285,3 +293,111 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_attach_fails_the_jobs_a_killed_caller_never_submitted_and_follows_the_others(
+    tmp_path, monkeypatch
+):
+    # A caller killed while handing a long task over leaves its later jobs recorded
+    # queued with no spec key (runtime.Workflow._submit_rest): written here as it
+    # leaves them, beside a task that ran whole.
+    wf = Workflow(max_workers=2, progress=False, source_dir=False).open()
+    assert wf.map_kwargs(square, [{"x": x} for x in range(3)]).results(timeout=60) == [0, 1, 4]
+    wf.detach()
+    assert wf.work_dir is not None
+    state = WorkflowState(WorkflowPaths(wf.work_dir).state)
+    state.record_task(
+        "t0002", "square", "square", [(i, f"square[{i}]", None) for i in range(2)], ["x=1", "x=2"]
+    )
+    state.close()
+    submitted: list[str] = []
+    submit = LocalBackend.submit
+
+    def noting(self, jobs):
+        submitted.extend(job.job_id for job in jobs)
+        submit(self, jobs)
+
+    monkeypatch.setattr(LocalBackend, "submit", noting)
+    with Workflow.attach(wf.id) as attached:
+        assert attached.tasks["t0001"].results(timeout=60) == [0, 1, 4]
+        unsubmitted = attached.tasks["t0002"].futures
+        assert [f.arguments for f in unsubmitted] == ["x=1", "x=2"]
+        for future in unsubmitted:  # settled before attach returned: never pending
+            assert future.done()
+            with pytest.raises(JobLostError, match="never submitted.*submit it again"):
+                future.result(timeout=0)
+    assert not [job_id for job_id in submitted if job_id.startswith("t0002/")]  # never rerun
+    state = WorkflowState(WorkflowPaths(wf.work_dir).state)
+    try:
+        [_, (_, _, jobs)] = state.tasks()
+        assert [job[3] for job in jobs] == ["lost", "lost"]
+    finally:
+        state.close()
+
+
+@pytest.mark.slow  # 5,000 calls, a caller killed while it submits them, an attach: ~4 s
+def test_a_caller_killed_while_a_long_map_is_handed_over_loses_no_trace_of_a_job(tmp_path):
+    n = 5000
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from idds_fat import Workflow
+            from idds_fat.workflow.specs import JobSpecs
+
+            build = JobSpecs.build
+
+            def slow_build(self, task_id, index, *args):
+                if index >= 8:  # the later chunks take ~10 s to hand over
+                    time.sleep(0.002)
+                return build(self, task_id, index, *args)
+
+            JobSpecs.build = slow_build
+
+            def square(x):
+                return x * x
+
+            with Workflow(name="submitting", max_workers=2, publish_timeout=120,
+                          source_dir=False) as wf:
+                futures = wf.map_kwargs(square, [{{"x": x}} for x in range({n})]).futures
+                futures[0].result(timeout=60)
+                print("ID", wf.id, flush=True)
+                futures[-1].result()
+            """
+        )
+    )
+    caller = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = caller.stdout.readline()
+    assert line.startswith("ID "), caller.stderr.read()
+    workflow_id = line.split()[1]
+    caller.send_signal(signal.SIGKILL)
+    caller.wait(timeout=30)
+    state = WorkflowState(WorkDirPaths(load_config().work_dir).workflow(workflow_id).state)
+    try:
+        [(_, _, before)] = state.tasks()
+    finally:
+        state.close()
+    keyed = {job[0] for job in before if job[2]}
+    unkeyed_queued = {job[0] for job in before if not job[2] and job[3] == "queued"}
+    assert len(before) == n  # every job recorded before any was handed over
+    assert set(range(8)) <= keyed and unkeyed_queued  # killed mid-submission
+
+    with Workflow.attach(workflow_id) as wf:
+        futures = wf.tasks["t0001"].futures
+        wait_until(lambda: all(f.done() for f in futures), "every future to settle", 180)
+    lost = set()
+    for future in futures:
+        if future.exception() is None:
+            assert future.result() == future.job**2
+        else:
+            assert isinstance(future.exception(), JobLostError), future.exception()
+            lost.add(future.job)
+    assert lost and lost <= set(range(n)) - keyed  # a job with its spec stored is followed
+    assert all(
+        "never submitted" in str(f.exception())
+        for f in futures
+        if f.job in unkeyed_queued and f.exception()
+    )

@@ -1,10 +1,13 @@
 """Job specs inline: warm workers start on the spec sent with the job while the caller
-stores it; the task is recorded only once every spec is in the cache (issue 18)."""
+stores it; a spec key is recorded only once its spec is in the cache (issue 18); a long
+task is recorded first, its futures returned after its first chunk, the rest handed
+over in the background (issue 21)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 
 import pytest
@@ -21,17 +24,27 @@ def square(x):
 
 
 def _record_checked(wf: Workflow, checked: list[bool]) -> None:
-    """Make the workflow's record_task note whether every spec it records is in the cache."""
+    """Make the workflow's record_task and set_spec_keys note whether every spec key they
+    record is in the cache (a task recorded with no key yet notes nothing)."""
     state, cache = wf.parts.state, wf.parts.cache
     assert state is not None and cache is not None
-    record_task = state.record_task
+    record_task, set_spec_keys = state.record_task, state.set_spec_keys
 
     def checking(task_id, name, function, jobs, arguments=None):
         jobs = list(jobs)
-        checked.append(all(cache.exists(spec_key) for _, _, spec_key in jobs))
+        keys = [spec_key for _, _, spec_key in jobs if spec_key is not None]
+        if keys:
+            assert len(keys) == len(jobs)
+            checked.append(all(cache.exists(key) for key in keys))
         record_task(task_id, name, function, jobs, arguments)
 
+    def checking_keys(task_id, keys):
+        keys = list(keys)
+        checked.append(all(cache.exists(key) for _, key in keys))
+        set_spec_keys(task_id, keys)
+
     state.record_task = checking  # type: ignore[method-assign]
+    state.set_spec_keys = checking_keys  # type: ignore[method-assign]
 
 
 def test_warm_jobs_run_from_inline_specs_before_their_specs_are_stored():
@@ -57,6 +70,7 @@ def test_warm_jobs_run_from_inline_specs_before_their_specs_are_stored():
         cache.put_many = stored_late  # type: ignore[method-assign]
         _record_checked(wf, checked)
         assert list(wf.map(square, range(20))) == [x * x for x in range(20)]
+        wf.wait(wf.tasks["t0001"].futures)  # and its last chunk's specs stored
         requests = wf.tracker.requests()
         assert all(cache.exists(r.spec_key) for r in requests)
         # Stored, the requests hold no copy: a long map keeps no spec in memory.
@@ -66,8 +80,9 @@ def test_warm_jobs_run_from_inline_specs_before_their_specs_are_stored():
         assert state is not None
         [(task_id, _, jobs)] = state.tasks()
         assert task_id == "t0001" and [job[3] for job in jobs] == ["done"] * 20
+        assert [job[2] for job in jobs] == [r.spec_key for r in requests]
     assert seen == [(True, False)]
-    assert checked == [True]
+    assert checked == [True, True]  # the keys of its two chunks (8 and 12 jobs)
 
 
 def read_env(name):
@@ -99,7 +114,7 @@ def test_a_warm_job_in_a_process_of_its_own_runs_from_its_inline_spec_not_yet_st
 
 
 @pytest.mark.parametrize("mode", ["warm", "cold"])
-def test_a_task_is_recorded_only_once_every_spec_is_in_the_cache(mode):
+def test_a_spec_key_is_recorded_only_once_its_spec_is_in_the_cache(mode):
     checked: list[bool] = []
     with Workflow(max_workers=2, progress=False, source_dir=False, local_mode=mode) as wf:
         _record_checked(wf, checked)
@@ -107,7 +122,8 @@ def test_a_task_is_recorded_only_once_every_spec_is_in_the_cache(mode):
             x * x for x in range(12)
         ]
         assert wf.submit(square, 7).result(timeout=60) == 49
-    assert checked == [True, True]
+    # Warm: the map's keys chunk by chunk (8, then 4), the submit's with its record.
+    assert checked == ([True] * 3 if mode == "warm" else [True] * 2)
 
 
 def test_a_cold_backend_gets_each_job_only_once_its_spec_is_stored():
@@ -146,40 +162,205 @@ def test_a_long_map_goes_to_warm_workers_in_growing_chunks():
     assert not any(t.name.startswith("idds-fat-specs") for t in threading.enumerate())
 
 
-def test_a_submission_whose_specs_cannot_be_stored_cancels_its_jobs_and_records_nothing():
+def _failing_store(wf: Workflow, fail_at: int) -> tuple[list[str], list[str]]:
+    """Make the cache refuse the ``fail_at``-th batch of specs (and only it); return
+    the job ids handed to the backend and those cancelled there, as they come."""
+    backend, cache = wf.parts.backend, wf.parts.cache
+    assert backend is not None and cache is not None
+    put_many, cancel, submit = cache.put_many, backend.cancel, backend.submit
+    calls: list[int] = []
+    submitted: list[str] = []
     cancelled: list[str] = []
+
+    def handing(jobs):
+        submitted.extend(job.job_id for job in jobs)
+        submit(jobs)
+
+    def failing(items):
+        calls.append(len(items))
+        if len(calls) == fail_at:
+            raise CacheError("the disk is full")
+        return put_many(items)
+
+    def noting(job_ids):
+        cancelled.extend(job_ids)
+        cancel(job_ids)
+
+    cache.put_many = failing  # type: ignore[method-assign]
+    backend.cancel = noting  # type: ignore[method-assign]
+    backend.submit = handing  # type: ignore[method-assign]
+    return submitted, cancelled
+
+
+def test_a_submission_whose_specs_cannot_be_stored_cancels_its_jobs_and_records_nothing():
     with Workflow(max_workers=1, progress=False, source_dir=False) as wf:
-        backend, cache, state = wf.parts.backend, wf.parts.cache, wf.parts.state
-        assert backend is not None and cache is not None and state is not None
-        put_many, cancel, submit = cache.put_many, backend.cancel, backend.submit
-        calls, submitted = [], []
-
-        def handing(jobs):
-            submitted.extend(job.job_id for job in jobs)
-            submit(jobs)
-
-        def failing(items):
-            calls.append(len(items))
-            if len(calls) == 2:
-                raise CacheError("the disk is full")
-            return put_many(items)
-
-        def noting(job_ids):
-            cancelled.extend(job_ids)
-            cancel(job_ids)
-
-        cache.put_many = failing  # type: ignore[method-assign]
-        backend.cancel = noting  # type: ignore[method-assign]
-        backend.submit = handing  # type: ignore[method-assign]
+        state = wf.parts.state
+        assert state is not None
+        submitted, cancelled = _failing_store(wf, fail_at=1)
+        # One chunk (up to 8 jobs): handed over, stored, then recorded.
         with pytest.raises(CacheError, match="the disk is full"):
-            wf.map_kwargs(square, [{"x": x} for x in range(30)])
+            wf.map_kwargs(square, [{"x": x} for x in range(5)])
         assert state.tasks() == []  # not recorded: attach finds nothing to rerun
         assert wf.tasks == {}
-        cache.put_many = put_many  # type: ignore[method-assign]
         assert wf.submit(square, 3).result(timeout=60) == 9  # the workflow goes on
-    # Every job handed over (at least the two chunks of 8 and 16) is withdrawn.
     handed = [job_id for job_id in submitted if job_id.startswith("t0001/")]
-    assert len(handed) >= 24 and sorted(cancelled) == sorted(handed)
+    assert len(handed) == 5 and sorted(cancelled) == sorted(handed)
+
+
+def test_a_long_task_whose_first_chunk_cannot_be_stored_raises_and_records_its_jobs_failed():
+    with Workflow(max_workers=1, progress=False, source_dir=False) as wf:
+        state = wf.parts.state
+        assert state is not None
+        submitted, cancelled = _failing_store(wf, fail_at=1)
+        with pytest.raises(CacheError, match="the disk is full"):
+            wf.map_kwargs(square, [{"x": x} for x in range(30)])
+        assert wf.tasks == {}
+        # Recorded before any job was handed over; failed, so attach reruns none of them.
+        [(task_id, _, jobs)] = state.tasks()
+        assert task_id == "t0001" and {job[3] for job in jobs} == {"failed"} and len(jobs) == 30
+        assert wf.submit(square, 3).result(timeout=60) == 9
+    # Only the first chunk went to the backend, and it is withdrawn.
+    handed = [job_id for job_id in submitted if job_id.startswith("t0001/")]
+    assert handed == [f"t0001/{i}" for i in range(8)] and sorted(cancelled) == sorted(handed)
+
+
+def test_a_long_map_returns_after_its_first_chunk_and_hands_the_rest_over_in_order():
+    gate = threading.Event()
+    with Workflow(max_workers=2, progress=False, source_dir=False) as wf:
+        backend, state = wf.parts.backend, wf.parts.state
+        assert backend is not None and state is not None
+        submit = backend.submit
+        handed: list[list[str]] = []
+
+        def gated(jobs):
+            if handed:  # the later chunks wait until the caller has its futures
+                assert gate.wait(60)
+            handed.append([job.job_id for job in jobs])
+            submit(jobs)
+
+        backend.submit = gated  # type: ignore[method-assign]
+        futures = wf.map_kwargs(square, [{"x": x} for x in range(40)]).futures
+        # Returned with the first chunk handed over, every job already recorded.
+        assert handed == [[f"t0001/{i}" for i in range(8)]]
+        [(_, _, jobs)] = state.tasks()
+        assert [job[3] for job in jobs[8:]] == ["queued"] * 32
+        assert all(job[2] is None for job in jobs[8:])  # no key: not stored yet
+        assert [f.result(timeout=60) for f in futures[:8]] == [x * x for x in range(8)]
+        gate.set()
+        later = wf.submit(square, 100)  # handed over after the whole map
+        assert later.result(timeout=60) == 10000
+        assert [f.result(timeout=60) for f in futures] == [x * x for x in range(40)]
+        assert [len(chunk) for chunk in handed] == [8, 16, 16, 1]
+        assert [j for chunk in handed[:3] for j in chunk] == [f"t0001/{i}" for i in range(40)]
+        assert handed[3] == ["t0002/0"]
+        wf.wait(futures)  # and the last chunk's specs stored
+        [(_, _, jobs), _] = state.tasks()
+        assert all(job[2] is not None for job in jobs)  # every key recorded
+
+
+def test_a_cancel_stops_a_long_task_being_handed_over():
+    release = threading.Event()
+    with Workflow(max_workers=1, progress=False, source_dir=False) as wf:
+        backend, state = wf.parts.backend, wf.parts.state
+        assert backend is not None and state is not None
+        submit = backend.submit
+        handed: list[str] = []
+
+        def gated(jobs):
+            if handed:  # the second chunk waits until the cancel has begun
+                assert release.wait(60)
+            handed.extend(job.job_id for job in jobs)
+            submit(jobs)
+
+        backend.submit = gated  # type: ignore[method-assign]
+        futures = wf.map_kwargs(square, [{"x": x} for x in range(100)]).futures
+        assert futures[50].cancel()  # before its job is handed over: it must never be
+
+        def release_once_cancelled():
+            wait_until(lambda: futures[-1].cancelled(), "the cancel", timeout=60)
+            release.set()
+
+        releaser = threading.Thread(target=release_once_cancelled)
+        releaser.start()
+        wf.cancel("t0001")
+        releaser.join()
+        assert all(f.cancelled() for f in futures if f.job >= 8)
+        # The chunk being handed over when the cancel came may have gone (what of it
+        # was not cancelled yet when it was built; withdrawn); none after it.
+        assert handed[:8] == [f"t0001/{i}" for i in range(8)]
+        assert all(int(job_id.split("/")[1]) < 24 for job_id in handed)
+        [(_, _, jobs)] = state.tasks()
+        assert {job[3] for job in jobs[24:]} == {"cancelled"}
+    assert not any(t.name.startswith("idds-fat-submit") for t in threading.enumerate())
+
+
+def test_shutdown_cancelling_futures_stops_a_long_task_being_handed_over():
+    release = threading.Event()
+    wf = Workflow(max_workers=1, progress=False, source_dir=False).open()
+    backend = wf.parts.backend
+    assert backend is not None
+    submit = backend.submit
+    handed: list[str] = []
+
+    def gated(jobs):
+        if handed:
+            assert release.wait(60)
+        handed.extend(job.job_id for job in jobs)
+        submit(jobs)
+
+    backend.submit = gated  # type: ignore[method-assign]
+    futures = wf.map_kwargs(square, [{"x": x} for x in range(100)]).futures
+    wf.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    wf.shutdown(wait=True)
+    assert all(f.done() for f in futures)
+    assert all(f.cancelled() for f in futures if f.job >= 8)
+    assert handed[:8] == [f"t0001/{i}" for i in range(8)]
+    assert all(int(job_id.split("/")[1]) < 24 for job_id in handed)
+    assert not any(t.name.startswith("idds-fat-submit") for t in threading.enumerate())
+
+
+def test_specs_that_cannot_be_stored_in_the_background_fail_the_jobs_not_yet_safe():
+    with Workflow(max_workers=1, progress=False, source_dir=False) as wf:
+        state = wf.parts.state
+        assert state is not None
+        # Chunks of 8, 16, 32, 64, 128, 52: the third batch (jobs 24-55) is refused.
+        submitted, cancelled = _failing_store(wf, fail_at=3)
+        futures = wf.map_kwargs(square, [{"x": x} for x in range(300)]).futures
+        assert [f.result(timeout=60) for f in futures[:24]] == [x * x for x in range(24)]
+        wait_until(lambda: all(f.done() for f in futures), "every future to settle", 60)
+        for future in futures[24:]:  # handed over and not stored, or never handed over
+            if future.exception() is not None:
+                assert isinstance(future.exception(), CacheError)
+            else:
+                assert future.result() == future.job**2  # it ended before the failure
+        never = futures[120:]  # not handed over when the failure came (one chunk builds)
+        assert all(isinstance(f.exception(), CacheError) for f in never)
+        assert not any(int(j.split("/")[1]) >= 120 for j in submitted if j.startswith("t0001/"))
+        failed = {int(j.split("/")[1]) for j in cancelled if j.startswith("t0001/")}
+        assert failed and min(failed) >= 24 and max(failed) < 120
+        [(_, _, jobs)] = state.tasks()
+        for job in jobs[120:]:
+            assert job[3] == "failed" and job[2] is None
+        assert wf.submit(square, 3).result(timeout=60) == 9  # the workflow goes on
+    detail = _recorded_error(wf, "t0001", 299)
+    assert "CacheError: the disk is full" in detail
+    assert not any(
+        t.name.startswith(("idds-fat-submit", "idds-fat-specs")) for t in threading.enumerate()
+    )
+
+
+def _recorded_error(wf: Workflow, task_id: str, job: int) -> str:
+    """The error text the workflow's record keeps of one job."""
+    assert wf.work_dir is not None
+    db = sqlite3.connect(wf.work_dir / "state.sqlite3")
+    try:
+        (error,) = db.execute(
+            "SELECT error FROM jobs WHERE task = ? AND job = ?", (task_id, job)
+        ).fetchone()
+    finally:
+        db.close()
+    return error or ""
 
 
 def test_changes_to_a_held_task_apply_in_order_when_it_is_recorded(tmp_path):
