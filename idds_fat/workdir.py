@@ -15,6 +15,7 @@
           wrapper_KEY.py                 the node wrapper, as its jobs import it
           workers/                       the local backend's warm workers
             worker-N/, worker-N.log      one worker: its directory, its own log
+            worker-N.pid                 its pid and start time, until it is reaped
             worker-N.spool/              JobPaths: its jobs' output before it is copied
               job                        the work dir of the job it runs (or ran last)
           driver/                        the body run away from the caller (workflow.driver)
@@ -24,6 +25,7 @@
                                          and only then the directory itself)
               exit_status                how it ended, when a pack ran it
               result.reply               its result, when the local backend takes it back
+              process.pid                a local cold job's pid and start time, while it runs
 
 The backends and the workflow both import this module; it imports nothing of
 idds_fat. The node (:mod:`idds_fat.node`), which runs without the SDK, spells

@@ -272,6 +272,16 @@ class Backend(abc.ABC):
                 len(jobs),
             )
 
+    def adopt_unrecorded(self, jobs: Sequence[JobRequest]) -> list[JobRequest]:
+        """Watch, as :meth:`adopt` does, those of ``jobs`` (recorded as never started)
+        that a process an earlier caller started took after all, that caller having
+        gone away before it recorded their start; return them (the workflow must not
+        submit them again).
+
+        The default cannot tell: it returns ``[]``. Raises nothing.
+        """
+        return []
+
     @abc.abstractmethod
     def shutdown(self, cancel: bool = False, wait: bool = True) -> None:
         """Free the backend's resources: after waiting for every job to end (or

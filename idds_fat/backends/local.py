@@ -36,7 +36,7 @@ from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config
 from idds_fat.node.environments import ENV_CACHE_ENV
 from idds_fat.node.spec import SECRETS_ENV, SECRETS_FD_ENV, secrets_pipe
-from idds_fat.workdir import JobPaths, WorkflowPaths, open_private, private_dir
+from idds_fat.workdir import JobPaths, WorkflowPaths, open_private, private_dir, write_private
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,11 @@ class _WarmWorker:
                 stderr=log,
                 start_new_session=True,  # its own process group, so cancel kills children too
             )
+        # Who it is, for a later caller: should this caller die between handing it a
+        # job and recording that, the job's record says queued while the worker runs
+        # it (LocalBackend.adopt_unrecorded). Removed when it is reaped.
+        self.pid_file = home.with_name(home.name + ".pid")
+        _write_process_file(self.pid_file, self.proc.pid)
 
     @property
     def alive(self) -> bool:
@@ -301,6 +306,7 @@ class _WarmWorker:
         """Wait for the worker to exit and close our end of its pipes; return its status."""
         returncode = self.proc.wait()
         self.proc.stdout.close()  # type: ignore[union-attr]
+        self.pid_file.unlink(missing_ok=True)
         return returncode
 
 
@@ -473,14 +479,71 @@ class LocalBackend(Backend):
                 self._live.add(job.job_id)
             self._pool.submit(self._watch_adopted, job, pid)
 
-    def _watch_adopted(self, job: JobRequest, pid: int) -> None:
-        # Polling is the only way to follow a process that is not our child.
-        while _alive(pid) and job.job_id not in self._cancelled:
+    def adopt_unrecorded(self, jobs: Sequence[JobRequest]) -> list[JobRequest]:
+        """Follow, as :meth:`adopt` does, those of ``jobs`` (recorded as never started)
+        that a process an earlier caller started took after all; return them.
+
+        An earlier caller that died (or was stopped, then killed) between handing a
+        job to a process and recording its start left it recorded queued: a warm
+        worker whose spool names the job (``workers/worker-N.spool/job``), or a cold
+        job's process (``process.pid`` in its work dir). Such a process delivers the
+        result itself, so the job must not run again: while it lives (its pid, with
+        the start time recorded, as pids are reused) it is watched and recorded as
+        running; one that ended already is reported ended now, and the workflow
+        settles the job by whether its result arrived. Call it before submitting
+        anything. A warm worker that has not yet read the job it was handed when this
+        looks goes unseen: it reads it as soon as it has answered the job before.
+        Raises nothing: a file that cannot be read names no process.
+        """
+        taken = self._taken_by_workers()
+        followed = []
+        for job in jobs:
+            process = taken.get(os.fsencode(job.workdir))
+            if process is None:
+                process = _read_process_file(job.workdir / _COLD_PROCESS_FILE)
+            if process is None:
+                continue
+            pid, start = process
+            followed.append(job)
+            with self._lock:
+                self._live.add(job.job_id)
+                if pid is not None:
+                    self._adopted[job.job_id] = pid
+            if pid is not None and self._on_start is not None:
+                self._on_start(job, str(pid))
+            self._pool.submit(self._watch_adopted, job, pid, start)
+        return followed
+
+    def _taken_by_workers(self) -> dict[bytes, tuple[int | None, str | None]]:
+        """The work dir each earlier warm worker's spool names (the job it runs, or ran
+        last), with that worker's pid and start time (None, None when it is gone)."""
+        taken = {}
+        for named in self._workers_dir.glob("*.spool/job"):
+            try:
+                workdir = named.read_bytes()
+            except OSError:  # a worker being replaced
+                continue
+            home = named.parent.with_suffix("")  # worker-N.spool -> worker-N
+            process = _read_process_file(home.with_name(home.name + ".pid"))
+            taken[workdir] = process or (None, None)  # no pid file: reaped, so gone
+        return taken
+
+    def _watch_adopted(self, job: JobRequest, pid: int | None, start: str | None = None) -> None:
+        # Polling is the only way to follow a process that is not our child. With its
+        # start time known, a pid reused by a later process is not taken for it.
+        while (
+            pid is not None
+            and _alive(pid)
+            and (start is None or _process_start(pid) == start)
+            and job.job_id not in self._cancelled
+        ):
             if self._detached.wait(0.2):
                 return
         with self._lock:
             self._adopted.pop(job.job_id, None)
             self._live.discard(job.job_id)
+        # What its caller, killed, could not remove: it names no process any more.
+        (job.workdir / _COLD_PROCESS_FILE).unlink(missing_ok=True)
         cancelled = job.job_id in self._cancelled
         reason = "cancelled" if cancelled else "it ended while no caller was watching"
         # A cold job whose caller died just after it checked may have left its result.
@@ -738,6 +801,8 @@ class LocalBackend(Backend):
                 self._procs[job.job_id] = proc
             if job.resources.memory_mb:
                 _limit_memory(proc.pid, job.resources.memory_mb)
+            process_file = job.workdir / _COLD_PROCESS_FILE
+            _write_process_file(process_file, proc.pid)
             if self._on_start is not None:
                 self._on_start(job, str(proc.pid))
             walltime = job.resources.walltime
@@ -746,6 +811,8 @@ class LocalBackend(Backend):
             except subprocess.TimeoutExpired:
                 _kill_group(proc.pid)
                 return JobExit(proc.wait(), f"walltime of {walltime:g} s exceeded")
+            finally:
+                process_file.unlink(missing_ok=True)
         if returncode > 0 and returncode == self._empty_program_status():
             # The interpreter fails the same way with nothing to run: it never ran the job.
             return JobExit(returncode, _ended_before_start(self._python, returncode))
@@ -814,6 +881,49 @@ def _take_reply(job: JobRequest) -> bytes | None:
         return None
     path.unlink(missing_ok=True)
     return data
+
+
+#: In a cold job's work dir while its process runs: its pid and start time, for a
+#: later caller should this one die before it records the start (adopt_unrecorded).
+_COLD_PROCESS_FILE = "process.pid"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None if unknown or gone.
+
+    As ``idds_fat.workflow.state`` tells a caller from a later process given its
+    pid (backends do not import the workflow).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return fields.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def _write_process_file(path: Path, pid: int) -> None:
+    """Write ``pid`` and its start time to ``path``; log, do not raise, if it cannot be."""
+    try:
+        write_private(path, f"{pid} {_process_start(pid)}".encode())
+    except OSError as exc:  # the job runs all the same; a later attach may rerun it
+        logger.warning("could not write %s: %s", path, exc)
+
+
+def _read_process_file(path: Path) -> tuple[int | None, str | None] | None:
+    """Read what :func:`_write_process_file` wrote: the pid and start time of a process
+    that still runs, ``(None, None)`` for one that ended, None when there is no file."""
+    try:
+        pid_text, start = path.read_text().split()
+        pid = int(pid_text)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # its writer died while writing: it had just started
+        return (None, None)
+    if not _alive(pid) or _process_start(pid) != start:
+        return (None, None)
+    return (pid, start)
 
 
 def _kill_group(pid: int) -> None:

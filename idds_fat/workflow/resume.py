@@ -3,7 +3,9 @@
 ``find_workflow`` finds its directory and record; ``resume`` reopens its parts
 (:class:`~idds_fat.workflow.parts.WorkflowParts`), books its tasks again in the
 job tracker from their specs, catches up on the results stored meanwhile, and
-hands the unfinished jobs back to the backend.
+hands the unfinished jobs back to the backend: to watch, those a process of the
+earlier caller runs (or took, though their start was never recorded); to run
+again, the others.
 
 A workflow whose body runs as a driver (:mod:`idds_fat.workflow.driver`) is
 followed by its driver: any other process that attaches only observes it
@@ -29,6 +31,7 @@ from idds_fat.workflow.driver import Driver, is_driving
 from idds_fat.workflow.state import WorkflowState
 
 if TYPE_CHECKING:
+    from idds_fat.results import AsyncResult
     from idds_fat.workflow.runtime import Workflow
 
 logger = logging.getLogger(__name__)
@@ -95,8 +98,10 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
     """Make ``workflow`` (new, not started) follow the one recorded in ``workflow_dir``.
 
     Reopens its parts, rebuilds every task's futures from their specs, settles
-    the results that arrived meanwhile, watches the jobs still running and runs
-    the jobs that never started. A workflow run by a driver other than this
+    the results that arrived meanwhile, watches the jobs still running (those
+    recorded queued that a process of the earlier caller took, as it died before
+    recording their start, included: ``Backend.adopt_unrecorded``) and runs the
+    jobs that never started and have no result. A workflow run by a driver other than this
     process is only observed: ``workflow.driver`` is set, nothing is reopened.
 
     Raises:
@@ -113,9 +118,20 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
     _reopen_context(workflow)
     pending, unsubmitted = _rebuild_tasks(workflow)
     parts.start(workflow.tracker, catch_up=True)
-    assert parts.backend is not None
-    running = [(job, ref) for job, ref in pending if ref]
-    never_started = [job for job, ref in pending if not ref]
+    assert parts.backend is not None and parts.collector is not None
+    running = [(job, ref) for job, ref, _ in pending if ref]
+    # A job whose result the catch-up settled ran, whatever its record says.
+    unsettled = [(job, future) for job, ref, future in pending if not ref and not future.done()]
+    # Recorded queued, yet maybe taken by a process of the earlier caller, which died
+    # before it recorded the start: that process delivers its result, so it is
+    # followed, not run again (docs/backends/local.md, "A caller killed").
+    followed = {job.job_id for job in parts.backend.adopt_unrecorded([j for j, _ in unsettled])}
+    if unsettled:
+        # What such processes delivered between the catch-up and that look.
+        parts.collector.drain()
+    never_started = [
+        job for job, future in unsettled if job.job_id not in followed and not future.done()
+    ]
     if running:
         parts.backend.adopt(running)
     if never_started:
@@ -125,9 +141,11 @@ def resume(workflow: Workflow, workflow_dir: Path) -> None:
     for job in unsubmitted:
         workflow.tracker.lose(job, JobExit(None, _UNSUBMITTED))
     logger.info(
-        "attached to %s: %d jobs running, %d started again, %d never submitted",
+        "attached to %s: %d jobs running, %d taken unrecorded by an earlier caller's "
+        "processes, %d started again, %d never submitted",
         parts.workflow_id,
         len(running),
+        len(followed),
         len(never_started),
         len(unsubmitted),
     )
@@ -154,10 +172,11 @@ def _reopen_context(workflow: Workflow) -> None:
 
 def _rebuild_tasks(
     workflow: Workflow,
-) -> tuple[list[tuple[JobRequest, str | None]], list[JobRequest]]:
+) -> tuple[list[tuple[JobRequest, str | None, AsyncResult]], list[JobRequest]]:
     """Book every recorded task again from its jobs' specs; return the unfinished
-    jobs with the backend's reference to each (None: it never started), and the
-    queued jobs that have no spec key (never submitted: they cannot run again)."""
+    jobs with the backend's reference to each (None: it never started) and their
+    futures, and the queued jobs that have no spec key (never submitted: they
+    cannot run again)."""
     parts, specs, tracker = workflow.parts, workflow.specs, workflow.tracker
     assert parts.state is not None
     pending, unsubmitted = [], []
@@ -190,5 +209,5 @@ def _rebuild_tasks(
             elif status in ("queued", "running"):
                 if status == "running":
                     future.mark_running()  # it started under the earlier caller
-                pending.append((request, ref))
+                pending.append((request, ref, future))
     return pending, unsubmitted

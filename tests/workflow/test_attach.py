@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -200,8 +201,10 @@ def test_answers_a_stopped_caller_never_read_are_not_lost_when_it_is_killed(tmp_
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, time
+            import os, sqlite3, time
             from idds_fat import Workflow, work
+            from idds_fat.testing import wait_until
+            from idds_fat.workdir import WorkflowPaths
 
             @work
             def job(i):
@@ -209,10 +212,22 @@ def test_answers_a_stopped_caller_never_read_are_not_lost_when_it_is_killed(tmp_
                 open(os.path.join({str(runs)!r}, f"{{i}}-{{os.getpid()}}-{{time.time_ns()}}"), "w")
                 return i * i
 
+            def handed_over(wf):
+                # Read-only: every job's spec key recorded, so a stop now cannot leave
+                # a job never submitted (failed by attach: not what this test is about).
+                state = WorkflowPaths(wf.work_dir).state.resolve().as_uri() + "?mode=ro"
+                db = sqlite3.connect(state, uri=True)
+                try:
+                    sql = "SELECT COUNT(*) FROM jobs WHERE task = 't0001' AND spec IS NULL"
+                    return db.execute(sql).fetchone()[0] == 0
+                finally:
+                    db.close()
+
             with Workflow(name="stopped", max_workers=4, publish_timeout=120) as wf:
                 results = job.map([{{"i": i}} for i in range({n})])
                 for done, _ in enumerate(results.as_completed(), 1):
                     if done == 20:
+                        wait_until(lambda: handed_over(wf), "the whole task handed over")
                         print("ID", wf.id, flush=True)
             """
         )
@@ -236,6 +251,95 @@ def test_answers_a_stopped_caller_never_read_are_not_lost_when_it_is_killed(tmp_
     assert values == [i * i for i in range(n)]  # 200 of 200: none lost
     runs_per_job = [name.split("-")[0] for name in os.listdir(runs)]
     assert len(runs_per_job) == len(set(runs_per_job)) == n  # none run twice
+    assert wf.stats["rejected"] == 0
+
+
+def _handed_over(workflow_id: str) -> bool:
+    """Whether every job of the workflow's first task has its spec key recorded (read-only)."""
+    state = WorkDirPaths(load_config().work_dir).workflow(workflow_id).state
+    db = sqlite3.connect(state.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        sql = "SELECT COUNT(*) FROM jobs WHERE task = 't0001' AND spec IS NULL"
+        return db.execute(sql).fetchone()[0] == 0
+    finally:
+        db.close()
+
+
+@pytest.mark.slow  # a caller killed mid-map, an attach, nine jobs: 4-8 s
+@pytest.mark.parametrize("local_mode", ["warm", "cold"])
+def test_a_job_a_killed_caller_handed_over_but_never_recorded_is_followed_not_run_again(
+    tmp_path, local_mode
+):
+    # The caller dies between handing job 1 to a process (a warm worker's pipe, a cold
+    # job's Popen) and recording that it started: its record says queued while the
+    # process runs it. Held at that point here (the stopped-caller test's flake), the
+    # job held at a gate until attach has decided: attach must follow that process,
+    # which delivers the result itself, and not run the job again.
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    n = 9  # one over the first chunk: the task is recorded before any job is handed over
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, threading
+            from idds_fat import Workflow, work
+            from idds_fat.testing import wait_until
+            from idds_fat.workflow.tracker import JobTracker
+
+            record_start = JobTracker.job_started
+
+            def job_started(self, job, ref):
+                if job.job_id == "t0001/1":  # handed over, its start not recorded
+                    print("ID", self._parts.workflow_id, flush=True)
+                    threading.Event().wait()
+                record_start(self, job, ref)
+
+            JobTracker.job_started = job_started
+
+            @work
+            def job(i):
+                open(os.path.join({str(runs)!r}, f"{{i}}-{{os.getpid()}}"), "w")
+                if i == 1:
+                    wait_until(lambda: os.path.exists({str(gate)!r}), "the gate", timeout=120)
+                return i * i
+
+            with Workflow(
+                name="gap", max_workers=1, publish_timeout=120, local_mode={local_mode!r}
+            ) as wf:
+                job.map([{{"i": i}} for i in range({n})]).wait()
+            """
+        )
+    )
+    caller = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = caller.stdout.readline()
+        assert line.startswith("ID "), caller.stderr.read()
+        workflow_id = line.split()[1]
+        wait_until(lambda: _handed_over(workflow_id), "every spec key recorded")
+        # Started: a warm worker names it in its spool first (attach reads that).
+        wait_until(lambda: any(n.startswith("1-") for n in os.listdir(runs)), "job 1 to run")
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=30)
+
+        with Workflow.attach(workflow_id, local_mode=local_mode) as wf:
+            state = WorkflowState(WorkflowPaths(wf.work_dir).state)
+            try:
+                [(_, _, jobs)] = state.tasks()
+            finally:
+                state.close()
+            assert jobs[1][3] == "running"  # followed: recorded running by attach itself
+            gate.touch()  # only now does job 1 end, and its process deliver its result
+            values = wf.tasks["t0001"].results(timeout=120)
+    finally:
+        caller.kill()  # held in the gap for good, should the test fail before its kill
+        caller.wait(timeout=30)
+        gate.touch()  # and the job at the gate ends
+    assert values == [i * i for i in range(n)]
+    runs_per_job = sorted(int(name.split("-")[0]) for name in os.listdir(runs))
+    assert runs_per_job == list(range(n))  # job 1 ran once, in the earlier caller's process
     assert wf.stats["rejected"] == 0
 
 
