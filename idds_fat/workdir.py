@@ -278,6 +278,19 @@ def private_dir(path: Path) -> Path:
     return target
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None if
+    unknown or gone: with the pid alone, a pid reused by a later process would pass for
+    the one a record names (a caller, a warm worker's or a cold job's pid file)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return fields.rsplit(b")", 1)[1].split()[19].decode()
+
+
 def touch_private(path: Path) -> Path:
     """Create the empty file ``path`` with mode 0600 unless it exists; return ``path``.
 

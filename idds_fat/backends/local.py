@@ -36,7 +36,14 @@ from idds_fat.backends.gpus import detect_gpus
 from idds_fat.config import ENV_PREFIX, SECRET_SETTINGS, Config
 from idds_fat.node.environments import ENV_CACHE_ENV
 from idds_fat.node.spec import SECRETS_ENV, SECRETS_FD_ENV, secrets_pipe
-from idds_fat.workdir import JobPaths, WorkflowPaths, open_private, private_dir, write_private
+from idds_fat.workdir import (
+    JobPaths,
+    WorkflowPaths,
+    open_private,
+    private_dir,
+    process_start,
+    write_private,
+)
 from idds_fat.wrapper_source import launch_command
 
 logger = logging.getLogger(__name__)
@@ -534,7 +541,7 @@ class LocalBackend(Backend):
         while (
             pid is not None
             and _alive(pid)
-            and (start is None or _process_start(pid) == start)
+            and (start is None or process_start(pid) == start)
             and job.job_id not in self._cancelled
         ):
             if self._detached.wait(0.2):
@@ -888,25 +895,10 @@ def _take_reply(job: JobRequest) -> bytes | None:
 _COLD_PROCESS_FILE = "process.pid"
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None if unknown or gone.
-
-    As ``idds_fat.workflow.state`` tells a caller from a later process given its
-    pid (backends do not import the workflow).
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces and parentheses.
-    return fields.rsplit(b")", 1)[1].split()[19].decode()
-
-
 def _write_process_file(path: Path, pid: int) -> None:
     """Write ``pid`` and its start time to ``path``; log, do not raise, if it cannot be."""
     try:
-        write_private(path, f"{pid} {_process_start(pid)}".encode())
+        write_private(path, f"{pid} {process_start(pid)}".encode())
     except OSError as exc:  # the job runs all the same; a later attach may rerun it
         logger.warning("could not write %s: %s", path, exc)
 
@@ -921,7 +913,7 @@ def _read_process_file(path: Path) -> tuple[int | None, str | None] | None:
         return None
     except (OSError, ValueError):  # its writer died while writing: it had just started
         return (None, None)
-    if not _alive(pid) or _process_start(pid) != start:
+    if not _alive(pid) or process_start(pid) != start:
         return (None, None)
     return (pid, start)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from idds_fat.workdir import touch_private
+from idds_fat.workdir import process_start, touch_private
 
 #: The tables of a record as the first release wrote them.
 SCHEMA = """
@@ -68,22 +68,9 @@ def job_columns(db: sqlite3.Connection, table: str = "jobs") -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None if unknown or gone.
-
-    With the pid alone, a pid reused by a later process would pass for the caller.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces and parentheses.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def caller_identity() -> dict[str, Any]:
     """Return who this process is, as the record keeps its caller: host, pid, start."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
 
 def caller_gone(caller: dict[str, Any] | None) -> bool:
@@ -102,7 +89,7 @@ def caller_gone(caller: dict[str, Any] | None) -> bool:
     except PermissionError:
         pass  # another user's process has this pid: it is not our caller if it started later
     start = caller.get("start")
-    return start is not None and _process_start(pid) not in (start, None)
+    return start is not None and process_start(pid) not in (start, None)
 
 
 class WorkflowState:
