@@ -692,6 +692,10 @@ class LocalBackend(Backend):
         if worker is not None and worker.alive:
             return worker
         with self._lock:
+            if not self._worker_count:
+                # After attach: an earlier caller's worker-N may still run; a new worker
+                # must not truncate its spool or overwrite its pid file.
+                self._worker_count = _last_worker_number(self._workers_dir)
             self._worker_count += 1
             number = self._worker_count
         home = self._workers_dir / f"worker-{number}"
@@ -916,6 +920,22 @@ def _read_process_file(path: Path) -> tuple[int | None, str | None] | None:
     if not _alive(pid) or process_start(pid) != start:
         return (None, None)
     return (pid, start)
+
+
+def _last_worker_number(workers_dir: Path) -> int:
+    """The highest N among the ``worker-N`` files and directories in ``workers_dir``
+    (0 when there are none)."""
+    try:
+        names = os.listdir(workers_dir)
+    except OSError:
+        return 0
+    numbers = [
+        int(number)
+        for name in names
+        if name.startswith("worker-")
+        and (number := name[len("worker-") :].split(".", 1)[0]).isdigit()
+    ]
+    return max(numbers, default=0)
 
 
 def _kill_group(pid: int) -> None:

@@ -437,3 +437,18 @@ def test_closing_a_workflow_leaves_no_unclosed_file(direct_results):
                 dies()
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_new_callers_workers_take_names_no_earlier_worker_left(tmp_path) -> None:
+    # After attach, an earlier caller's worker-N may still run: a new worker-N would
+    # truncate its spool and overwrite its pid file.
+    with Workflow(max_workers=1, progress=False) as wf:
+        wf.start()
+        workers = wf.work_dir / "workers"
+        workers.mkdir(exist_ok=True)
+        for name in ("worker-2.log", "worker-11.spool", "worker-3.pid", "worker-x.log"):
+            (workers / name).touch()
+        assert whoami(1)[1] == 1
+    assert (workers / "worker-12.log").is_file()  # the first worker this caller started
+    assert not (workers / "worker-1.log").exists()
+    assert (workers / "worker-11.spool").is_file()  # an earlier worker's spool, untouched
