@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -122,9 +122,6 @@ class WorkflowPaths:
     """The files of one workflow, in its directory ``root`` (``WORK_DIR/workflows/ID``)."""
 
     root: Path
-    # The last task's directory: a map asks for it per job (job(), a request each), and
-    # one join is a third of the three that make it.
-    _last_task: tuple[str, Path] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def workflow_id(self) -> str:
@@ -165,14 +162,7 @@ class WorkflowPaths:
         """The spool of the local backend's warm worker that runs ``job`` (or ran it
         last): its jobs' output before the worker copies it into a job's own files.
         None when no worker's spool names the job."""
-        name = os.fsencode(job.root)
-        for named in self.workers.glob("*.spool/job"):
-            try:
-                if named.read_bytes() == name:
-                    return JobPaths(named.parent)
-            except OSError:  # a worker being replaced
-                continue
-        return None
+        return worker_spools(self.workers).get(os.fsencode(job.root))
 
     @property
     def jobs(self) -> Path:
@@ -185,18 +175,13 @@ class WorkflowPaths:
 
     def task(self, task_id: str) -> Path:
         """The directory of task ``task_id``: its jobs' directories, a backend's own files."""
-        last = self._last_task
-        if last is not None and last[0] == task_id:
-            return last[1]
-        path = self.jobs / task_id
-        object.__setattr__(self, "_last_task", (task_id, path))  # frozen: the memo only
-        return path
+        return self.jobs / task_id
 
     def job(self, task_id: str, index: int, attempt: int = 0) -> JobPaths:
         """The files of job ``index`` of a task: ``INDEX/`` for its first run,
         ``INDEX.ATTEMPT/`` when it runs again."""
         name = str(index) if not attempt else f"{index}.{attempt}"
-        return JobPaths(self.task(task_id) / name)
+        return JobPaths(self.jobs.joinpath(task_id, name))  # one join: a map asks per job
 
     def last_run(self, task_id: str, index: int) -> JobPaths:
         """The files of the last run of job ``index`` of a task, among those on disk
@@ -276,6 +261,18 @@ def private_dir(path: Path) -> Path:
         # mkdir's mode passes through the umask: set it exactly.
         os.chmod(directory, PRIVATE_DIR_MODE)
     return target
+
+
+def worker_spools(workers: Path) -> dict[bytes, JobPaths]:
+    """The spools of the local backend's warm workers in ``workers``, by the work dir
+    each names (``worker-N.spool/job``: the job it runs, or ran last)."""
+    spools = {}
+    for named in workers.glob("*.spool/job"):
+        try:
+            spools[named.read_bytes()] = JobPaths(named.parent)
+        except OSError:  # a worker being replaced
+            continue
+    return spools
 
 
 def process_start(pid: int) -> str | None:

@@ -19,7 +19,6 @@ import subprocess
 import threading
 from binascii import a2b_base64
 from collections.abc import Callable, Mapping, Sequence
-from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 
 from idds_fat.backends.base import (
@@ -42,6 +41,7 @@ from idds_fat.workdir import (
     open_private,
     private_dir,
     process_start,
+    worker_spools,
     write_private,
 )
 from idds_fat.wrapper_source import launch_command
@@ -176,8 +176,6 @@ class _WarmWorker:
         self.jobs_run = 0  # jobs it answered for
         self.unacked = 0  # answers that carried a result not yet acknowledged
         self.recycle = False  # its last job changed process state it could not put back
-        # What every command to it says alike, by ``reply``: made once, not per job.
-        self._command_tails: dict[bool, bytes] = {}
         private_dir(home)
         private_dir(self.spool.root)
         with open_private(self.log, append=True) as log:
@@ -206,31 +204,20 @@ class _WarmWorker:
         """Hand ``job`` to the worker (with ``reply``, its result comes back here, to
         be acked with ``ack``); return False if the worker is gone. It may still be
         running the job before: it reads this one when done."""
-        # The JSON object of the protocol (``idds_fat.node.worker``), written field by
-        # field: a json.dumps of a dict per job cost the caller more than the rest.
-        tail = self._command_tails.get(reply)
-        if tail is None:
-            spool = _json_string(str(self.spool.root))
-            tail = self._command_tails[reply] = (
-                f', "reply": {json.dumps(reply)}, "spool": {spool}'.encode()
-            )
-        parts = [
-            b'{"spec": ',
-            _json_string(job.spec_location).encode(),
-            b', "workdir": ',
-            _json_string(os.fspath(job.workdir)).encode(),
-            tail,
-        ]
+        command: dict[str, object] = {
+            "spec": job.spec_location,
+            "workdir": os.fspath(job.workdir),
+            "reply": reply,
+            "spool": str(self.spool.root),
+        }
         if job.resources.memory_mb:
-            parts += [b', "memory_mb": ', json.dumps(job.resources.memory_mb).encode()]
-        spec_json = job.spec_json
-        if spec_json is not None:
+            command["memory_mb"] = job.resources.memory_mb
+        if job.spec_json is not None:
             # The worker checks it against its key and reads no spec from the cache.
-            parts += [b', "spec_json": ', _json_string(spec_json).encode()]
-            parts += [b', "spec_key": ', _json_string(job.spec_key).encode()]
-        parts.append(b"}\n")
+            command["spec_json"] = job.spec_json
+            command["spec_key"] = job.spec_key
         try:
-            self.proc.stdin.write(b"".join(parts))  # type: ignore[union-attr]
+            self.proc.stdin.write((json.dumps(command) + "\n").encode())  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError, ValueError):
             return False
@@ -525,13 +512,8 @@ class LocalBackend(Backend):
         """The work dir each earlier warm worker's spool names (the job it runs, or ran
         last), with that worker's pid and start time (None, None when it is gone)."""
         taken = {}
-        for named in self._workers_dir.glob("*.spool/job"):
-            try:
-                workdir = named.read_bytes()
-            except OSError:  # a worker being replaced
-                continue
-            home = named.parent.with_suffix("")  # worker-N.spool -> worker-N
-            process = _read_process_file(home.with_name(home.name + ".pid"))
+        for workdir, spool in worker_spools(self._workers_dir).items():
+            process = _read_process_file(spool.root.with_suffix(".pid"))  # worker-N.pid
             taken[workdir] = process or (None, None)  # no pid file: reaped, so gone
         return taken
 

@@ -16,6 +16,8 @@ WRAPPER_VERSION = 1
 ENVELOPE_MAGIC = b"IDDSFAT1"
 _MAC_LEN = 32
 _HEADER_LEN_BYTES = 4
+# One encoder for every header (json.dumps makes one per call when given options).
+_header_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 def sha256_hex(data: bytes) -> str:
@@ -30,7 +32,7 @@ def seal(header: dict, body: bytes, key: bytes) -> bytes:
     body's sha256 added), body, then the 32-byte MAC over everything before it.
     """
     header = dict(header, v=WRAPPER_VERSION, sha256=sha256_hex(body), size=len(body))
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = _header_json(header).encode()
     signed = ENVELOPE_MAGIC + len(head).to_bytes(_HEADER_LEN_BYTES, "big") + head + body
     return signed + hmac.digest(key, signed, "sha256")
 

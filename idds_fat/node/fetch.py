@@ -104,24 +104,13 @@ def fetch(location: str, key: str | None, token: str | None, timeout: float = 30
     else:
         path = location[len("file://") :] if location.startswith("file://") else location
         try:
-            data = _read_file(path)
+            with open(path, "rb") as handle:
+                data = handle.read()
         except OSError as exc:
             raise WrapperError(f"fetching {location}: {exc}") from None
     if key is not None and sha256_hex(data) != key:
         raise IntegrityError(f"{shown}: content does not match its sha256 {key}")
     return data
-
-
-def _read_file(path: str) -> bytes:
-    # Not open(): its buffered file object costs more than the read of a small spec.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while chunks[-1]:  # to the end, should the file have grown since
-            chunks.append(os.read(fd, 1 << 20))
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def fetch_object(spec: JobSpec, secrets: dict, key: str) -> bytes:

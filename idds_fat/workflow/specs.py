@@ -20,14 +20,12 @@ again, or attaches to it, reads the spec back by that key.
 from __future__ import annotations
 
 import base64
-import binascii
 import concurrent.futures
 import copy
 import dataclasses
-import hmac
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idds_fat.backends import BACKENDS, InlineSpec, JobRequest, Resources
@@ -38,15 +36,12 @@ from idds_fat.context.environment import (
     environment_spec,
     task_environment,
 )
-from idds_fat.node.envelope import ENVELOPE_MAGIC, WRAPPER_VERSION, sha256_hex
 from idds_fat.node.fetch import cache_object_location
 from idds_fat.node.spec import JobSpec
 from idds_fat.serialize import loads, open_envelope, seal
 from idds_fat.workdir import WorkflowPaths
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from idds_fat.serialize.pickling import PickledCall
     from idds_fat.workflow.options import WorkflowOptions
     from idds_fat.workflow.parts import WorkflowParts
@@ -94,9 +89,6 @@ class JobSpecs:
         # _FirstJob until a second job comes, then their _TaskTemplate (or None).
         self._templates: dict[tuple, _FirstJob | _TaskTemplate | None] = {}
         self._templates_lock = threading.Lock()
-        # (cache, key -> where a job reads it, or None: ask node_location)
-        self._locator: tuple[ContentStore, Callable[[str], str] | None] | None = None
-        self._paths: WorkflowPaths | None = None
 
     @property
     def _cache(self) -> ContentStore:
@@ -207,7 +199,7 @@ class JobSpecs:
             if index >= 0 and type(index) is int and not presigns(self._cache):
                 self._first_job(task, environment, index, kwargs, text)
         else:
-            kwargs = self._kwargs_entry(task_id, index, body, template.task_json)
+            kwargs = self._kwargs_entry(task_id, index, body)
             text = template.render(index, kwargs)
             data = text.encode("ascii")
         return self.request(
@@ -284,17 +276,10 @@ class JobSpecs:
             tuple(pieces),
             tuple(slot for _, slot in marked),
             json.dumps(task_name)[:-1],
-            json.dumps(task_id),
         )
-        # The one check that the splice and the helper seal give what the slow path
-        # gives (else every job of the task takes the slow path).
+        # The one check that the splice gives what the slow path gives (else every job
+        # of the task takes the slow path).
         if template.render(first.index, first.kwargs) != first.text:
-            return None
-        probe = b"\x80probe"
-        header = {"kind": "kwargs", "task": task_id, "job": first.index}
-        if _seal_kwargs(template.task_json, first.index, probe, self._parts.key) != seal(
-            header, probe, self._parts.key
-        ):
             return None
         return template
 
@@ -376,20 +361,13 @@ class JobSpecs:
         """Return what the state record keeps of a task's jobs: (index, name, spec key)."""
         return [(i, job_name(task_name, i), r.spec_key) for i, r in enumerate(requests)]
 
-    def _kwargs_entry(
-        self, task_id: str, index: int, body: bytes | None, task_json: str | None = None
-    ) -> dict[str, str] | None:
-        """Seal a job's pickled arguments with the workflow's key; return where they
-        are (``task_json``: the task id as JSON, to seal them with ``_seal_kwargs``)."""
+    def _kwargs_entry(self, task_id: str, index: int, body: bytes | None) -> dict[str, str] | None:
+        """Seal a job's pickled arguments with the workflow's key; return where they are."""
         if body is None:
             return None
-        key = self._parts.key
-        if task_json is None:
-            sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, key)
-        else:
-            sealed = _seal_kwargs(task_json, index, body, key)
+        sealed = seal({"kind": "kwargs", "task": task_id, "job": index}, body, self._parts.key)
         if len(sealed) <= INLINE_KWARGS_BYTES:
-            return {"inline": binascii.b2a_base64(sealed, newline=False).decode("ascii")}
+            return {"inline": base64.b64encode(sealed).decode()}
         return {"key": self._cache.put(sealed)}
 
     def store(self, spec: JobSpec) -> str:
@@ -448,29 +426,12 @@ class JobSpecs:
         return JobRequest(
             job_id=f"{task_id}/{index}",
             name=request_name(parts.workflow_id, task_id, name),
-            spec_location=self._spec_location(spec_key),
-            workdir=self._workflow_paths(parts.work_dir).job(task_id, index).root,
+            spec_location=node_location(self._cache, spec_key),
+            workdir=WorkflowPaths(parts.work_dir).job(task_id, index).root,
             resources=resources,
             spec_key=spec_key,
             inline_spec=None if spec_json is None else InlineSpec(spec_json),
         )
-
-    def _workflow_paths(self, work_dir: Path) -> WorkflowPaths:
-        # One kept: it keeps its last task's directory (WorkflowPaths.task).
-        paths = self._paths
-        if paths is None or paths.root is not work_dir:
-            paths = self._paths = WorkflowPaths(work_dir)
-        return paths
-
-    def _spec_location(self, key: str) -> str:
-        """:func:`node_location` of ``key``, the cache path made by one string join
-        (the path's prefix is worked out once per cache)."""
-        cache = self._cache
-        locator = self._locator
-        if locator is None or locator[0] is not cache:
-            locator = self._locator = (cache, _locator(cache))
-        where = locator[1]
-        return node_location(cache, key) if where is None else where(key)
 
     def read(self, job: JobRequest) -> JobSpec:
         """Return the spec ``job`` runs, read back from the cache.
@@ -542,7 +503,7 @@ class _TaskTemplate:
     ``JobSpec.to_json`` (its sha256 is the spec's cache key, which the wrapper checks).
     """
 
-    __slots__ = ("source", "environment", "pieces", "slots", "name_head", "task_json")
+    __slots__ = ("source", "environment", "pieces", "slots", "name_head")
 
     def __init__(
         self,
@@ -551,14 +512,12 @@ class _TaskTemplate:
         pieces: tuple[str, ...],
         slots: tuple[int, ...],
         name_head: str,
-        task_json: str,
     ) -> None:
         self.source = source  # the environment its task's jobs are given
         self.environment = environment  # a copy, as it was when the template was made
         self.pieces = pieces  # the JSON around the three values, in the order of the text
         self.slots = slots  # which value (the index in _MARKS) goes between them
         self.name_head = name_head  # the task name as JSON, its closing quote left off
-        self.task_json = task_json  # the task id as JSON
 
     def render(self, index: int, kwargs: dict[str, str] | None) -> str:
         """Return the spec JSON of job ``index`` with its arguments at ``kwargs`` (as
@@ -574,32 +533,3 @@ class _TaskTemplate:
         values = (str(index), f'{self.name_head}[{index}]"', where)
         p, (a, b, c) = self.pieces, self.slots
         return p[0] + values[a] + p[1] + values[b] + p[2] + values[c] + p[3]
-
-
-def _seal_kwargs(task_json: str, index: int, body: bytes, key: bytes) -> bytes:
-    """``seal({"kind": "kwargs", "task": task_id, "job": index}, body, key)``, the
-    same bytes, its header written as text (``task_json``: the task id as JSON)
-    rather than a dict through ``json.dumps``: the header's keys sorted, no spaces."""
-    head = (
-        f'{{"job":{index},"kind":"kwargs","sha256":"{sha256_hex(body)}",'
-        f'"size":{len(body)},"task":{task_json},"v":{WRAPPER_VERSION}}}'
-    ).encode("ascii")
-    signed = ENVELOPE_MAGIC + len(head).to_bytes(4, "big") + head + body
-    return signed + hmac.digest(key, signed, "sha256")
-
-
-def _locator(cache: ContentStore) -> Callable[[str], str] | None:
-    """Return a function giving :func:`node_location` of a key in ``cache`` by string
-    joins, or None where that does not hold (presigned URLs, an unusual location)."""
-    if presigns(cache):
-        return None
-    location = cache.location
-    probes = ("ab" + "0" * 62, "cd" + "1" * 62)
-    first, second = (cache_object_location(location, probe) for probe in probes)
-    prefix = first[: -len(probes[0]) - 3]
-    if first == f"{prefix}ab/{probes[0]}" and second == f"{prefix}cd/{probes[1]}":
-        return lambda key: f"{prefix}{key[:2]}/{key}"
-    prefix = first[: -len(probes[0])]
-    if second == prefix + probes[1]:
-        return lambda key: prefix + key
-    return None

@@ -128,8 +128,8 @@ class WorkflowState:
                 changed = self._db.execute(sql, rows).rowcount
             else:
                 self._db.execute("BEGIN")
-                changed = self._db.executemany(sql, rows).rowcount
-                self._db.execute("COMMIT")
+                with self._db:  # commits, or rolls back what raised
+                    changed = self._db.executemany(sql, rows).rowcount
             if changed > 0:
                 self._changed = True
             return changed
@@ -229,7 +229,7 @@ class WorkflowState:
             held = self._held.get(task_id)
             now = time.time() if held is None else held[0]
             self._db.execute("BEGIN")
-            try:
+            with self._db:  # commits, or rolls back what raised
                 self._db.execute(
                     "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
                     (task_id, name, function, len(jobs), now),
@@ -247,10 +247,6 @@ class WorkflowState:
                 _, changes = self._held.pop(task_id, (now, []))
                 for sql, row in changes:
                     self._db.execute(sql, row)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
             self._changed = True
 
     def set_spec_keys(self, task_id: str, keys: Iterable[tuple[int, str]]) -> None:

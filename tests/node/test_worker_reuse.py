@@ -192,22 +192,6 @@ def test_a_memory_limit_is_lifted_without_a_word_and_other_limits_with_one(capsy
     assert "changed RLIMIT_NOFILE; set back" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("status", "message", "recycle"),
-    [(0, None, False), (0, b"\x00envelope\xff" * 40, False), (-9, None, True), (3, b"x", True)],
-)
-def test_an_answer_is_the_json_of_its_fields(status, message, recycle):
-    line = worker.answer_line(status, message, recycle)
-    expected: dict = {"exit": status}
-    if message is not None:
-        expected["result"] = base64.b64encode(message).decode()
-    if recycle:
-        expected["recycle"] = True
-    assert line.endswith("\n") and line.count("\n") == 1
-    assert json.loads(line) == expected
-    assert line == json.dumps(expected) + "\n"  # the very text the worker wrote before
-
-
 @pytest.mark.parametrize("size", [0, 805, (1 << 20) + 3, (3 << 20) + 1])
 def test_an_object_read_from_a_path_is_whole_and_checked(tmp_path, size):
     data = os.urandom(size)

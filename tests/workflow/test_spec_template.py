@@ -232,33 +232,6 @@ def test_specs_with_the_backends_urls_are_built_the_slow_way_per_job(tmp_path, m
         assert request.spec_json.encode() == specs._sealed(reference)
 
 
-@pytest.mark.parametrize("task_id", ["t0001", 't"1\\ü', "t\u2028"])
-@pytest.mark.parametrize("index", [0, 7, 123456789])
-@pytest.mark.parametrize("body", [b"", b"\x80\x05N.", bytes(range(256)) * 300])
-def test_the_kwargs_seal_helper_gives_seals_bytes(task_id, index, body):
-    task_json = specs_module.json.dumps(task_id)
-    header = {"kind": "kwargs", "task": task_id, "job": index}
-    assert specs_module._seal_kwargs(task_json, index, body, KEY) == seal(header, body, KEY)
-
-
-@pytest.mark.parametrize(
-    "location",
-    [
-        "file:///tmp/cache",
-        "file:///tmp/with%20space/cache",
-        "/plain/dir/",
-        "http://127.0.0.1:8765/cache/",
-        "https://host/cache",
-    ],
-)
-def test_a_spec_location_by_string_joins_is_node_location(tmp_path, location):
-    store = SimpleNamespace(location=location)
-    where = specs_module._locator(store)  # type: ignore[arg-type]
-    assert where is not None
-    for key in ("00" * 32, content_key(b"x"), "ff" * 32):
-        assert where(key) == node_location(store, key)  # type: ignore[arg-type]
-
-
 def test_a_job_run_again_still_gets_its_spec_read_back_after_a_templated_build(tmp_path):
     specs = _specs(tmp_path, broker=True)
     task = ("t0001", "fn", "cd" * 32, {"kind": "current", "label": "current"}, None)
