@@ -109,6 +109,12 @@ class StompEvents:
                 raise WrapperError(f"no {what} from the broker within {timeout:g} s")
 
 
+#: How many results this process handed to each channel ("stomp", "rest"): a warm
+#: worker's tally over its jobs, for diagnostics and for tests that must know which
+#: channel took a result (the caller cannot tell: the service mirrors what STOMP takes).
+delivered_over: dict[str, int] = {"stomp": 0, "rest": 0}
+
+
 # Broker connections kept open between results, by (brokers, user), once a process that
 # delivers many results asked for it (keep_stomp_connections); None: one per result.
 _kept_connections: dict[tuple, tuple] | None = None
@@ -235,6 +241,7 @@ def deliver(envelope: bytes, spec: JobSpec, secrets: dict) -> str:
         for name, send in list(channels):
             try:
                 send()
+                delivered_over[name] += 1
                 return name
             except Exception as exc:
                 errors.append(f"{name}: {exc}")
