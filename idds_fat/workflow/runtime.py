@@ -649,22 +649,23 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
     ) -> list[AsyncResult]:
         """Submit a task to a backend whose warm workers run jobs from their inline
         specs: its jobs start before their specs are stored, and it returns the
-        futures once the first chunk is handed over and stored.
+        futures once the first chunk is handed over and the task recorded.
 
         Why this order keeps the durability promise (docs/backends/local.md, "Job
         specs inline"): ``attach`` and a resubmission rerun a job from its spec in the
         cache, and they find a job only through the task's record, so a spec must be
         in the cache before its key is recorded, not before the job runs (a warm
-        worker checks the inline spec against its key). A task of one chunk (a
-        ``submit``, a map of up to ``_FIRST_CHUNK`` jobs) is handed over, stored, then
-        recorded whole before this returns; what its jobs report meanwhile is held
-        (``WorkflowState.hold_task``). A longer task is recorded first, every job
-        queued without a spec key, before any job is handed over; then its first
-        chunk is handed over, stored and its keys recorded, and this returns; the
-        other chunks follow in this workflow's submitter thread (:meth:`_submit_rest`),
-        each key recorded once its spec is stored. So ``attach`` finds every job of a
-        task whose futures were returned: with its key, to follow or rerun, or without
-        one, never handed over for good, which it fails (``resume._rebuild_tasks``).
+        worker checks the inline spec against its key). The first chunk (up to
+        ``_FIRST_CHUNK`` jobs) is handed over first, its specs stored, then the task
+        recorded whole in one transaction, with the first chunk's keys and none for
+        the other jobs, before this returns; what the first jobs report meanwhile is
+        held (``WorkflowState.hold_task``). The other chunks follow in this workflow's
+        submitter thread (:meth:`_submit_rest`), each key recorded once its spec is
+        stored. So ``attach`` finds every job of a task whose futures were returned:
+        with its key, to follow or rerun, or without one, never handed over for good,
+        which it fails (``resume._rebuild_tasks``). A caller killed before this
+        returns leaves first jobs that may run unrecorded, as any job handed over
+        before its record (``Backend.adopt_unrecorded``).
         """
         parts = self.parts
         assert parts.backend is not None and parts.state is not None
@@ -676,8 +677,6 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             )
             for index, entry in enumerate(entries)
         ]
-        for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
-            future.arguments = text
 
         def build(indices: Iterable[int]) -> list[JobRequest]:
             return [
@@ -689,27 +688,22 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
             ]  # fmt: skip
 
         chunks = list(_chunks(len(entries)))
-        one_chunk = len(chunks) == 1
-        if one_chunk:
-            parts.state.hold_task(task_id)
-        else:
-            self._record_task(
-                task_id, task_name, fn_name,
-                [(i, job_name(task_name, i), None) for i in range(len(entries))], futures,
-            )  # fmt: skip
+        parts.state.hold_task(task_id)
         self.tracker.add_task(task_id, task_name, futures)
         built: list[JobRequest] = []
         try:
             built = build(chunks[0])
             self.tracker.add_task(task_id, task_name, (), built)
             parts.backend.submit(built)
+            # The rest runs while the first jobs start: the calls' text (for the page
+            # and the record), the first chunk's specs, and the task's record.
+            for future, text in zip(futures, job_arguments(args, kwargs, entries), strict=True):
+                future.arguments = text
             self.specs.write(built)
-            if one_chunk:
-                self._record_task(
-                    task_id, task_name, fn_name, self.specs.rows(task_name, built), futures
-                )
-            else:
-                parts.state.set_spec_keys(task_id, _spec_keys(built))
+            unsent = [(i, job_name(task_name, i), None) for i in range(len(built), len(entries))]
+            self._record_task(
+                task_id, task_name, fn_name, self.specs.rows(task_name, built) + unsent, futures
+            )
         except BaseException:
             # The jobs handed over must not run on unseen: nobody holds their futures.
             parts.state.drop_task(task_id)
@@ -717,7 +711,7 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
                 parts.backend.cancel([r.job_id for r in built])
             self.tracker.forget_task(task_id)  # records a recorded task's jobs failed
             raise
-        if not one_chunk:
+        if len(chunks) > 1:
             stop, handed = threading.Event(), threading.Event()
             pool = self._submitter_pool()
             done = pool.submit(

@@ -186,10 +186,9 @@ class WorkflowState:
         """Hold the changes to the jobs of ``task_id`` (started, ended) until
         :meth:`record_task` records it, which applies them then, in order; or until
         :meth:`drop_task`. Its jobs may run before it is recorded: warm workers start
-        the jobs of a task of one chunk from the specs sent inline while the specs are
-        stored, and such a task is recorded only once its specs are
-        (docs/backends/local.md). A longer task is recorded before any of its jobs is
-        handed over, so nothing of it is held."""
+        the first chunk of a task from the specs sent inline while the specs are
+        stored, and the task is recorded only once those specs are
+        (docs/backends/local.md)."""
         with self._lock:
             self._held[task_id] = (time.time(), [])
 

@@ -277,7 +277,7 @@ def test_a_job_a_killed_caller_handed_over_but_never_recorded_is_followed_not_ru
     # which delivers the result itself, and not run the job again.
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.mkdir()
-    n = 9  # one over the first chunk: the task is recorded before any job is handed over
+    n = 9  # one over the first chunk: a long task
     script = tmp_path / "caller.py"
     script.write_text(
         textwrap.dedent(
@@ -291,6 +291,9 @@ def test_a_job_a_killed_caller_handed_over_but_never_recorded_is_followed_not_ru
 
             def job_started(self, job, ref):
                 if job.job_id == "t0001/1":  # handed over, its start not recorded
+                    # The task is recorded once its first chunk's specs are stored,
+                    # which may come after a warm worker took job 1.
+                    wait_until(lambda: self._parts.state.tasks(), "the task's record")
                     print("ID", self._parts.workflow_id, flush=True)
                     threading.Event().wait()
                 record_start(self, job, ref)
