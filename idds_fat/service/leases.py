@@ -6,8 +6,10 @@
     pilot slot --POST /pilots/POOL/lease {pilot, remaining, wait}-->  take (long poll)
                 <-- {"jobs": [{job_id, spec, workdir, walltime, memory_mb, reply,
                                spec_json, spec_key}]}  (the spec inline, with its key)
+                on_leased (the backend records the jobs' start) runs after the answer
     pilot slot --POST /pilots/POOL/done {pilot, reports: [{job, exit, result}, ...], more}-->
-                each: leased -> gone; on_done (the result verified and kept) -> recorded;
+                first waits for the on_leased records pending; then each: leased -> gone;
+                on_done (the result verified and kept) -> recorded;
                 up to ``more`` jobs taken at once (queued -> leased), no waiting
                 <-- {"known": [BOOL, ...], "recorded": [BOOL, ...], "jobs": [...]}
     status watcher: pilot left Slurm --release_pilot(P)-->            P's leased -> queued again
@@ -119,6 +121,8 @@ class LeasePool:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._seen: set[str] = set()  # pilots that asked for work at least once
         self._gone: set[str] = set()  # pilots released: a request of theirs still open gets nothing
+        # The backend's records of leases already answered, still being written.
+        self._recording: set[asyncio.Future] = set()
         self.closed = False
 
     def offer(self, jobs: Sequence[LeasedJob], first: bool = False) -> None:
@@ -191,6 +195,18 @@ class LeasePool:
             finally:
                 with self._lock:
                     self._waiters.discard(waiter)
+
+    def recording(self, record: asyncio.Future) -> None:
+        """Keep ``record`` (the backend noting that leased jobs started, run on the
+        event loop's thread pool) until it ends: :meth:`recorded` waits for it."""
+        self._recording.add(record)
+        record.add_done_callback(self._recording.discard)
+
+    async def recorded(self) -> None:
+        """Wait until the backend has recorded the start of every job leased so far
+        (on the event loop), so that no job's end reaches it before its start."""
+        while self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
     def done(self, pilot: str, job_id: str) -> LeasedJob | None:
         """End ``pilot``'s lease of ``job_id``; return the job, or None when it held no
@@ -386,7 +402,11 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
         jobs = await pool.lease(body["pilot"], remaining, wait, max(limit, 1), share=True)
         if jobs:
-            await run_in_threadpool(_leased, pool, body["pilot"], jobs)
+            # Answered at once, the jobs' start recorded meanwhile (SQLite, which the
+            # caller's own threads may hold): a done request waits for the record.
+            pool.recording(
+                asyncio.ensure_future(run_in_threadpool(_leased, pool, body["pilot"], jobs))
+            )
         return JSONResponse({"jobs": _jobs_json(pool, jobs), "closed": pool.closed})
 
     async def done(request: Request) -> Response:
@@ -400,6 +420,7 @@ def lease_routes(guarded: Callable) -> list[BaseRoute]:
         if pool is None:
             return PlainTextResponse("no such pool (its workflow has closed)", 404)
         pilot = body["pilot"]
+        await pool.recorded()  # each job's start reaches the backend before its end
         known = [pool.done(pilot, report["job"]) is not None for report in reports]
         jobs = pool.take(pilot, remaining, more, share=True) if more > 0 else []
         recorded = [False] * len(reports)

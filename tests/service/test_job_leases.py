@@ -99,6 +99,47 @@ def test_routes_lease_with_a_long_poll_and_report_done(service):
         LEASES.remove(pool)
 
 
+def test_a_lease_is_answered_before_its_start_is_recorded_and_a_done_waits_for_it(service):
+    # The backend records a leased job's start in SQLite, which the caller's own threads
+    # may hold: the pilot gets its job without waiting for that, and the job's end
+    # reaches the backend only after its start.
+    events: list[str] = []
+    gate = threading.Event()
+
+    def leased(pilot, jobs):
+        assert gate.wait(60)
+        events.append("started")
+
+    pool = _pool(leased=leased, done=lambda pilot, job, report: events.append("ended") or False)
+    asked = threading.Event()
+    recorded = pool.recorded
+
+    async def recorded_noted():
+        asked.set()
+        await recorded()
+
+    pool.recorded = recorded_noted  # type: ignore[method-assign]
+    LEASES.add(pool)
+    try:
+        pool.offer([_job(3)])
+        answer = _post(service, f"{pool.name}/lease", {"pilot": "p", "wait": 0}).json()
+        assert [j["job_id"] for j in answer["jobs"]] == ["t/3"] and events == []
+        done: list[dict] = []
+        body = {"pilot": "p", "reports": [{"job": "t/3", "exit": 0}]}
+        reporter = threading.Thread(
+            target=lambda: done.append(_post(service, f"{pool.name}/done", body).json())
+        )
+        reporter.start()
+        assert asked.wait(30)  # the done request waits for the record
+        gate.set()
+        reporter.join(30)
+        assert done and done[0]["known"] == [True]
+        assert events == ["started", "ended"]
+    finally:
+        gate.set()
+        LEASES.remove(pool)
+
+
 def test_routes_need_the_token_and_a_known_pool(service):
     pool = _pool()
     LEASES.add(pool)
