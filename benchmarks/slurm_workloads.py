@@ -24,3 +24,10 @@ def one_second(x: int) -> int:
 def objective(x: float) -> float:
     """The HPO loop's cheap objective, best at 3."""
     return (x - 3.0) ** 2
+
+
+def stamped(seconds: float) -> tuple[float, float]:
+    """A call of ``seconds`` that returns when it started and ended (``time.time()``)."""
+    began = time.time()
+    time.sleep(seconds)
+    return began, time.time()
