@@ -1,10 +1,11 @@
 """Where the time around a warm pilot's first result goes (issue 21, the warm first cell).
 
 ``slurm_side_by_side.py`` times a map's first result as a user sees it. This
-splits that time for pilot mode: one ``SlurmCluster``, one pilot of 2 cores,
-warmed by a first map; then ``--maps`` maps of ``--jobs`` calls that each note
-when they started and ended, run back to back (each waits for all its results,
-as the side-by-side's warm phase does). For each map it prints, in ms from the
+splits that time for pilot mode, set up as the side-by-side sets it up (one
+``SlurmCluster``, one pilot of 2 cores), warmed by a first map; then
+``--maps`` maps of ``--jobs`` calls that each note when they started and
+ended, run back to back (each waits for all its results, as the side-by-side's
+warm phase does). For each map it prints, in ms from the
 call to ``map``: when ``map`` returned, when the first job started on the
 node, how long it ran, and how long its result took from its end to the
 caller's ``as_completed``; then the medians::
@@ -32,9 +33,10 @@ sys.path.insert(0, str(HERE))
 # Slurm jobs inherit the environment: the nodes import the workload by name.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
 
+from slurm_side_by_side import systems  # noqa: E402
 from slurm_workloads import stamped  # noqa: E402
 
-from idds_fat import Workflow, work  # noqa: E402
+from idds_fat import work  # noqa: E402
 from idds_fat.testing import SlurmCluster  # noqa: E402
 
 COLUMNS = ("map returned", "first job started", "job ran", "result to caller", "first result")
@@ -52,16 +54,10 @@ def main() -> None:
     rows = []
     with SlurmCluster(root / "cluster") as cluster:
         os.environ.update(cluster.env)
-        settings = {"slurm_pilots": 1, "slurm_max_pilots": 1, "slurm_pilot_cores": 2}
-        with Workflow(
-            backend="slurm",
-            slurm_mode="pilot",
-            work_dir=str(root / "work"),
-            slurm_poll_min=0.5,
-            slurm_poll_max=2.0,
-            progress=False,
-            **settings,
-        ):
+        # Pilot mode set up exactly as slurm_side_by_side.py runs it.
+        pilot = systems(root, cluster.partitions[0], ["pilot"])["pilot"]()
+        pilot.start()
+        try:
             fn.map([{"seconds": 0.0}] * 2).results(timeout=300)  # the pilot up, warm
             for _ in range(args.maps):
                 start = time.time()
@@ -75,6 +71,8 @@ def main() -> None:
                     + (arrived - start,)
                 )
                 result.results(timeout=600)
+        finally:
+            pilot.close()
     print(" | ".join(COLUMNS))
     for row in rows:
         print(" | ".join(f"{value * 1000:.2f}" for value in row))

@@ -288,7 +288,10 @@ def measure(make: Callable[[], Any], workloads: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _systems(root: Path, partition: str, names: Iterable[str]) -> dict[str, Callable[[], Any]]:
+def systems(root: Path, partition: str, names: Iterable[str]) -> dict[str, Callable[[], Any]]:
+    """Makers of the named systems, each set up as this comparison runs it, on ``partition``
+    (their files in new directories under ``root``)."""
+
     def counter(name: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
 
@@ -346,9 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     with SlurmCluster(root / "cluster") as cluster:
         os.environ.update(cluster.env)
         partition = cluster.partitions[0]
-        systems = _systems(root, partition, args.systems.split(","))
+        chosen = systems(root, partition, args.systems.split(","))
         for run in range(args.runs):
-            for name, make in systems.items():
+            for name, make in chosen.items():
                 print(f"run {run + 1}/{args.runs}: {name}", file=sys.stderr, flush=True)
                 try:
                     runs.setdefault(name, []).append(measure(make, workloads))

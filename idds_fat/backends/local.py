@@ -192,7 +192,7 @@ class _WarmWorker:
         # Who it is, for a later caller: should this caller die between handing it a
         # job and recording that, the job's record says queued while the worker runs
         # it (LocalBackend.adopt_unrecorded). Removed when it is reaped.
-        self.pid_file = home.with_name(home.name + ".pid")
+        self.pid_file = _worker_pid_file(self.spool)
         _write_process_file(self.pid_file, self.proc.pid)
 
     @property
@@ -467,11 +467,7 @@ class LocalBackend(Backend):
         by whether their result arrived. Cancelling kills their process group.
         """
         for job, ref in jobs:
-            pid = int(ref)
-            with self._lock:
-                self._adopted[job.job_id] = pid
-                self._live.add(job.job_id)
-            self._pool.submit(self._watch_adopted, job, pid)
+            self._follow(job, int(ref))
 
     def adopt_unrecorded(self, jobs: Sequence[JobRequest]) -> list[JobRequest]:
         """Follow, as :meth:`adopt` does, those of ``jobs`` (recorded as never started)
@@ -499,21 +495,26 @@ class LocalBackend(Backend):
                 continue
             pid, start = process
             followed.append(job)
-            with self._lock:
-                self._live.add(job.job_id)
-                if pid is not None:
-                    self._adopted[job.job_id] = pid
             if pid is not None and self._on_start is not None:
                 self._on_start(job, str(pid))
-            self._pool.submit(self._watch_adopted, job, pid, start)
+            self._follow(job, pid, start)
         return followed
+
+    def _follow(self, job: JobRequest, pid: int | None, start: str | None = None) -> None:
+        """Watch ``job``'s process, not a child of this one (None: it ended already),
+        until it ends; a cancel kills its process group."""
+        with self._lock:
+            self._live.add(job.job_id)
+            if pid is not None:
+                self._adopted[job.job_id] = pid
+        self._pool.submit(self._watch_adopted, job, pid, start)
 
     def _taken_by_workers(self) -> dict[bytes, tuple[int | None, str | None]]:
         """The work dir each earlier warm worker's spool names (the job it runs, or ran
         last), with that worker's pid and start time (None, None when it is gone)."""
         taken = {}
         for workdir, spool in worker_spools(self._workers_dir).items():
-            process = _read_process_file(spool.root.with_suffix(".pid"))  # worker-N.pid
+            process = _read_process_file(_worker_pid_file(spool))
             taken[workdir] = process or (None, None)  # no pid file: reaped, so gone
         return taken
 
@@ -879,6 +880,11 @@ def _take_reply(job: JobRequest) -> bytes | None:
 #: In a cold job's work dir while its process runs: its pid and start time, for a
 #: later caller should this one die before it records the start (adopt_unrecorded).
 _COLD_PROCESS_FILE = "process.pid"
+
+
+def _worker_pid_file(spool: JobPaths) -> Path:
+    """A warm worker's pid file, ``worker-N.pid``, beside its spool ``worker-N.spool``."""
+    return spool.root.with_suffix(".pid")
 
 
 def _write_process_file(path: Path, pid: int) -> None:

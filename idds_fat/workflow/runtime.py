@@ -664,8 +664,8 @@ class Workflow(IddsWorkflowNames, concurrent.futures.Executor):
         stored. So ``attach`` finds every job of a task whose futures were returned:
         with its key, to follow or rerun, or without one, never handed over for good,
         which it fails (``resume._rebuild_tasks``). A caller killed before this
-        returns leaves first jobs that may run unrecorded, as any job handed over
-        before its record (``Backend.adopt_unrecorded``).
+        returns never gave out the futures: nothing of the task is recorded for
+        ``attach`` to find, and its first jobs may still run.
         """
         parts = self.parts
         assert parts.backend is not None and parts.state is not None
